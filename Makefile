@@ -1,0 +1,25 @@
+# Two entry points: `make serve` (the main job) and `make test`. Each creates or refreshes .venv first.
+PYTHON ?= python3.11
+VENV := .venv
+STAMP := $(VENV)/.installed
+TEXT ?= Hello from streamvox, a streaming engine for speech language models.
+
+.PHONY: serve test lint venv
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --upgrade pip
+	$(VENV)/bin/pip install --quiet -c constraints.txt -e '.[dev]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+serve: $(STAMP)
+	$(VENV)/bin/streamvox synth "$(TEXT)" -o out.wav
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check streamvox tests
+	$(VENV)/bin/lint-imports
+
+test: lint
+	STREAMVOX_CACHE=$${STREAMVOX_CACHE:-$(CURDIR)/.cache} $(VENV)/bin/python -m pytest -q

@@ -1,0 +1,1 @@
+"""streamvox: a streaming-centric serving engine for speech language models."""

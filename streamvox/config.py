@@ -1,0 +1,74 @@
+"""Frozen configuration and per-request parameter types. Imports nothing from the package."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How one request samples its next token. `temperature == 0` means greedy."""
+
+    temperature: float = 1.0
+    top_k: int = 0  # 0 disables
+    top_p: float = 1.0  # 1.0 disables
+    min_p: float = 0.0  # 0.0 disables
+    repetition_penalty: float = 1.0  # 1.0 disables
+    repetition_window: int = 0  # last N generated tokens are penalised; 0 = all of them
+    seed: int | None = None  # None draws a fresh seed per request
+    max_tokens: int = 1200  # backbone LM steps (not counting the prompt)
+    ignore_eos: bool = False  # keep generating past the stop token (fixed-length benchmarks)
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first field that is out of range and what is allowed."""
+        checks = [
+            (self.temperature >= 0.0, "temperature must be >= 0 (0 means greedy)"),
+            (self.top_k >= 0, "top_k must be >= 0 (0 disables it)"),
+            (0.0 < self.top_p <= 1.0, "top_p must be in (0, 1] (1 disables it)"),
+            (0.0 <= self.min_p < 1.0, "min_p must be in [0, 1) (0 disables it)"),
+            (self.repetition_penalty > 0.0, "repetition_penalty must be > 0 (1 disables it)"),
+            (self.repetition_window >= 0, "repetition_window must be >= 0 (0 means all generated tokens)"),
+            (self.max_tokens >= 1, "max_tokens must be >= 1"),
+            (self.seed is None or 0 <= self.seed < 2**63, "seed must be in [0, 2**63)"),
+        ]
+        for is_ok, message in checks:
+            if not is_ok:
+                raise ValueError(message)
+
+    def replace(self, **changes: object) -> SamplingParams:
+        """A copy with the given fields changed (fields left as None are ignored)."""
+        return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """Paged KV cache geometry."""
+
+    block_size: int = 16  # tokens per KV block
+    num_blocks: int = 0  # 0 = derive from kv_cache_mb
+    kv_cache_mb: int = 256  # memory budget used when num_blocks == 0
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """Limits of one engine step."""
+
+    max_num_seqs: int = 64  # requests in one LM batch
+    max_num_batched_tokens: int = 512  # prompt + decode tokens in one LM step
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Everything needed to build an engine."""
+
+    model: str = "tiny-orpheus"  # a directory, a hub id, or a tiny-* name
+    codec: str | None = None  # codec directory or hub id; None = the family's default
+    device: str = "cpu"
+    dtype: str = "float32"
+    cache: CacheConfig = CacheConfig()
+    scheduler: SchedulerConfig = SchedulerConfig()

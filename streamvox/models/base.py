@@ -1,0 +1,100 @@
+"""The model-execution abstraction every SpeechLM family implements.
+
+Stages, in order: prepare (text -> prompt tokens, CPU) -> forward (ragged batch over the paged KV cache) ->
+sample (per-row parameters) -> frame bookkeeping (tokens -> codec frames, end of speech) -> decode chunk
+(frames -> PCM, batched across requests). A family knows nothing of requests, queues or HTTP: it is the
+backbone wiring, the prompt format, the frame layout and the codec.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from streamvox.config import SamplingParams
+
+
+@dataclass(frozen=True)
+class TimingFacts:
+    """Audio timing the scheduler plans with."""
+
+    sample_rate: int  # Hz of the PCM the codec returns
+    samples_per_frame: int  # PCM samples one codec frame becomes
+    lm_steps_per_frame: int  # backbone steps that produce one frame
+
+    @property
+    def frame_rate_hz(self) -> float:
+        return self.sample_rate / self.samples_per_frame
+
+
+@dataclass(frozen=True)
+class Chunking:
+    """How frames are grouped into decoded chunks."""
+
+    first_chunk_frames: int  # small, so the first audio comes fast
+    frames_per_chunk: int  # every later chunk
+    lookahead_frames: int  # frames past a chunk that must exist before it can be decoded (waived at the end)
+    is_stateful: bool  # the codec carries per-request state from chunk to chunk
+
+
+@dataclass(frozen=True)
+class ChunkJob:
+    """Decode frames [start_frame, end_frame) of one request."""
+
+    frames: torch.Tensor  # [num_known_frames, codes_per_frame] int64: every frame of the request so far
+    start_frame: int
+    end_frame: int
+    is_final: bool  # no frame will follow `frames`
+    seed: int  # makes any codec noise a function of the request alone
+
+
+class FrameBuilder(Protocol):
+    """Per-request frame bookkeeping: turns sampled tokens into codec frames."""
+
+    def push(self, token_id: int) -> tuple[int, ...] | None:
+        """Take one sampled token; return a completed frame's codes, or None."""
+
+
+class SpeechModel(ABC):
+    """A loaded SpeechLM: backbone, prompt format, frame layout and codec of one family."""
+
+    family: str
+    timing: TimingFacts
+    chunking: Chunking
+    default_sampling: SamplingParams
+    voices: tuple[str, ...]
+    default_voice: str | None
+    stop_token_ids: frozenset[int]
+    backbone: torch.nn.Module  # forward(input_ids [T], positions [T], meta, kv_caches) -> [T, H]; compute_logits
+    is_random_weights: bool  # a tiny test checkpoint: its audio is noise
+
+    @classmethod
+    @abstractmethod
+    def from_parts(cls, config: dict, state_dict: dict, tokenizer_path, codec_dir, dtype) -> SpeechModel:
+        """Build from a checkpoint's config.json, its tensors, its tokenizer.json and its codec directory."""
+
+    @abstractmethod
+    def prepare(self, text: str, voice: str | None) -> list[int]:
+        """Prompt token ids for `text` spoken by `voice` (None = the default voice). CPU only."""
+
+    @abstractmethod
+    def new_frame_builder(self) -> FrameBuilder:
+        """Fresh frame bookkeeping for one request."""
+
+    @abstractmethod
+    def decode_chunks(self, jobs: list[ChunkJob]) -> list[torch.Tensor]:
+        """Decode many requests' chunks in one batch -> float32 PCM [num_samples] per job.
+
+        A stateful codec never receives two jobs of the same request in one call.
+        """
+
+    def resolve_voice(self, voice: str | None) -> str | None:
+        """The voice to use; ValueError listing the choices when `voice` is unknown."""
+        if voice is None:
+            return self.default_voice
+        if voice not in self.voices:
+            raise ValueError(f"unknown voice {voice!r}; choose one of: {', '.join(self.voices)}")
+        return voice

@@ -1,0 +1,200 @@
+"""Orpheus: a Llama-3 backbone that speaks in SNAC 24 kHz codes, 7 tokens per frame.
+
+Prompt: start_of_human, tok("{voice}: {text}") (with BOS), eot, end_of_human, start_of_ai, start_of_speech.
+Generated audio token t (t >= audio_offset) carries code (t - audio_offset) mod codebook_size; the k-th audio
+token of a frame (k = 0..6) belongs to SNAC level 0 (k=0), 1 (k=1,4) or 2 (k=2,3,5,6). end_of_speech stops.
+Frame f is decoded inside the 4-frame window [f-1, f+2] and keeps that window's second frame of samples,
+as the publisher's streaming decoder does; the first and last windows repeat the edge frame, so every
+generated frame is heard.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from tokenizers import Tokenizer
+
+from streamvox.codecs.snac import SnacCodec
+from streamvox.config import SamplingParams
+from streamvox.models.base import Chunking, ChunkJob, SpeechModel, TimingFacts
+from streamvox.models.llama import LlamaConfig, LlamaForCausalLM
+from streamvox.models.tiny_tokenizer import build_tiny_tokenizer
+
+VOICES = ("tara", "leah", "jess", "leo", "dan", "mia", "zac", "zoe")
+CODEC_HUB_ID = "hubertsiuzdak/snac_24khz"
+CODEC_SUBDIR = "snac_24khz"  # a codec directory inside the model directory is used before the hub
+TOKENS_PER_FRAME = 7
+_TO_SNAC_ORDER = (0, 1, 4, 2, 3, 5, 6)  # Orpheus order (l0, l1, l2, l2, l1, l2, l2) -> (l0, l1 x2, l2 x4)
+_WINDOW_OFFSETS = torch.tensor([-1, 0, 1, 2])  # frames around the one being decoded
+
+
+@dataclass(frozen=True)
+class OrpheusTokenIds:
+    """Special and audio token ids. Defaults are the publisher's; config.json key `orpheus_token_ids` overrides."""
+
+    start_of_human: int = 128259
+    end_of_text: int = 128009  # <|eot_id|>
+    end_of_human: int = 128260
+    start_of_ai: int = 128261
+    start_of_speech: int = 128257
+    end_of_speech: int = 128258
+    audio_offset: int = 128266
+    codebook_size: int = 4096
+
+    @classmethod
+    def from_config(cls, config: dict) -> OrpheusTokenIds:
+        overrides = config.get("orpheus_token_ids", {})
+        unknown = set(overrides) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"config.json orpheus_token_ids has unknown keys {sorted(unknown)}")
+        return cls(**overrides)
+
+
+class OrpheusFrameBuilder:
+    """Collects audio codes; every 7th completes a frame, returned in SNAC order."""
+
+    def __init__(self, ids: OrpheusTokenIds) -> None:
+        self._ids = ids
+        self._codes: list[int] = []
+
+    def push(self, token_id: int) -> tuple[int, ...] | None:
+        offset = token_id - self._ids.audio_offset
+        if not 0 <= offset < TOKENS_PER_FRAME * self._ids.codebook_size:
+            return None  # not an audio token: nothing to voice
+        self._codes.append(offset % self._ids.codebook_size)
+        if len(self._codes) < TOKENS_PER_FRAME:
+            return None
+        frame, self._codes = self._codes, []
+        return tuple(frame[i] for i in _TO_SNAC_ORDER)
+
+
+class OrpheusModel(SpeechModel):
+    family = "orpheus"
+    voices = VOICES
+    default_voice = "tara"
+    default_sampling = SamplingParams(temperature=0.6, top_p=0.8, repetition_penalty=1.3, max_tokens=1200)
+    chunking = Chunking(first_chunk_frames=1, frames_per_chunk=4, lookahead_frames=2, is_stateful=False)
+
+    def __init__(self, config: dict, backbone: LlamaForCausalLM, tokenizer: Tokenizer, codec: SnacCodec) -> None:
+        self.ids = OrpheusTokenIds.from_config(config)
+        self.backbone = backbone
+        self.tokenizer = tokenizer
+        self.codec = codec
+        self.timing = TimingFacts(codec.sample_rate, codec.samples_per_frame, lm_steps_per_frame=TOKENS_PER_FRAME)
+        self.stop_token_ids = frozenset({self.ids.end_of_speech})
+        self.is_random_weights = bool(config.get("streamvox_random_weights", False))
+
+    @classmethod
+    def from_parts(cls, config: dict, state_dict: dict, tokenizer_path: Path, codec_dir: Path, dtype) -> OrpheusModel:
+        backbone = LlamaForCausalLM(LlamaConfig.from_json(config))
+        backbone.load_weights(state_dict)
+        backbone.to(dtype).eval()
+        codec = SnacCodec.load(codec_dir, dtype=dtype)
+        return cls(config, backbone, Tokenizer.from_file(str(tokenizer_path)), codec)
+
+    def prepare(self, text: str, voice: str | None) -> list[int]:
+        voice = self.resolve_voice(voice)
+        body = self.tokenizer.encode(f"{voice}: {text}" if voice else text).ids
+        ids = self.ids
+        return [ids.start_of_human, *body, ids.end_of_text, ids.end_of_human, ids.start_of_ai, ids.start_of_speech]
+
+    def new_frame_builder(self) -> OrpheusFrameBuilder:
+        return OrpheusFrameBuilder(self.ids)
+
+    def decode_chunks(self, jobs: list[ChunkJob]) -> list[torch.Tensor]:
+        windows, seeds, sizes = [], [], []
+        for job in jobs:
+            frame_ids = torch.arange(job.start_frame, job.end_frame)
+            around = (frame_ids[:, None] + _WINDOW_OFFSETS).clamp(0, job.frames.shape[0] - 1)  # [F, 4]
+            windows.append(job.frames[around])  # [F, 4, 7]
+            seeds.extend(frame_seed(job.seed, f) for f in range(job.start_frame, job.end_frame))
+            sizes.append(job.end_frame - job.start_frame)
+        spf = self.timing.samples_per_frame
+        pcm = self.codec.decode_windows(torch.cat(windows), seeds)[:, spf : 2 * spf]  # [sum F, spf]
+        return [rows.reshape(-1) for rows in pcm.split(sizes)]
+
+
+def frame_seed(request_seed: int, frame_index: int) -> int:
+    """Codec noise seed of one frame: depends on the request and the frame only, never on batching."""
+    return (request_seed * 1_000_003 + frame_index) % (2**63)
+
+
+# -- tiny random-weight checkpoint in the publisher's layout --------------------------------------------------
+
+TINY_TEXT_VOCAB = 512
+TINY_RESERVED = 16
+TINY_CODEBOOK = 1024
+TINY_LLAMA = dict(
+    hidden_size=256, intermediate_size=768, num_hidden_layers=6, num_attention_heads=8, num_key_value_heads=2,
+)
+TINY_NOTE = (
+    "Random-weight tiny Orpheus made by `streamvox make-tiny orpheus`: same architecture and file layout as "
+    "canopylabs/orpheus-3b-0.1-ft, but it produces noise, not speech. For real speech serve a real checkpoint: "
+    "`streamvox serve --model /path/to/orpheus-3b-0.1-ft` (or a hub id when a network is available)."
+)
+
+
+def write_tiny(path: str | Path, seed: int = 0, num_shards: int = 1) -> Path:
+    """Write a deterministic tiny Orpheus checkpoint (LM + tokenizer + SNAC codec subdirectory) to `path`."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    custom = TINY_TEXT_VOCAB + TINY_RESERVED  # the tiny's counterpart of id 128256
+    ids = OrpheusTokenIds(
+        start_of_human=custom + 3, end_of_text=TINY_TEXT_VOCAB + 9, end_of_human=custom + 4,
+        start_of_ai=custom + 5, start_of_speech=custom + 1, end_of_speech=custom + 2,
+        audio_offset=custom + 10, codebook_size=TINY_CODEBOOK,
+    )
+    num_custom = 10 + TOKENS_PER_FRAME * TINY_CODEBOOK
+    tokenizer = build_tiny_tokenizer(TINY_TEXT_VOCAB, TINY_RESERVED, [f"<custom_token_{i}>" for i in range(num_custom)])
+    tokenizer.save(str(path / "tokenizer.json"))
+    config = _tiny_config(custom + num_custom, ids)
+    (path / "config.json").write_text(json.dumps(config, indent=2))
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(LlamaConfig.from_json(config))
+        for name, param in model.named_parameters():
+            if "norm" not in name:
+                torch.nn.init.normal_(param, std=0.1 if "embed" in name else param.shape[-1] ** -0.5)
+    _save_sharded(path, {k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}, num_shards)
+    (path / "generation_config.json").write_text(json.dumps({"bos_token_id": TINY_TEXT_VOCAB, "do_sample": True,
+                                                              "temperature": 0.6, "top_p": 0.8}, indent=2))
+    (path / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<|begin_of_text|>",
+                                                            "eos_token": "<|eot_id|>", "model_max_length": 8192}))
+    (path / "README.md").write_text(TINY_NOTE + "\n")
+    SnacCodec.write_tiny(path / CODEC_SUBDIR, seed=seed, codebook_size=TINY_CODEBOOK)
+    return path
+
+
+def _tiny_config(vocab_size: int, ids: OrpheusTokenIds) -> dict:
+    return {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": vocab_size,
+        **TINY_LLAMA, "head_dim": TINY_LLAMA["hidden_size"] // TINY_LLAMA["num_attention_heads"],
+        "hidden_act": "silu", "max_position_embeddings": 131072, "rms_norm_eps": 1e-5, "rope_theta": 500000.0,
+        "rope_scaling": {"factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                         "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+        "tie_word_embeddings": True, "attention_bias": False, "mlp_bias": False, "torch_dtype": "float32",
+        "bos_token_id": TINY_TEXT_VOCAB, "eos_token_id": ids.end_of_speech,
+        "orpheus_token_ids": dataclasses.asdict(ids), "streamvox_random_weights": True, "streamvox_note": TINY_NOTE,
+    }
+
+
+def _save_sharded(path: Path, tensors: dict[str, torch.Tensor], num_shards: int) -> None:
+    """model.safetensors, or Hugging Face-style shards plus model.safetensors.index.json."""
+    if num_shards == 1:
+        save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
+        return
+    names = sorted(tensors)
+    weight_map = {}
+    for shard in range(num_shards):
+        file_name = f"model-{shard + 1:05d}-of-{num_shards:05d}.safetensors"
+        part = {name: tensors[name] for name in names[shard::num_shards]}
+        save_file(part, str(path / file_name), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(part, file_name))
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))

@@ -1,0 +1,25 @@
+"""Which family a checkpoint belongs to, and the tiny checkpoints `make-tiny` can write."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from streamvox.models import orpheus
+from streamvox.models.base import SpeechModel
+
+FAMILIES: dict[str, type[SpeechModel]] = {"orpheus": orpheus.OrpheusModel}
+TINY_WRITERS: dict[str, Callable[..., Path]] = {"orpheus": orpheus.write_tiny}
+CODEC_DEFAULTS: dict[str, tuple[str, str]] = {"orpheus": (orpheus.CODEC_SUBDIR, orpheus.CODEC_HUB_ID)}
+
+
+def detect_family(config: dict, name_hint: str) -> str:
+    """The family of a checkpoint from its config.json (and its name for publisher configs that do not say)."""
+    if "orpheus_token_ids" in config or "orpheus" in name_hint.lower():
+        return "orpheus"
+    if "LlamaForCausalLM" in (config.get("architectures") or []) and config.get("vocab_size", 0) >= 156938:
+        return "orpheus"  # Llama with the 7 x 4096 SNAC code tokens appended
+    raise ValueError(
+        f"cannot tell which SpeechLM family {name_hint!r} is (architectures={config.get('architectures')}); "
+        f"supported families: {', '.join(FAMILIES)}"
+    )

@@ -1,0 +1,94 @@
+"""Runs one scheduled step of the backbone: builds the ragged batch, runs it over the paged KV cache, samples.
+
+The runner keeps each request's tokens (prompt + sampled) and sampling state, so the scheduler only sends
+positions and block tables; a preempted request recomputes its KV from these tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from streamvox.batch import ScheduledRow, StepBatch, StepOutput
+from streamvox.layers.attention import AttentionMetadata, PrefillSpan
+from streamvox.models.base import SpeechModel
+from streamvox.runner.sampler import SamplingState, sample
+
+
+@dataclass
+class _RunnerRequest:
+    token_ids: list[int]  # prompt then sampled tokens
+    sampling: SamplingState
+
+
+class LMRunner:
+    def __init__(self, model: SpeechModel, num_blocks: int, block_size: int, dtype: torch.dtype) -> None:
+        self.model = model
+        self.block_size = block_size
+        config = model.backbone.config
+        shape = (config.num_hidden_layers, 2, num_blocks, block_size, config.num_key_value_heads, config.head_dim)
+        self.kv_cache = torch.zeros(shape, dtype=dtype)  # [layers, k/v, blocks, block_size, kv_heads, head_dim]
+        self.requests: dict[str, _RunnerRequest] = {}
+
+    @staticmethod
+    def kv_bytes_per_block(model: SpeechModel, block_size: int, dtype: torch.dtype) -> int:
+        config = model.backbone.config
+        per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim
+        return per_token * block_size * torch.empty((), dtype=dtype).element_size()
+
+    @torch.inference_mode()
+    def execute(self, batch: StepBatch) -> StepOutput:
+        for request_id in batch.finished_request_ids:
+            self.requests.pop(request_id, None)
+        for new in batch.new_requests:
+            self.requests[new.request_id] = _RunnerRequest(list(new.prompt_token_ids), SamplingState(new.sampling))
+        if not batch.rows:
+            return StepOutput((), (), ())
+        input_ids, positions, meta = self._prepare_inputs(batch.rows)
+        hidden = self.model.backbone(input_ids, positions, meta, self.kv_cache)  # [T, H]
+        last_index = torch.cumsum(torch.tensor([row.num_tokens for row in batch.rows]), 0) - 1
+        sampled_rows = [i for i, row in enumerate(batch.rows) if row.is_sampled]
+        if not sampled_rows:
+            return StepOutput((), (), ())
+        logits = self.model.backbone.compute_logits(hidden[last_index[sampled_rows]])  # [S, V]
+        requests = [self.requests[batch.rows[i].request_id] for i in sampled_rows]
+        token_ids = sample(logits, [request.sampling for request in requests])
+        stop_ids = self.model.stop_token_ids
+        is_stop = []
+        for request, token in zip(requests, token_ids, strict=True):
+            request.token_ids.append(token)
+            is_stop.append(token in stop_ids and not request.sampling.params.ignore_eos)
+        request_ids = tuple(batch.rows[i].request_id for i in sampled_rows)
+        return StepOutput(request_ids, tuple(token_ids), tuple(is_stop))
+
+    def _prepare_inputs(self, rows: tuple[ScheduledRow, ...]):
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        decode_index, decode_tables, decode_lens, prefills = [], [], [], []
+        for row in rows:
+            tokens = self.requests[row.request_id].token_ids
+            span = range(row.start_position, row.start_position + row.num_tokens)
+            token_start = len(input_ids)
+            input_ids.extend(tokens[p] for p in span)
+            positions.extend(span)
+            bs = self.block_size
+            slots.extend(row.block_ids[p // bs] * bs + p % bs for p in span)
+            if row.num_tokens == 1:
+                decode_index.append(token_start)
+                decode_tables.append(row.block_ids)
+                decode_lens.append(row.start_position + 1)
+            else:
+                table = torch.tensor(row.block_ids, dtype=torch.int64)
+                prefills.append(PrefillSpan(token_start, row.num_tokens, row.start_position, table))
+        width = max((len(t) for t in decode_tables), default=0)
+        meta = AttentionMetadata(
+            slot_mapping=torch.tensor(slots, dtype=torch.int64),
+            decode_token_index=torch.tensor(decode_index, dtype=torch.int64),
+            decode_block_tables=torch.tensor([list(t) + [0] * (width - len(t)) for t in decode_tables],
+                                             dtype=torch.int64).reshape(len(decode_tables), width),
+            decode_context_lens=torch.tensor(decode_lens, dtype=torch.int64),
+            prefills=tuple(prefills),
+        )
+        return torch.tensor(input_ids, dtype=torch.int64), torch.tensor(positions, dtype=torch.int64), meta

@@ -1,0 +1,50 @@
+"""Scheduler-side state of one request (pure bookkeeping: counts and block ids, no tokens)."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from streamvox.config import SamplingParams
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+class FinishReason(enum.Enum):
+    STOP = "stop"  # the model ended its speech
+    LENGTH = "length"  # max_tokens reached
+    CANCELLED = "cancelled"  # the client cancelled or went away
+    CAPACITY = "capacity"  # the KV cache cannot hold this request even when it runs alone
+
+
+@dataclass
+class Request:
+    """One request as the scheduler sees it."""
+
+    request_id: str
+    prompt_token_ids: tuple[int, ...]
+    sampling: SamplingParams
+    codec_seed: int
+    status: RequestStatus = RequestStatus.WAITING
+    num_output_tokens: int = 0  # tokens sampled so far
+    num_computed_tokens: int = 0  # positions whose KV is in the cache
+    block_ids: list[int] = field(default_factory=list)
+    is_known_to_runner: bool = False
+    finish_reason: FinishReason | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        """Positions known so far: prompt plus sampled tokens."""
+        return len(self.prompt_token_ids) + self.num_output_tokens
+
+    @property
+    def num_pending_tokens(self) -> int:
+        return self.num_tokens - self.num_computed_tokens
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is RequestStatus.FINISHED

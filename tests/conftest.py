@@ -1,0 +1,32 @@
+"""Shared fixtures: one tiny random-weight Orpheus checkpoint per test session, written to disk."""
+
+import pytest
+
+from streamvox.config import CacheConfig, EngineConfig, SchedulerConfig
+from streamvox.engine.core import Engine
+from streamvox.models.orpheus import write_tiny
+from streamvox.runner.weights import load_model
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    return write_tiny(tmp_path_factory.mktemp("tiny-orpheus"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_dir):
+    return load_model(str(tiny_dir))
+
+
+@pytest.fixture
+def make_engine(tiny_model):
+    def make(num_blocks=512, block_size=16, max_num_seqs=64, max_num_batched_tokens=512):
+        config = EngineConfig(
+            cache=CacheConfig(block_size=block_size, num_blocks=num_blocks),
+            scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens),
+        )
+        return Engine(tiny_model, config)
+
+    return make
+
+

@@ -1,0 +1,140 @@
+"""Scheduler and KV block pool, driven by a fake runner (no model)."""
+
+import random
+
+import pytest
+
+from streamvox.batch import StepBatch, StepOutput
+from streamvox.config import SamplingParams, SchedulerConfig
+from streamvox.sched.kv_blocks import BlockPool
+from streamvox.sched.request import FinishReason, Request
+from streamvox.sched.scheduler import Scheduler
+
+
+def make_request(request_id, prompt_len, max_tokens):
+    return Request(request_id, tuple(range(prompt_len)), SamplingParams(max_tokens=max_tokens, seed=0), 0)
+
+
+def fake_execute(batch: StepBatch, stop_ids=frozenset()) -> StepOutput:
+    sampled = [row.request_id for row in batch.rows if row.is_sampled]
+    return StepOutput(tuple(sampled), tuple(0 for _ in sampled), tuple(rid in stop_ids for rid in sampled))
+
+
+def check_blocks(scheduler: Scheduler, pool: BlockPool):
+    """No block is owned twice, and owned + free == all blocks; each running request owns enough blocks."""
+    owned = [b for r in scheduler.requests.values() for b in r.block_ids]
+    assert len(owned) == len(set(owned))
+    assert len(owned) + pool.num_free_blocks == pool.num_blocks
+    for request in scheduler.running:
+        assert len(request.block_ids) * pool.block_size >= request.num_computed_tokens
+
+
+def test_hundred_random_requests_with_cancellations_return_every_block():
+    rng = random.Random(7)
+    pool = BlockPool(num_blocks=24, block_size=4)
+    scheduler = Scheduler(SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=32), pool)
+    pending = [make_request(f"r{i}", rng.randint(1, 40), rng.randint(1, 30)) for i in range(100)]
+    cancel_at = {r.request_id: rng.randint(1, 20) for r in pending if rng.random() < 0.3}
+    finished, steps = set(), 0
+    while pending or scheduler.has_unfinished():
+        steps += 1
+        assert steps < 20_000, "scheduler made no progress"
+        for _ in range(rng.randint(0, 3)):
+            if pending:
+                scheduler.add_request(pending.pop(0))
+        for request in list(scheduler.running):
+            if cancel_at.get(request.request_id) == request.num_output_tokens:
+                assert scheduler.cancel(request.request_id)
+                finished.add(request.request_id)
+        batch = scheduler.schedule()
+        if batch is None:
+            continue
+        assert batch.num_tokens <= 32 and len(batch.rows) <= 8
+        finished.update(r.request_id for r in scheduler.update(batch, fake_execute(batch)))
+        check_blocks(scheduler, pool)
+    assert len(finished) == 100
+    assert pool.is_full and not scheduler.requests
+
+
+def test_request_that_cannot_get_blocks_waits_then_runs():
+    pool = BlockPool(num_blocks=4, block_size=4)
+    scheduler = Scheduler(SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=64), pool)
+    scheduler.add_request(make_request("big", 12, 3))  # 3 blocks for its prompt
+    scheduler.add_request(make_request("next", 8, 3))  # 2 blocks: must wait
+    batch = scheduler.schedule()
+    assert [row.request_id for row in batch.rows] == ["big"]
+    assert [r.request_id for r in scheduler.waiting] == ["next"]
+    while "big" in scheduler.requests:
+        batch = scheduler.schedule()
+        scheduler.update(batch, fake_execute(batch))
+    batch = scheduler.schedule()
+    assert [row.request_id for row in batch.rows] == ["next"]
+
+
+def test_long_prompt_is_prefilled_in_chunks_under_the_token_budget():
+    pool = BlockPool(num_blocks=64, block_size=4)
+    scheduler = Scheduler(SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=16), pool)
+    scheduler.add_request(make_request("long", 40, 2))
+    scheduler.add_request(make_request("short", 3, 2))
+    spans = []
+    while scheduler.has_unfinished():
+        batch = scheduler.schedule()
+        assert batch.num_tokens <= 16
+        spans += [(r.request_id, r.start_position, r.num_tokens, r.is_sampled) for r in batch.rows]
+        scheduler.update(batch, fake_execute(batch))
+    long_prefill = [s for s in spans if s[0] == "long" and s[2] > 1]
+    assert [s[1:3] for s in long_prefill] == [(0, 16), (16, 16), (32, 8)]
+    assert [s[3] for s in long_prefill] == [False, False, True]
+
+
+def test_preemption_recomputes_and_finishes_everyone():
+    pool = BlockPool(num_blocks=6, block_size=2)
+    scheduler = Scheduler(SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=64), pool)
+    for i in range(3):
+        scheduler.add_request(make_request(f"r{i}", 2, 6))
+    outputs = {f"r{i}": 0 for i in range(3)}
+    preempted = False
+    for _ in range(200):
+        if not scheduler.has_unfinished():
+            break
+        batch = scheduler.schedule()
+        if batch is None:
+            continue
+        preempted |= any(r.start_position == 0 and r.num_tokens > 2 for r in batch.rows)
+        out = fake_execute(batch)
+        for rid in out.request_ids:
+            outputs[rid] += 1
+        scheduler.update(batch, out)
+        check_blocks(scheduler, pool)
+    assert preempted, "the pool was sized to force a preemption"
+    assert outputs == {"r0": 6, "r1": 6, "r2": 6}
+    assert pool.is_full
+
+
+def test_request_too_large_for_the_cache_alone_finishes_with_capacity():
+    pool = BlockPool(num_blocks=2, block_size=2)
+    scheduler = Scheduler(SchedulerConfig(), pool)
+    scheduler.add_request(make_request("r", 3, 100))
+    finished = []
+    for _ in range(20):
+        batch = scheduler.schedule()
+        if batch is None:
+            break
+        finished += scheduler.update(batch, fake_execute(batch))
+    assert not scheduler.has_unfinished() and pool.is_full
+    with pytest.raises(ValueError, match="does not fit the KV cache"):
+        scheduler.add_request(make_request("huge", 10, 1))
+
+
+def test_cancel_frees_blocks_immediately_and_reports_once():
+    pool = BlockPool(num_blocks=16, block_size=4)
+    scheduler = Scheduler(SchedulerConfig(), pool)
+    scheduler.add_request(make_request("a", 10, 50))
+    batch = scheduler.schedule()
+    scheduler.update(batch, fake_execute(batch))
+    assert not pool.is_full
+    assert scheduler.cancel("a") and pool.is_full
+    assert not scheduler.cancel("a")
+    assert scheduler.schedule().finished_request_ids == ("a",)
+    assert scheduler.schedule() is None
+    assert FinishReason.CANCELLED.value == "cancelled"
