@@ -49,8 +49,14 @@ class SpeechResult:
     finish_reason: str
 
 
+def codec_seed_for(seed: int) -> int:
+    """The codec-noise seed of a request, derived from its sampling seed (so one seed fixes all its audio)."""
+    return (seed * 6364136223846793005 + 1442695040888963407) % 2**63
+
+
 class Engine:
-    def __init__(self, model: SpeechModel, config: EngineConfig = EngineConfig()) -> None:
+    def __init__(self, model: SpeechModel, config: EngineConfig | None = None) -> None:
+        config = config or EngineConfig()
         self.model = model
         self.config = config
         dtype = getattr(torch, config.dtype)
@@ -86,7 +92,7 @@ class Engine:
         prompt = self.model.prepare(text, voice)
         with self._lock:
             request_id = request_id or f"req-{next(self._ids)}"
-            codec_seed = (sampling.seed * 6364136223846793005 + 1442695040888963407) % 2**63
+            codec_seed = codec_seed_for(sampling.seed)
             self.scheduler.add_request(Request(request_id, tuple(prompt), sampling, codec_seed))
             self.codec_runner.add(request_id, codec_seed)
             self._outputs[request_id] = _Output()

@@ -59,23 +59,19 @@ class CodecRunner:
 
     def decode_ready(self) -> list[AudioChunk]:
         """Decode every ready chunk (at most one per request) in one batch; finished requests are released."""
-        jobs: list[tuple[str, ChunkJob]] = []
-        for request_id, request in self.requests.items():
-            end = self._ready_end(request)
-            if end is not None:
-                frames = torch.tensor(request.frames, dtype=torch.int64).reshape(len(request.frames), -1)
-                is_last = request.is_final and end == len(request.frames)
-                jobs.append((request_id, ChunkJob(frames, request.num_emitted_frames, end, is_last, request.seed)))
-        decodable = [(rid, job) for rid, job in jobs if job.end_frame > job.start_frame]
-        pcm = self.model.decode_chunks([job for _, job in decodable]) if decodable else []
-        pcm_by_id = {rid: samples for (rid, _), samples in zip(decodable, pcm, strict=True)}
+        ready = [(rid, r, end) for rid, r in self.requests.items() if (end := self._ready_end(r)) is not None]
+        jobs = [
+            ChunkJob(torch.tensor(r.frames, dtype=torch.int64), r.num_emitted_frames, end, r.is_final, r.seed)
+            for _, r, end in ready if end > r.num_emitted_frames
+        ]
+        decoded = iter(self.model.decode_chunks(jobs) if jobs else [])
         chunks = []
-        for request_id, job in jobs:
-            samples = pcm_by_id.get(request_id)
-            samples = samples.numpy() if samples is not None else np.zeros(0, dtype=np.float32)
-            chunks.append(AudioChunk(request_id, samples, job.start_frame, job.end_frame, job.is_final))
-            self.requests[request_id].num_emitted_frames = job.end_frame
-            if job.is_final:
+        for request_id, request, end in ready:
+            start = request.num_emitted_frames
+            pcm = next(decoded).numpy() if end > start else np.zeros(0, dtype=np.float32)  # empty: closing chunk
+            chunks.append(AudioChunk(request_id, pcm, start, end, request.is_final))
+            request.num_emitted_frames = end
+            if request.is_final:
                 del self.requests[request_id]
         return chunks
 

@@ -28,16 +28,12 @@ class SamplingState:
 def sample(logits: torch.Tensor, states: list[SamplingState]) -> list[int]:
     """logits: [B, V] fp32, one row per state -> one token id per row. Appends to each state's history."""
     logits = _apply_repetition_penalty(logits, states)
-    greedy = logits.argmax(dim=-1)  # [B]
-    token_ids = greedy.tolist()
+    token_ids = logits.argmax(dim=-1).tolist()  # greedy rows keep these
     sampled_rows = [i for i, state in enumerate(states) if not state.params.is_greedy]
     if sampled_rows:
         rows = torch.tensor(sampled_rows)
-        probs = _filtered_probs(logits[rows], [states[i].params for i in sampled_rows])  # [S, V]
-        # Exponential race: argmax(p / E) with E ~ Exp(1) i.i.d. draws index i with probability p_i.
-        race = torch.stack([torch.empty(probs.shape[1]).exponential_(generator=states[i].generator)
-                            for i in sampled_rows])
-        for row, token in zip(sampled_rows, (probs / race).argmax(dim=-1).tolist(), strict=True):
+        sampled = _sample_filtered(logits[rows], [states[i] for i in sampled_rows])
+        for row, token in zip(sampled_rows, sampled, strict=True):
             token_ids[row] = token
     for state, token in zip(states, token_ids, strict=True):
         state.history.append(token)
@@ -59,20 +55,31 @@ def _apply_repetition_penalty(logits: torch.Tensor, states: list[SamplingState])
     return torch.where(seen, scaled, logits)
 
 
-def _filtered_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
-    """Temperature, then top-k, top-p and min-p filtering, per row. [S, V] -> probabilities [S, V]."""
+CANDIDATES = 1024  # filtering works on this many top tokens when no row's filter can reach past them
+
+
+def _sample_filtered(logits: torch.Tensor, states: list[SamplingState]) -> list[int]:
+    """Temperature, then top-k, top-p and min-p (each row its own), then one draw per row. logits: [S, V]."""
+    params = [s.params for s in states]
     vocab = logits.shape[1]
-    temperature = torch.tensor([p.temperature for p in params])[:, None]
-    top_k = torch.tensor([p.top_k or vocab for p in params])[:, None]
+    scaled = logits / torch.tensor([p.temperature for p in params])[:, None]
+    top_k = torch.tensor([p.top_k or vocab for p in params])[:, None]  # [S, 1]
     top_p = torch.tensor([p.top_p for p in params])[:, None]
     min_p = torch.tensor([p.min_p for p in params])[:, None]
-    sorted_logits, order = (logits / temperature).sort(dim=-1, descending=True)
-    rank = torch.arange(vocab)[None, :]
-    sorted_logits = sorted_logits.masked_fill(rank >= top_k, float("-inf"))
-    sorted_probs = sorted_logits.softmax(dim=-1)
+    log_total = scaled.logsumexp(dim=-1, keepdim=True)
+    sorted_logits, order = scaled.topk(min(CANDIDATES, vocab), dim=-1)  # [S, K], descending
+    sorted_probs = (sorted_logits - log_total).exp()  # true probabilities of the candidates
+    is_contained = (top_k <= sorted_probs.shape[1]) | ((top_p < 1.0) & (sorted_probs.sum(-1, keepdim=True) >= top_p))
+    if not is_contained.all():  # some row may keep tokens outside the candidates: filter the whole vocabulary
+        sorted_logits, order = scaled.sort(dim=-1, descending=True)
+        sorted_probs = (sorted_logits - log_total).exp()
+    rank = torch.arange(sorted_probs.shape[1])[None, :]
+    sorted_probs = sorted_probs.masked_fill(rank >= top_k, 0.0)
+    sorted_probs = sorted_probs / sorted_probs.sum(dim=-1, keepdim=True)  # top-p sees the top-k distribution
     mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
-    drop = (mass_before > top_p) | (sorted_probs < min_p * sorted_probs[:, :1])
+    drop = (rank >= top_k) | (mass_before > top_p) | (sorted_probs < min_p * sorted_probs[:, :1])
     drop[:, 0] = False  # the most likely token always survives
-    sorted_probs = sorted_probs.masked_fill(drop, 0.0)
-    probs = torch.zeros_like(sorted_probs).scatter_(1, order, sorted_probs)
-    return probs / probs.sum(dim=-1, keepdim=True)
+    cdf = sorted_probs.masked_fill(drop, 0.0).cumsum(dim=-1)  # [S, K], unnormalised
+    uniform = torch.cat([torch.rand(1, generator=s.generator) for s in states])[:, None]  # one draw per row
+    position = torch.searchsorted(cdf, uniform * cdf[:, -1:]).clamp(max=cdf.shape[1] - 1)
+    return order.gather(1, position)[:, 0].tolist()

@@ -22,19 +22,19 @@ def test_logits_match_transformers(tiny_model, reference, make_engine):
     blocks = tuple(engine.pool.allocate(engine.pool.blocks_for(len(prompt) + 1)))
     runner.execute(StepBatch((NewRequest("p", tuple(prompt), sampling, 0),),
                              (ScheduledRow("p", 0, len(prompt), blocks, True),), ()))
-    hidden_steps = []
+    backbone = tiny_model.backbone
+
+    def last_logits(row):  # our paged forward of one scheduled row -> logits of its last position
+        ids, positions, meta = runner._prepare_inputs((row,))
+        return backbone.compute_logits(backbone(ids, positions, meta, runner.kv_cache))[-1]
+
     with torch.inference_mode():
-        ref_logits = reference(torch.tensor([prompt])).logits[0, -1]
-        # prefill logits through our paged path, then one decode step
-        ids, positions, meta = runner._prepare_inputs((ScheduledRow("p", 0, len(prompt), blocks, True),))
-        ours = tiny_model.backbone.compute_logits(tiny_model.backbone(ids, positions, meta, runner.kv_cache))[-1]
-        hidden_steps.append((ours, ref_logits))
+        prefill = (last_logits(ScheduledRow("p", 0, len(prompt), blocks, True)),
+                   reference(torch.tensor([prompt])).logits[0, -1])
         next_token = runner.requests["p"].token_ids[-1]
-        ids, positions, meta = runner._prepare_inputs((ScheduledRow("p", len(prompt), 1, blocks, True),))
-        ours = tiny_model.backbone.compute_logits(tiny_model.backbone(ids, positions, meta, runner.kv_cache))[-1]
-        ref = reference(torch.tensor([prompt + [next_token]])).logits[0, -1]
-        hidden_steps.append((ours, ref))
-    for ours, ref in hidden_steps:
+        decode = (last_logits(ScheduledRow("p", len(prompt), 1, blocks, True)),
+                  reference(torch.tensor([prompt + [next_token]])).logits[0, -1])
+    for ours, ref in (prefill, decode):
         relative = ((ours - ref).abs().max() / ref.abs().max()).item()
         assert relative <= 1e-4, relative
         assert ref.std() > 0.5  # logits are spread: the comparison is not of near-constant vectors

@@ -66,6 +66,8 @@ def test_top_k_top_p_min_p_cut_the_tail():
         (dict(top_p=0.5), {0}),
         (dict(top_p=0.8), {0, 1}),
         (dict(min_p=0.3), {0, 1}),
+        (dict(top_k=2, top_p=0.7), {0}),  # top-p acts on the renormalised top-2 (0.73, 0.27), not on 0.64
+        (dict(top_k=2, top_p=0.8), {0, 1}),
     ]:
         s = state(seed=3, temperature=1.0, **params)
         seen = {sample(logits, [s])[0] for _ in range(300)}

@@ -1,0 +1,129 @@
+"""The in-process engine: batching is invisible, seeds reproduce, the KV pool always comes back full."""
+
+import random
+
+import numpy as np
+import torch
+from snac import SNAC
+
+from streamvox.config import SamplingParams
+from streamvox.engine.core import codec_seed_for
+from streamvox.models.orpheus import frame_seed
+
+TEXTS = [
+    "Hi.",
+    "Short one here.",
+    "A somewhat longer sentence to make the prompt grow.",
+    "Numbers: one, two, three, four, five.",
+    "The quick brown fox jumps over the lazy dog while the radio plays.",
+    "Okay!",
+    "Please read this sentence slowly, with a calm voice, and pause at every comma.",
+    "Streaming speech needs the first sound quickly.",
+]
+
+
+def greedy(max_tokens, seed):
+    return SamplingParams(temperature=0.0, max_tokens=max_tokens, seed=seed, ignore_eos=True)
+
+
+def run_alone(make_engine, text, sampling):
+    engine = make_engine()
+    return engine.result(engine.submit(text, None, sampling))
+
+
+def assert_same(batched, alone):
+    assert batched.token_ids == alone.token_ids
+    assert batched.num_frames == alone.num_frames > 0
+    assert batched.pcm.shape == alone.pcm.shape
+    assert np.abs(batched.pcm - alone.pcm).max() <= 1e-5
+
+
+def test_batch_of_8_equals_each_alone(make_engine):
+    engine = make_engine()
+    samplings = [greedy(7 * (6 + i), seed=i) for i in range(8)]  # different lengths too
+    ids = [engine.submit(text, None, s) for text, s in zip(TEXTS, samplings, strict=True)]
+    while engine.has_unfinished():
+        engine.step()
+    batched = [engine.result(i) for i in ids]
+    for text, sampling, result in zip(TEXTS, samplings, batched, strict=True):
+        assert_same(result, run_alone(make_engine, text, sampling))
+
+
+def test_requests_joining_midway_equal_each_alone(make_engine):
+    engine = make_engine(max_num_batched_tokens=32)  # long prompts are prefilled in chunks beside decodes
+    samplings = [greedy(56, seed=10 + i) for i in range(8)]
+    ids = [engine.submit(TEXTS[i], None, samplings[i]) for i in range(4)]
+    for _ in range(9):
+        engine.step()
+    ids += [engine.submit(TEXTS[i], None, samplings[i]) for i in range(4, 8)]
+    results = [engine.result(i) for i in ids]
+    for i, result in enumerate(results):
+        assert_same(result, run_alone(make_engine, TEXTS[i], samplings[i]))
+
+
+def test_same_seed_same_bytes_different_seed_differs(make_engine):
+    sampling = SamplingParams(temperature=0.8, top_p=0.9, repetition_penalty=1.3, max_tokens=70, seed=1234)
+    first = run_alone(make_engine, "seeded", sampling)
+    again = run_alone(make_engine, "seeded", sampling)
+    other = run_alone(make_engine, "seeded", sampling.replace(seed=4321))
+    assert first.pcm.tobytes() == again.pcm.tobytes() and first.token_ids == again.token_ids
+    assert first.token_ids != other.token_ids
+    assert first.pcm.tobytes() != other.pcm.tobytes()
+
+
+def test_chunked_decode_matches_the_snac_package(make_engine, tiny_model, tiny_dir):
+    sampling = greedy(7 * 9, seed=77)
+    chunks = []
+    engine = make_engine()
+    request_id = engine.submit("codec parity", None, sampling)
+    chunks = list(engine.stream(request_id))
+    assert len(chunks) > 2  # the audio really came in several chunks
+    builder = tiny_model.new_frame_builder()
+    token_ids = run_alone(make_engine, "codec parity", sampling).token_ids
+    frames = [frame for frame in map(builder.push, token_ids) if frame]
+    frames = torch.tensor(frames)  # [F, 7] in SNAC order
+    reference = SNAC.from_pretrained(str(tiny_dir / "snac_24khz")).eval()
+    expected = []
+    for k in range(len(frames)):
+        window = frames[[max(k - 1, 0), k, min(k + 1, len(frames) - 1), min(k + 2, len(frames) - 1)]]
+        codes = [window[:, 0][None], window[:, 1:3].reshape(1, -1), window[:, 3:7].reshape(1, -1)]
+        torch.manual_seed(frame_seed(codec_seed_for(sampling.seed), k))
+        with torch.inference_mode():
+            expected.append(reference.decode(codes)[0, 0, 2048:4096])
+    ours = np.concatenate([c.pcm for c in chunks])
+    assert ours.shape == (len(frames) * 2048,)
+    assert np.abs(ours - torch.cat(expected).numpy()).max() <= 1e-5
+
+
+def test_hundred_random_requests_with_cancellations_leave_the_pool_full(make_engine):
+    rng = random.Random(3)
+    engine = make_engine(num_blocks=48, block_size=8, max_num_seqs=16, max_num_batched_tokens=128)
+    words = "the quick brown fox jumps over a lazy dog while music plays".split()
+    submitted, cancel_after, steps, num_cancelled, waited_for_blocks = [], {}, 0, 0, False
+    for i in range(100):
+        text = " ".join(rng.choice(words) for _ in range(rng.randint(1, 25)))
+        sampling = SamplingParams(temperature=1.0, max_tokens=rng.randint(1, 60), seed=i)
+        submitted.append(engine.submit(text, None, sampling))
+        if rng.random() < 0.25:
+            cancel_after[submitted[-1]] = rng.randint(1, 30)
+        for _ in range(rng.randint(0, 2)):
+            engine.step()
+            steps += 1
+            for request_id, at in list(cancel_after.items()):
+                if steps >= at + submitted.index(request_id):
+                    num_cancelled += engine.cancel(request_id)
+                    del cancel_after[request_id]
+            scheduler = engine.scheduler
+            waited_for_blocks |= bool(scheduler.waiting) and len(scheduler.running) < 16
+    for _ in range(5000):
+        if not engine.has_unfinished():
+            break
+        engine.step()
+        scheduler = engine.scheduler
+        waited_for_blocks |= bool(scheduler.waiting) and len(scheduler.running) < 16
+    assert not engine.has_unfinished()
+    assert num_cancelled >= 10, "some requests must be cancelled mid-way"
+    assert waited_for_blocks, "the pool is sized so that requests have to wait for KV blocks"
+    assert engine.pool.is_full
+    assert not engine.lm_runner.requests and not engine.codec_runner.requests
+    assert not engine.scheduler.requests
