@@ -24,6 +24,7 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self._finished_ids: list[str] = []  # not yet reported to the runners
+        self._finished_in_schedule: list[Request] = []  # finished while scheduling; returned by the next update
 
     # -- requests in and out ---------------------------------------------------------------------------
 
@@ -98,12 +99,13 @@ class Scheduler:
         return StepBatch(tuple(new_requests), tuple(rows), finished_ids)
 
     def update(self, batch: StepBatch, output: StepOutput) -> list[Request]:
-        """Advance counts after a step ran; returns the requests that finished in it."""
+        """Advance counts after a step ran; returns every request finished since the last update, except
+        cancelled ones (the canceller already knows)."""
         for row in batch.rows:
             request = self.requests.get(row.request_id)
             if request is not None and not request.is_finished:
                 request.num_computed_tokens = row.start_position + row.num_tokens
-        finished = []
+        finished, self._finished_in_schedule = self._finished_in_schedule, []
         for request_id, is_stop in zip(output.request_ids, output.is_stop, strict=True):
             request = self.requests.get(request_id)
             if request is None or request.is_finished:
@@ -141,6 +143,7 @@ class Scheduler:
             if victim is request and len(self.running) == 1:
                 self.running.remove(request)
                 self._finish(request, FinishReason.CAPACITY)
+                self._finished_in_schedule.append(request)
                 return False
             self._preempt(victim)
             if victim is request:

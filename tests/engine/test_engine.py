@@ -127,3 +127,13 @@ def test_hundred_random_requests_with_cancellations_leave_the_pool_full(make_eng
     assert engine.pool.is_full
     assert not engine.lm_runner.requests and not engine.codec_runner.requests
     assert not engine.scheduler.requests
+
+
+def test_request_too_long_for_the_whole_cache_ends_its_stream_with_capacity(make_engine):
+    engine = make_engine(num_blocks=4, block_size=8)  # 32 positions in all
+    doomed = engine.submit("fits as a prompt", None, greedy(200, seed=1))
+    chunks = list(engine.stream(doomed))  # must end, not spin
+    assert chunks and chunks[-1].is_last
+    assert engine.pool.is_full and not engine.has_unfinished()
+    healthy = engine.submit("next", None, greedy(7, seed=2))
+    assert engine.result(healthy).finish_reason == "length"

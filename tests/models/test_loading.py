@@ -58,23 +58,17 @@ def test_missing_shard_is_named(tmp_path):
         load_model(str(sharded))
 
 
-def test_wrong_architecture_is_rejected(tmp_path, tiny_dir):
-    broken = tmp_path / "bert"
+@pytest.mark.parametrize("changes, message", [
+    (dict(architectures=["BertModel"], model_type="bert"), "LlamaForCausalLM"),  # wrong architecture
+    (dict(num_hidden_layers=9), "missing"),  # a config that disagrees with the weights
+    (dict(hidden_size=128), "missing|shape"),
+])
+def test_config_that_does_not_fit_is_rejected(tmp_path, tiny_dir, changes, message):
+    broken = tmp_path / "edited"
     shutil.copytree(tiny_dir, broken)
     config = json.loads((broken / "config.json").read_text())
-    config.update(architectures=["BertModel"], model_type="bert")
-    (broken / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match="LlamaForCausalLM"):
-        load_model(str(broken))
-
-
-def test_config_that_disagrees_with_the_weights_is_rejected(tmp_path, tiny_dir):
-    broken = tmp_path / "resized"
-    shutil.copytree(tiny_dir, broken)
-    config = json.loads((broken / "config.json").read_text())
-    config["num_hidden_layers"] += 1
-    (broken / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match="missing"):
+    (broken / "config.json").write_text(json.dumps({**config, **changes}))
+    with pytest.raises(ValueError, match=message):
         load_model(str(broken))
 
 
