@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 
@@ -25,15 +26,23 @@ class SamplingParams:
         return self.temperature == 0.0
 
     def validate(self) -> None:
-        """Raise ValueError naming the first field that is out of range and what is allowed."""
+        """Raise ValueError naming the first field that has the wrong type or is out of range."""
+        for name in ("top_k", "repetition_window", "max_tokens", "seed"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+                raise ValueError(f"{name} must be a whole number, got {value!r}")
+        for name in ("temperature", "top_p", "min_p", "repetition_penalty"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
         checks = [
             (self.temperature >= 0.0, "temperature must be >= 0 (0 means greedy)"),
-            (self.top_k >= 0, "top_k must be >= 0 (0 disables it)"),
+            (0 <= self.top_k <= 2**31, "top_k must be in [0, 2**31] (0 disables it)"),
             (0.0 < self.top_p <= 1.0, "top_p must be in (0, 1] (1 disables it)"),
             (0.0 <= self.min_p < 1.0, "min_p must be in [0, 1) (0 disables it)"),
             (self.repetition_penalty > 0.0, "repetition_penalty must be > 0 (1 disables it)"),
-            (self.repetition_window >= 0, "repetition_window must be >= 0 (0 means all generated tokens)"),
-            (self.max_tokens >= 1, "max_tokens must be >= 1"),
+            (0 <= self.repetition_window <= 2**31, "repetition_window must be >= 0 (0 means all generated tokens)"),
+            (1 <= self.max_tokens <= 2**31, "max_tokens must be >= 1"),
             (self.seed is None or 0 <= self.seed < 2**63, "seed must be in [0, 2**63)"),
         ]
         for is_ok, message in checks:
@@ -68,7 +77,6 @@ class EngineConfig:
 
     model: str = "tiny-orpheus"  # a directory, a hub id, or a tiny-* name
     codec: str | None = None  # codec directory or hub id; None = the family's default
-    device: str = "cpu"
     dtype: str = "float32"
     cache: CacheConfig = CacheConfig()
     scheduler: SchedulerConfig = SchedulerConfig()

@@ -6,7 +6,6 @@ chunk that became ready. New requests join between steps and finished ones leave
 
 from __future__ import annotations
 
-import itertools
 import secrets
 import threading
 from collections import deque
@@ -69,7 +68,6 @@ class Engine:
         self.lm_runner = LMRunner(model, num_blocks, cache.block_size, dtype)
         self.codec_runner = CodecRunner(model)
         self._outputs: dict[str, _Output] = {}
-        self._ids = itertools.count()
         self._lock = threading.RLock()
 
     @classmethod
@@ -91,7 +89,9 @@ class Engine:
             sampling = sampling.replace(seed=secrets.randbelow(2**63))
         prompt = self.model.prepare(text, voice)
         with self._lock:
-            request_id = request_id or f"req-{next(self._ids)}"
+            request_id = request_id or f"req-{secrets.token_hex(8)}"
+            if request_id in self._outputs or request_id in self.scheduler.requests:
+                raise ValueError(f"request id {request_id!r} is still in use; pick another or consume it first")
             codec_seed = codec_seed_for(sampling.seed)
             self.scheduler.add_request(Request(request_id, tuple(prompt), sampling, codec_seed))
             self.codec_runner.add(request_id, codec_seed)
@@ -99,15 +99,15 @@ class Engine:
         return request_id
 
     def cancel(self, request_id: str) -> bool:
-        """Stop a request now; its KV blocks return to the pool at once and its codec state is dropped."""
+        """Stop a request now: its KV blocks return to the pool at once, its codec state and any audio not yet
+        consumed are dropped. Also releases a finished request nobody will consume. False for unknown ids."""
         with self._lock:
-            is_cancelled = self.scheduler.cancel(request_id)
-            if is_cancelled:
-                self.codec_runner.drop(request_id)
-                output = self._outputs.pop(request_id, None)
-                if output is not None:
-                    output.finish_reason = FinishReason.CANCELLED
-            return is_cancelled
+            is_running = self.scheduler.cancel(request_id)
+            self.codec_runner.drop(request_id)
+            output = self._outputs.pop(request_id, None)
+            if output is not None and output.finish_reason is None:
+                output.finish_reason = FinishReason.CANCELLED
+            return is_running or output is not None
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished() or bool(self.codec_runner.requests)
@@ -133,7 +133,12 @@ class Engine:
             return chunks
 
     def stream(self, request_id: str) -> Iterator[AudioChunk]:
-        """Yield the request's chunks in order, stepping the engine while none is ready."""
+        """Yield the request's chunks in order, stepping the engine while none is ready.
+
+        KeyError for an id the engine does not hold; a stream cancelled while it is read just ends.
+        """
+        if request_id not in self._outputs:
+            raise KeyError(f"no request {request_id!r} (unknown, cancelled, or already consumed)")
         while True:
             with self._lock:
                 output = self._outputs.get(request_id)
@@ -152,8 +157,6 @@ class Engine:
     def result(self, request_id: str) -> SpeechResult:
         """Run a request to completion and return all of its audio."""
         output = self._outputs.get(request_id)
-        if output is None:
-            raise KeyError(f"no request {request_id!r} (unknown, cancelled, or already consumed)")
         chunks = list(self.stream(request_id))
         pcm = np.concatenate([c.pcm for c in chunks]) if chunks else np.zeros(0, np.float32)
         num_frames = chunks[-1].end_frame if chunks else 0

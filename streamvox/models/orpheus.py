@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -84,6 +86,7 @@ class OrpheusModel(SpeechModel):
         self.ids = OrpheusTokenIds.from_config(config)
         self.backbone = backbone
         self.tokenizer = tokenizer
+        self.tokenizer.encode_special_tokens = True  # text that spells a control token stays text
         self.codec = codec
         self.timing = TimingFacts(codec.sample_rate, codec.samples_per_frame, lm_steps_per_frame=TOKENS_PER_FRAME)
         self.stop_token_ids = frozenset({self.ids.end_of_speech})
@@ -142,9 +145,25 @@ TINY_NOTE = (
 
 
 def write_tiny(path: str | Path, seed: int = 0, num_shards: int = 1) -> Path:
-    """Write a deterministic tiny Orpheus checkpoint (LM + tokenizer + SNAC codec subdirectory) to `path`."""
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
+    """Write a deterministic tiny Orpheus checkpoint (LM + tokenizer + SNAC codec subdirectory) to `path`.
+
+    Files are written to a sibling directory first and moved into place at the end, so an interrupted build
+    never leaves a half-written checkpoint behind.
+    """
+    final = Path(path)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    path = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
+    try:
+        _write_tiny_files(path, seed, num_shards)
+        if final.exists():
+            shutil.rmtree(final)
+        path.rename(final)
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+    return final
+
+
+def _write_tiny_files(path: Path, seed: int, num_shards: int) -> None:
     custom = TINY_TEXT_VOCAB + TINY_RESERVED  # the tiny's counterpart of id 128256
     ids = OrpheusTokenIds(
         start_of_human=custom + 3, end_of_text=TINY_TEXT_VOCAB + 9, end_of_human=custom + 4,
@@ -169,7 +188,6 @@ def write_tiny(path: str | Path, seed: int = 0, num_shards: int = 1) -> Path:
                                                             "eos_token": "<|eot_id|>", "model_max_length": 8192}))
     (path / "README.md").write_text(TINY_NOTE + "\n")
     SnacCodec.write_tiny(path / CODEC_SUBDIR, seed=seed, codebook_size=TINY_CODEBOOK)
-    return path
 
 
 def _tiny_config(vocab_size: int, ids: OrpheusTokenIds) -> dict:

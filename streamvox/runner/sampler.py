@@ -63,19 +63,27 @@ def _sample_filtered(logits: torch.Tensor, states: list[SamplingState]) -> list[
     params = [s.params for s in states]
     vocab = logits.shape[1]
     scaled = logits / torch.tensor([p.temperature for p in params])[:, None]
-    top_k = torch.tensor([p.top_k or vocab for p in params])[:, None]  # [S, 1]
+    top_k = torch.tensor([min(p.top_k or vocab, vocab) for p in params])[:, None]  # [S, 1]
     top_p = torch.tensor([p.top_p for p in params])[:, None]
     min_p = torch.tensor([p.min_p for p in params])[:, None]
     log_total = scaled.logsumexp(dim=-1, keepdim=True)
     sorted_logits, order = scaled.topk(min(CANDIDATES, vocab), dim=-1)  # [S, K], descending
     sorted_probs = (sorted_logits - log_total).exp()  # true probabilities of the candidates
-    is_contained = (top_k <= sorted_probs.shape[1]) | ((top_p < 1.0) & (sorted_probs.sum(-1, keepdim=True) >= top_p))
-    if not is_contained.all():  # some row may keep tokens outside the candidates: filter the whole vocabulary
+    # Filtering the candidates alone is exact only if a row keeps no token beyond them: a top-k inside them, or
+    # no top-k and a top-p whose nucleus they already cover. Otherwise every row is filtered over the vocabulary.
+    is_top_k_off = top_k >= vocab
+    is_contained = (top_k <= sorted_probs.shape[1]) | (
+        is_top_k_off & (top_p < 1.0) & (sorted_probs.sum(-1, keepdim=True) >= top_p)
+    )
+    if not is_contained.all():
         sorted_logits, order = scaled.sort(dim=-1, descending=True)
         sorted_probs = (sorted_logits - log_total).exp()
     rank = torch.arange(sorted_probs.shape[1])[None, :]
     sorted_probs = sorted_probs.masked_fill(rank >= top_k, 0.0)
-    sorted_probs = sorted_probs / sorted_probs.sum(dim=-1, keepdim=True)  # top-p sees the top-k distribution
+    # top-p sees the distribution left by top-k; with top-k off that is the whole (already normalised) one,
+    # which the candidates alone do not sum to
+    top_k_mass = torch.where(is_top_k_off, 1.0, sorted_probs.sum(dim=-1, keepdim=True))
+    sorted_probs = sorted_probs / top_k_mass
     mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
     drop = (rank >= top_k) | (mass_before > top_p) | (sorted_probs < min_p * sorted_probs[:, :1])
     drop[:, 0] = False  # the most likely token always survives

@@ -18,6 +18,8 @@ from streamvox.sched.request import FinishReason, Request, RequestStatus
 
 class Scheduler:
     def __init__(self, config: SchedulerConfig, pool: BlockPool) -> None:
+        if config.max_num_seqs < 1 or config.max_num_batched_tokens < 1:
+            raise ValueError(f"a step must take >= 1 request and >= 1 token, got {config}")
         self.config = config
         self.pool = pool
         self.requests: dict[str, Request] = {}

@@ -61,6 +61,16 @@ def test_requests_joining_midway_equal_each_alone(make_engine):
         assert_same(result, run_alone(make_engine, TEXTS[i], samplings[i]))
 
 
+def test_sampled_requests_are_the_same_alone_or_batched(make_engine, tiny_model):
+    sampling = tiny_model.default_sampling.replace(max_tokens=35, seed=5)  # the family's top-p sampling
+    alone = run_alone(make_engine, TEXTS[2], sampling)
+    engine = make_engine()
+    neighbours = [engine.submit(TEXTS[i], None, sampling.replace(seed=i, top_p=1.0)) for i in (0, 1)]
+    batched = engine.result(engine.submit(TEXTS[2], None, sampling))
+    assert batched.token_ids == alone.token_ids and np.abs(batched.pcm - alone.pcm).max() <= 1e-5
+    assert all(engine.result(n).token_ids for n in neighbours)
+
+
 def test_same_seed_same_bytes_different_seed_differs(make_engine):
     sampling = SamplingParams(temperature=0.8, top_p=0.9, repetition_penalty=1.3, max_tokens=70, seed=1234)
     first = run_alone(make_engine, "seeded", sampling)
@@ -132,8 +142,7 @@ def test_hundred_random_requests_with_cancellations_leave_the_pool_full(make_eng
 def test_request_too_long_for_the_whole_cache_ends_its_stream_with_capacity(make_engine):
     engine = make_engine(num_blocks=4, block_size=8)  # 32 positions in all
     doomed = engine.submit("fits as a prompt", None, greedy(200, seed=1))
-    chunks = list(engine.stream(doomed))  # must end, not spin
-    assert chunks and chunks[-1].is_last
+    assert engine.result(doomed).finish_reason == "capacity"  # must end, not spin
     assert engine.pool.is_full and not engine.has_unfinished()
     healthy = engine.submit("next", None, greedy(7, seed=2))
     assert engine.result(healthy).finish_reason == "length"

@@ -81,3 +81,19 @@ def test_invalid_parameters_are_named():
                        (dict(max_tokens=0), "max_tokens"), (dict(min_p=1.5), "min_p")]:
         with pytest.raises(ValueError, match=field):
             SamplingParams(**bad).validate()
+
+
+def test_a_row_samples_the_same_alone_or_beside_rows_that_need_the_whole_vocabulary():
+    # 5000 tokens, the top 1024 hold ~90 % of the mass: top_p=0.85 fits inside the candidates, top_p=1 does not
+    torch.manual_seed(0)
+    logits = torch.cat([torch.randn(1024) * 0.1 + 4.0, torch.randn(3976) * 0.1])[None]
+    nucleus_row, full_row = state(seed=9, top_p=0.85), state(seed=9, top_p=0.85)
+    forcing_row = state(seed=1, top_p=1.0)
+    alone = [sample(logits.clone(), [nucleus_row])[0] for _ in range(300)]
+    beside = [sample(torch.cat([logits, logits]), [full_row, forcing_row])[0] for _ in range(300)]
+    assert alone == beside
+    probs = logits[0].softmax(-1)
+    order = probs.argsort(descending=True)
+    nucleus_size = int((probs[order].cumsum(0) - probs[order] <= 0.85).sum())
+    ranks = {int((order == t).nonzero()) for t in alone}
+    assert max(ranks) < nucleus_size and max(ranks) > 0.9 * nucleus_size  # the cut is at the true 85 %

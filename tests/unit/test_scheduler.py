@@ -114,7 +114,8 @@ def test_preemption_recomputes_and_finishes_everyone():
 def test_request_too_large_for_the_cache_alone_finishes_with_capacity():
     pool = BlockPool(num_blocks=2, block_size=2)
     scheduler = Scheduler(SchedulerConfig(), pool)
-    scheduler.add_request(make_request("r", 3, 100))
+    request = make_request("r", 3, 100)
+    scheduler.add_request(request)
     finished = []
     for _ in range(20):
         batch = scheduler.schedule()
@@ -122,6 +123,7 @@ def test_request_too_large_for_the_cache_alone_finishes_with_capacity():
             break
         finished += scheduler.update(batch, fake_execute(batch))
     assert not scheduler.has_unfinished() and pool.is_full
+    assert finished == [request] and request.finish_reason is FinishReason.CAPACITY
     with pytest.raises(ValueError, match="does not fit the KV cache"):
         scheduler.add_request(make_request("huge", 10, 1))
 
@@ -137,4 +139,8 @@ def test_cancel_frees_blocks_immediately_and_reports_once():
     assert not scheduler.cancel("a")
     assert scheduler.schedule().finished_request_ids == ("a",)
     assert scheduler.schedule() is None
-    assert FinishReason.CANCELLED.value == "cancelled"
+
+
+def test_limits_below_one_are_rejected():
+    with pytest.raises(ValueError, match=">= 1 request"):
+        Scheduler(SchedulerConfig(max_num_batched_tokens=0), BlockPool(4, 4))
