@@ -13,8 +13,10 @@ from pathlib import Path
 
 import torch
 
+from streamvox.codecs.snac import split_levels
 from streamvox.config import CacheConfig, EngineConfig, SamplingParams, SchedulerConfig
 from streamvox.engine.core import Engine
+from streamvox.models.orpheus import decode_windows
 from streamvox.runner.weights import load_model, resolve_checkpoint
 
 TEXT = "The quick brown fox jumps over the lazy dog while the radio plays a song."
@@ -22,8 +24,8 @@ TEXT = "The quick brown fox jumps over the lazy dog while the radio plays a song
 
 def run_throughput(model_name: str, batch_sizes: list[int], max_tokens: int, out_dir: str) -> list[dict]:
     model = load_model(model_name)
-    sampling = model.default_sampling.replace(max_tokens=max_tokens).replace(ignore_eos=True)
-    spf, rate = model.timing.samples_per_frame, model.timing.sample_rate
+    sampling = model.default_sampling.replace(max_tokens=max_tokens, ignore_eos=True)
+    rate = model.timing.sample_rate
     rows = [_baseline(model_name, model, sampling, num_requests=min(4, max(batch_sizes)))]
     for batch_size in batch_sizes:
         config = EngineConfig(model=model_name, cache=CacheConfig(kv_cache_mb=512),
@@ -38,7 +40,7 @@ def run_throughput(model_name: str, batch_sizes: list[int], max_tokens: int, out
     base = rows[0]["tokens_per_s"]
     for row in rows:
         row["speedup_vs_baseline"] = round(row["tokens_per_s"] / base, 2)
-    _report(rows, out_dir, model_name, max_tokens, spf)
+    _report(rows, out_dir, model_name, max_tokens)
     return rows
 
 
@@ -64,10 +66,9 @@ def _baseline(model_name: str, model, sampling: SamplingParams, num_requests: in
             )[0, prompt.shape[1]:].tolist()
             builder = model.new_frame_builder()
             frames = torch.tensor([f for f in map(builder.push, out) if f])  # [F, 7]
-            for k in range(len(frames)):  # one window per call, as the publisher's streaming loop does
-                window = frames[[max(k - 1, 0), k, min(k + 1, len(frames) - 1), min(k + 2, len(frames) - 1)]]
-                codes = [window[:, 0][None], window[:, 1:3].reshape(1, -1), window[:, 3:7].reshape(1, -1)]
-                audio_samples += codec.decode(codes)[0, 0, 2048:4096].numel()
+            spf = model.timing.samples_per_frame
+            for window in decode_windows(frames, 0, len(frames)):  # one window per call, as the publisher does
+                audio_samples += codec.decode(split_levels(window[None]))[0, 0, spf : 2 * spf].numel()
     elapsed = time.perf_counter() - started
     rate = model.timing.sample_rate
     return _row("transformers.generate + snac (sequential)", 1, num_requests * sampling.max_tokens,
@@ -79,7 +80,7 @@ def _row(name: str, batch_size: int, tokens: int, audio_s: float, elapsed: float
             "tokens_per_s": round(tokens / elapsed, 1), "x_real_time": round(audio_s / elapsed, 2)}
 
 
-def _report(rows: list[dict], out_dir: str, model_name: str, max_tokens: int, spf: int) -> None:
+def _report(rows: list[dict], out_dir: str, model_name: str, max_tokens: int) -> None:
     header = f"{'system':<44}{'batch':>6}{'tokens':>8}{'wall s':>9}{'tok/s':>9}{'x real-time':>12}{'speedup':>9}"
     print(f"throughput on {model_name}, {max_tokens} tokens per request, {torch.get_num_threads()} CPU threads")
     print(header)

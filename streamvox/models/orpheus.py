@@ -112,14 +112,22 @@ class OrpheusModel(SpeechModel):
     def decode_chunks(self, jobs: list[ChunkJob]) -> list[torch.Tensor]:
         windows, seeds, sizes = [], [], []
         for job in jobs:
-            frame_ids = torch.arange(job.start_frame, job.end_frame)
-            around = (frame_ids[:, None] + _WINDOW_OFFSETS).clamp(0, job.frames.shape[0] - 1)  # [F, 4]
-            windows.append(job.frames[around])  # [F, 4, 7]
+            windows.append(decode_windows(job.frames, job.start_frame, job.end_frame))
             seeds.extend(frame_seed(job.seed, f) for f in range(job.start_frame, job.end_frame))
             sizes.append(job.end_frame - job.start_frame)
         spf = self.timing.samples_per_frame
         pcm = self.codec.decode_windows(torch.cat(windows), seeds)[:, spf : 2 * spf]  # [sum F, spf]
         return [rows.reshape(-1) for rows in pcm.split(sizes)]
+
+
+def decode_windows(frames: torch.Tensor, start_frame: int, end_frame: int) -> torch.Tensor:
+    """The 4-frame window [f-1, f+2] of each frame f in [start_frame, end_frame), edges repeated.
+
+    frames: [num_known_frames, 7] -> [end_frame - start_frame, 4, 7]; frame f's audio is window sample range
+    [samples_per_frame, 2 * samples_per_frame).
+    """
+    frame_ids = torch.arange(start_frame, end_frame)
+    return frames[(frame_ids[:, None] + _WINDOW_OFFSETS).clamp(0, frames.shape[0] - 1)]
 
 
 def frame_seed(request_seed: int, frame_index: int) -> int:

@@ -85,7 +85,7 @@ def _sample_filtered(logits: torch.Tensor, states: list[SamplingState]) -> list[
     top_k_mass = torch.where(is_top_k_off, 1.0, sorted_probs.sum(dim=-1, keepdim=True))
     sorted_probs = sorted_probs / top_k_mass
     mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
-    drop = (rank >= top_k) | (mass_before > top_p) | (sorted_probs < min_p * sorted_probs[:, :1])
+    drop = (mass_before > top_p) | (sorted_probs < min_p * sorted_probs[:, :1])  # top-k cut is zero already
     drop[:, 0] = False  # the most likely token always survives
     cdf = sorted_probs.masked_fill(drop, 0.0).cumsum(dim=-1)  # [S, K], unnormalised
     uniform = torch.cat([torch.rand(1, generator=s.generator) for s in states])[:, None]  # one draw per row

@@ -26,7 +26,7 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self._finished_ids: list[str] = []  # not yet reported to the runners
-        self._finished_in_schedule: list[Request] = []  # finished while scheduling; returned by the next update
+        self._newly_finished: list[Request] = []  # not yet returned by update() (cancelled ones never are)
 
     # -- requests in and out ---------------------------------------------------------------------------
 
@@ -107,17 +107,15 @@ class Scheduler:
             request = self.requests.get(row.request_id)
             if request is not None and not request.is_finished:
                 request.num_computed_tokens = row.start_position + row.num_tokens
-        finished, self._finished_in_schedule = self._finished_in_schedule, []
         for request_id, is_stop in zip(output.request_ids, output.is_stop, strict=True):
             request = self.requests.get(request_id)
             if request is None or request.is_finished:
                 continue  # cancelled while its step ran
             request.num_output_tokens += 1
             if is_stop or request.num_output_tokens >= request.sampling.max_tokens:
-                reason = FinishReason.STOP if is_stop else FinishReason.LENGTH
                 self.running.remove(request)
-                self._finish(request, reason)
-                finished.append(request)
+                self._finish(request, FinishReason.STOP if is_stop else FinishReason.LENGTH)
+        finished, self._newly_finished = self._newly_finished, []
         return finished
 
     # -- helpers ---------------------------------------------------------------------------------------
@@ -145,7 +143,6 @@ class Scheduler:
             if victim is request and len(self.running) == 1:
                 self.running.remove(request)
                 self._finish(request, FinishReason.CAPACITY)
-                self._finished_in_schedule.append(request)
                 return False
             self._preempt(victim)
             if victim is request:
@@ -168,3 +165,5 @@ class Scheduler:
         request.finish_reason = reason
         del self.requests[request.request_id]
         self._finished_ids.append(request.request_id)
+        if reason is not FinishReason.CANCELLED:
+            self._newly_finished.append(request)
