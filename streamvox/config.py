@@ -63,12 +63,32 @@ class CacheConfig:
     kv_cache_mb: int = 256  # memory budget used when num_blocks == 0
 
 
+POLICIES = ("streaming", "offline", "fcfs")
+
+
 @dataclass(frozen=True)
 class SchedulerConfig:
-    """Limits of one engine step."""
+    """Limits of one engine step and the scheduling policy."""
 
+    policy: str = "streaming"  # streaming (playback deadlines), offline (throughput) or fcfs (comparison)
     max_num_seqs: int = 64  # requests in one LM batch
     max_num_batched_tokens: int = 512  # prompt + decode tokens in one LM step
+    max_queue_len: int = 64  # waiting requests beyond this are refused (HTTP 429)
+    ttfa_target_s: float = 0.5  # a new request's first chunk is due this long after it arrived
+    client_prebuffer_s: float = 0.0  # audio a client buffers before it starts playing
+    urgent_slack_s: float = 1.0  # streaming: a request with less slack than this is urgent
+    realtime_headroom: float = 0.85  # streaming: admit while the predicted step time <= this share of real time
+    max_codec_batch: int = 32  # chunks decoded in one codec call
+
+    def validate(self) -> None:
+        if self.policy not in POLICIES:
+            raise ValueError(f"unknown policy {self.policy!r}; choose one of: {', '.join(POLICIES)}")
+        if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1 or self.max_codec_batch < 1:
+            raise ValueError(f"a step must take >= 1 request, >= 1 token and >= 1 chunk, got {self}")
+        if self.max_queue_len < 0 or self.ttfa_target_s <= 0 or self.client_prebuffer_s < 0:
+            raise ValueError("max_queue_len and client_prebuffer_s must be >= 0 and ttfa_target_s > 0")
+        if not 0 < self.realtime_headroom <= 1:
+            raise ValueError("realtime_headroom must be in (0, 1]")
 
 
 @dataclass(frozen=True)

@@ -20,13 +20,19 @@ def tiny_model(tiny_dir):
 
 @pytest.fixture
 def make_engine(tiny_model):
-    def make(num_blocks=512, block_size=16, max_num_seqs=64, max_num_batched_tokens=512):
+    engines = []
+
+    def make(num_blocks=512, block_size=16, max_num_seqs=64, max_num_batched_tokens=512, policy="fcfs"):
         config = EngineConfig(
             cache=CacheConfig(block_size=block_size, num_blocks=num_blocks),
-            scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens),
+            scheduler=SchedulerConfig(policy=policy, max_num_seqs=max_num_seqs, max_queue_len=1000,
+                                      max_num_batched_tokens=max_num_batched_tokens),
         )
-        return Engine(tiny_model, config)
+        engines.append(Engine(tiny_model, config))
+        return engines[-1]
 
-    return make
+    yield make
+    for engine in engines:
+        engine.close()
 
 

@@ -1,39 +1,61 @@
-"""The in-process engine: submit texts, step, and iterate each request's audio chunks as they are produced.
+"""The engine: one step loop over the scheduler, the LM runner and a codec running beside it.
 
-One step is `scheduler.schedule() -> lm_runner.execute() -> scheduler.update()`, then the codec decodes every
-chunk that became ready. New requests join between steps and finished ones leave (continuous batching).
+`EngineCore.step()` is `scheduler.schedule() -> lm_runner.execute() -> scheduler.update()`; meanwhile the codec
+decodes the previous step's ready chunks on its own thread (one batch in flight, at most one chunk per request in
+it). Step and codec times are measured as they run and feed the scheduler's slack estimates. A request that
+raises while sampling or decoding fails alone: the step is retried row by row (the codec batch chunk by chunk)
+and only the rows that still raise are failed. `Engine` adds in-process convenience (stream, result, generate).
 """
 
 from __future__ import annotations
 
+import logging
 import secrets
 import threading
+import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
+from streamvox.batch import StepBatch, StepOutput
 from streamvox.config import EngineConfig, SamplingParams
 from streamvox.models.base import SpeechModel
-from streamvox.runner.codec_runner import AudioChunk, CodecRunner
+from streamvox.runner.codec_runner import AudioChunk, CodecRunner, PendingChunk
 from streamvox.runner.lm_runner import LMRunner
 from streamvox.runner.weights import load_model
 from streamvox.sched.kv_blocks import BlockPool
+from streamvox.sched.playback import AudioPlan, PlaybackTracker
 from streamvox.sched.request import FinishReason, Request
-from streamvox.sched.scheduler import Scheduler
+from streamvox.sched.scheduler import QueueFullError, Scheduler
+from streamvox.sched.timing import StepTimer
 
-__all__ = ["AudioChunk", "Engine", "SpeechResult"]
+__all__ = ["AudioChunk", "Engine", "EngineCore", "QueueFullError", "RequestFailure", "SpeechResult", "StepEvents"]
+
+logger = logging.getLogger(__name__)
+CHARS_PER_SECOND = 14.0  # speaking rate used to size a request's KV reservation from its text
+
+
+@dataclass(frozen=True)
+class RequestFailure:
+    """A request that raised inside the engine; nothing more will come for it."""
+
+    request_id: str
+    message: str
 
 
 @dataclass
-class _Output:
-    """What the engine keeps for a request until its last chunk has been consumed."""
+class StepEvents:
+    """What one step produced."""
 
-    chunks: deque[AudioChunk] = field(default_factory=deque)
-    token_ids: list[int] = field(default_factory=list)  # sampled so far
-    finish_reason: FinishReason | None = None
+    chunks: list[AudioChunk] = field(default_factory=list)
+    failures: list[RequestFailure] = field(default_factory=list)
+    finish_reasons: dict[str, FinishReason] = field(default_factory=dict)  # LM finished during this step
+    sampled: list[tuple[str, int]] = field(default_factory=list)  # (request_id, token_id) sampled this step
+    num_tokens: int = 0  # LM tokens the step computed
 
 
 @dataclass(frozen=True)
@@ -48,27 +70,214 @@ class SpeechResult:
     finish_reason: str
 
 
+@dataclass
+class _CodecBatch:
+    future: Future  # -> list[np.ndarray | Exception], one per pending chunk
+    pending: list[PendingChunk]
+    started_s: float
+
+
 def codec_seed_for(seed: int) -> int:
     """The codec-noise seed of a request, derived from its sampling seed (so one seed fixes all its audio)."""
     return (seed * 6364136223846793005 + 1442695040888963407) % 2**63
 
 
-class Engine:
-    def __init__(self, model: SpeechModel, config: EngineConfig | None = None) -> None:
+def audio_plan(model: SpeechModel) -> AudioPlan:
+    timing, chunking = model.timing, model.chunking
+    return AudioPlan(timing.lm_steps_per_frame, timing.samples_per_frame / timing.sample_rate,
+                     chunking.first_chunk_frames, chunking.frames_per_chunk, chunking.lookahead_frames)
+
+
+class EngineCore:
+    def __init__(self, model: SpeechModel, config: EngineConfig | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         config = config or EngineConfig()
         self.model = model
         self.config = config
+        self.clock = clock
         dtype = getattr(torch, config.dtype)
         cache = config.cache
         num_blocks = cache.num_blocks or max(
             1, cache.kv_cache_mb * 2**20 // LMRunner.kv_bytes_per_block(model, cache.block_size, dtype)
         )
         self.pool = BlockPool(num_blocks, cache.block_size)
-        self.scheduler = Scheduler(config.scheduler, self.pool)
+        sched = config.scheduler
+        self.playback = PlaybackTracker(audio_plan(model), sched.ttfa_target_s, sched.client_prebuffer_s)
+        self.timer = StepTimer()
+        self.scheduler = Scheduler(sched, self.pool, self.playback, self.timer)
         self.lm_runner = LMRunner(model, num_blocks, cache.block_size, dtype)
         self.codec_runner = CodecRunner(model)
-        self._outputs: dict[str, _Output] = {}
+        self._codec_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="codec")
+        self._codec_batch: _CodecBatch | None = None
         self._lock = threading.RLock()
+
+    # -- requests ----------------------------------------------------------------------------------------
+
+    def check_request(self, text: str, voice: str | None, sampling: SamplingParams | None) -> SamplingParams:
+        """Validate a request before it is prepared; returns its sampling with a seed. ValueError says what
+        to change."""
+        if not text or not text.strip():
+            raise ValueError("text is empty; give at least one word to speak")
+        self.model.resolve_voice(voice)
+        sampling = sampling or self.model.default_sampling
+        sampling.validate()
+        if sampling.seed is None:
+            sampling = sampling.replace(seed=secrets.randbelow(2**63))
+        return sampling
+
+    def expected_tokens(self, text: str) -> int:
+        """LM steps the speech of `text` is expected to take, with a margin (sizes its KV reservation)."""
+        timing = self.model.timing
+        seconds = 1.0 + 1.25 * len(text) / CHARS_PER_SECOND
+        return int(seconds * timing.frame_rate_hz * timing.lm_steps_per_frame)
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int], sampling: SamplingParams,
+                    expected_tokens: int = 0) -> None:
+        """Queue a prepared request. ValueError if it cannot be served; QueueFullError at the queue bound."""
+        with self._lock:
+            if request_id in self.codec_runner.requests or request_id in self.scheduler.requests:
+                raise ValueError(f"request id {request_id!r} is still in use; pick another")
+            codec_seed = codec_seed_for(sampling.seed)
+            request = Request(request_id, tuple(prompt_token_ids), sampling, codec_seed, expected_tokens)
+            self.scheduler.add_request(request, self.clock())
+            self.codec_runner.add(request_id, codec_seed)
+
+    def cancel(self, request_id: str) -> bool:
+        """Stop a request now: its KV blocks return to the pool at once and its codec state is dropped.
+        False for ids the engine does not hold."""
+        with self._lock:
+            is_known = self.scheduler.cancel(request_id) | (request_id in self.codec_runner.requests)
+            self.codec_runner.drop(request_id)
+            self.playback.drop(request_id)
+            return is_known
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished() or bool(self.codec_runner.requests)
+
+    @property
+    def num_requests(self) -> int:
+        """Requests the engine holds: queued, generating, or with audio still to decode."""
+        return len(set(self.scheduler.requests) | set(self.codec_runner.requests))
+
+    def close(self) -> None:
+        self._codec_thread.shutdown(wait=True, cancel_futures=True)
+
+    # -- the step loop -----------------------------------------------------------------------------------
+
+    def step(self) -> StepEvents:
+        """Run one LM step and move codec work along; waits for the codec only when the LM has nothing to do."""
+        with self._lock:
+            events = StepEvents()
+            self._collect_codec(events, wait=False)
+            batch = self.scheduler.schedule(self.clock())
+            if batch is not None:
+                self._run_lm(batch, events)
+            self._dispatch_codec()
+            if (batch is None or not batch.rows) and self._codec_batch is not None and not events.chunks:
+                self._collect_codec(events, wait=True)
+                self._dispatch_codec()
+            return events
+
+    def _run_lm(self, batch: StepBatch, events: StepEvents) -> None:
+        started = time.perf_counter()
+        output = self._execute_isolated(batch, events)
+        if batch.rows:
+            self.timer.observe_step(batch.num_tokens, time.perf_counter() - started)
+        events.num_tokens = batch.num_tokens
+        for request in self.scheduler.update(batch, output):
+            events.finish_reasons[request.request_id] = request.finish_reason
+        for request_id, token_id in zip(output.request_ids, output.token_ids, strict=True):
+            self.codec_runner.push(request_id, token_id)
+            events.sampled.append((request_id, token_id))
+        for request_id in events.finish_reasons:
+            self.codec_runner.finish(request_id)
+
+    def _execute_isolated(self, batch: StepBatch, events: StepEvents) -> StepOutput:
+        """Run the step; if it raises, run each row alone and fail only the requests whose rows still raise."""
+        try:
+            return self.lm_runner.execute(batch)
+        except Exception:
+            logger.exception("LM step failed; retrying its %d rows one by one", len(batch.rows))
+        outputs = []
+        for row in batch.rows:
+            news = tuple(n for n in batch.new_requests if n.request_id == row.request_id)
+            try:
+                outputs.append(self.lm_runner.execute(StepBatch(news, (row,), ())))
+            except Exception as error:  # noqa: BLE001 - the request fails, the engine goes on
+                self._fail(row.request_id, f"generation failed: {error}", events)
+        return StepOutput(*(tuple(x for o in outputs for x in getattr(o, name))
+                            for name in ("request_ids", "token_ids", "is_stop")))
+
+    def _dispatch_codec(self) -> None:
+        """Hand the ready chunks, most urgent first, to the codec thread if it is idle."""
+        if self._codec_batch is not None:
+            return
+        ready = self.codec_runner.ready_request_ids()
+        if not ready:
+            return
+        order = self.scheduler.policy.codec_order(ready, self.clock())
+        pending = self.codec_runner.take_ready(order[: self.config.scheduler.max_codec_batch])
+        future = self._codec_thread.submit(self._decode_isolated, pending)
+        self._codec_batch = _CodecBatch(future, pending, time.perf_counter())
+
+    def _decode_isolated(self, pending: list[PendingChunk]) -> list[np.ndarray | Exception]:
+        """Codec thread: decode the batch; if it raises, decode chunk by chunk so only the bad ones fail."""
+        try:
+            with torch.inference_mode():
+                return self.codec_runner.decode(pending)
+        except Exception:
+            logger.exception("codec batch failed; retrying its %d chunks one by one", len(pending))
+        results: list[np.ndarray | Exception] = []
+        for chunk in pending:
+            try:
+                with torch.inference_mode():
+                    results.extend(self.codec_runner.decode([chunk]))
+            except Exception as error:  # noqa: BLE001 - the request fails, the engine goes on
+                results.append(error)
+        return results
+
+    def _collect_codec(self, events: StepEvents, wait: bool) -> None:
+        codec_batch = self._codec_batch
+        if codec_batch is None or not (wait or codec_batch.future.done()):
+            return
+        results = codec_batch.future.result()
+        self._codec_batch = None
+        self.timer.observe_codec(time.perf_counter() - codec_batch.started_s)
+        good = [(p, r) for p, r in zip(codec_batch.pending, results, strict=True) if not isinstance(r, Exception)]
+        for chunk, result in zip(codec_batch.pending, results, strict=True):
+            if isinstance(result, Exception):
+                self.codec_runner.release([chunk])
+                self._fail(chunk.request_id, f"audio decoding failed: {result}", events)
+        now = self.clock()
+        sample_rate = self.model.timing.sample_rate
+        for chunk in self.codec_runner.complete([p for p, _ in good], [r for _, r in good]):
+            self.playback.on_chunk(chunk.request_id, len(chunk.pcm) / sample_rate, now)
+            if chunk.is_last:
+                self.playback.drop(chunk.request_id)
+            events.chunks.append(chunk)
+
+    def _fail(self, request_id: str, message: str, events: StepEvents) -> None:
+        logger.warning("request %s failed: %s", request_id, message)
+        EngineCore.cancel(self, request_id)  # not a subclass's: its own bookkeeping sees the failure
+        events.failures.append(RequestFailure(request_id, message))
+
+
+@dataclass
+class _Output:
+    """What the in-process engine keeps for a request until its last chunk has been consumed."""
+
+    chunks: deque[AudioChunk] = field(default_factory=deque)
+    token_ids: list[int] = field(default_factory=list)  # sampled so far
+    finish_reason: FinishReason | None = None
+    error: str | None = None
+
+
+class Engine(EngineCore):
+    """In-process use: submit texts, then iterate each request's chunks or wait for its whole result."""
+
+    def __init__(self, model: SpeechModel, config: EngineConfig | None = None, **kwargs) -> None:
+        super().__init__(model, config, **kwargs)
+        self._outputs: dict[str, _Output] = {}
 
     @classmethod
     def from_pretrained(cls, model: str = "tiny-orpheus", **overrides) -> Engine:
@@ -76,66 +285,50 @@ class Engine:
         config = EngineConfig(model=model, **overrides)
         return cls(load_model(config.model, config.codec, config.dtype), config)
 
-    # -- requests ----------------------------------------------------------------------------------------
-
     def submit(self, text: str, voice: str | None = None, sampling: SamplingParams | None = None,
                request_id: str | None = None) -> str:
         """Queue `text`; returns its request id. ValueError (with what to change) for bad input."""
-        if not text or not text.strip():
-            raise ValueError("text is empty; give at least one word to speak")
-        sampling = sampling or self.model.default_sampling
-        sampling.validate()
-        if sampling.seed is None:
-            sampling = sampling.replace(seed=secrets.randbelow(2**63))
+        sampling = self.check_request(text, voice, sampling)
         prompt = self.model.prepare(text, voice)
         with self._lock:
             request_id = request_id or f"req-{secrets.token_hex(8)}"
-            if request_id in self._outputs or request_id in self.scheduler.requests:
+            if request_id in self._outputs:
                 raise ValueError(f"request id {request_id!r} is still in use; pick another or consume it first")
-            codec_seed = codec_seed_for(sampling.seed)
-            self.scheduler.add_request(Request(request_id, tuple(prompt), sampling, codec_seed))
-            self.codec_runner.add(request_id, codec_seed)
+            self.add_request(request_id, prompt, sampling, self.expected_tokens(text))
             self._outputs[request_id] = _Output()
         return request_id
 
     def cancel(self, request_id: str) -> bool:
-        """Stop a request now: its KV blocks return to the pool at once, its codec state and any audio not yet
-        consumed are dropped. Also releases a finished request nobody will consume. False for unknown ids."""
+        """Also releases a finished request's unconsumed output."""
         with self._lock:
-            is_running = self.scheduler.cancel(request_id)
-            self.codec_runner.drop(request_id)
+            is_known = super().cancel(request_id)
             output = self._outputs.pop(request_id, None)
             if output is not None and output.finish_reason is None:
                 output.finish_reason = FinishReason.CANCELLED
-            return is_running or output is not None
+            return is_known or output is not None
 
-    def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished() or bool(self.codec_runner.requests)
-
-    # -- the step loop -----------------------------------------------------------------------------------
-
-    def step(self) -> list[AudioChunk]:
-        """Run one engine step; returns the chunks it produced (also queued for `stream`)."""
+    def step(self) -> StepEvents:
         with self._lock:
-            batch = self.scheduler.schedule()
-            if batch is not None:
-                output = self.lm_runner.execute(batch)
-                finished = self.scheduler.update(batch, output)
-                for request_id, token_id in zip(output.request_ids, output.token_ids, strict=True):
-                    self._outputs[request_id].token_ids.append(token_id)
-                    self.codec_runner.push(request_id, token_id)
-                for request in finished:
-                    self._outputs[request.request_id].finish_reason = request.finish_reason
-                    self.codec_runner.finish(request.request_id)
-            chunks = self.codec_runner.decode_ready()
-            for chunk in chunks:
-                self._outputs[chunk.request_id].chunks.append(chunk)
-            return chunks
+            events = super().step()
+            for request_id, token_id in events.sampled:
+                if (output := self._outputs.get(request_id)) is not None:
+                    output.token_ids.append(token_id)
+            for request_id, reason in events.finish_reasons.items():
+                if (output := self._outputs.get(request_id)) is not None:
+                    output.finish_reason = reason
+            for chunk in events.chunks:
+                if (output := self._outputs.get(chunk.request_id)) is not None:
+                    output.chunks.append(chunk)
+            for failure in events.failures:
+                if (output := self._outputs.get(failure.request_id)) is not None:
+                    output.error = failure.message
+            return events
 
     def stream(self, request_id: str) -> Iterator[AudioChunk]:
         """Yield the request's chunks in order, stepping the engine while none is ready.
 
-        KeyError for an id the engine does not hold; a stream cancelled while it is read just ends.
+        KeyError for an id the engine does not hold; RuntimeError if the request failed; a stream cancelled
+        while it is read just ends.
         """
         if request_id not in self._outputs:
             raise KeyError(f"no request {request_id!r} (unknown, cancelled, or already consumed)")
@@ -144,6 +337,9 @@ class Engine:
                 output = self._outputs.get(request_id)
                 if output is None:
                     return  # cancelled, or already fully consumed
+                if output.error is not None and not output.chunks:
+                    del self._outputs[request_id]
+                    raise RuntimeError(output.error)
                 chunk = output.chunks.popleft() if output.chunks else None
                 if chunk is not None and chunk.is_last:
                     del self._outputs[request_id]

@@ -80,7 +80,9 @@ class OrpheusModel(SpeechModel):
     voices = VOICES
     default_voice = "tara"
     default_sampling = SamplingParams(temperature=0.6, top_p=0.8, repetition_penalty=1.3, max_tokens=1200)
-    chunking = Chunking(first_chunk_frames=1, frames_per_chunk=4, lookahead_frames=2, is_stateful=False)
+    # One-frame chunks: a stream generated at exactly real time then never underruns a client with no prebuffer
+    # (bigger chunks would need several times real time); a lagging codec catches up in bigger chunks anyway.
+    chunking = Chunking(first_chunk_frames=1, frames_per_chunk=1, lookahead_frames=2, is_stateful=False)
 
     def __init__(self, config: dict, backbone: LlamaForCausalLM, tokenizer: Tokenizer, codec: SnacCodec) -> None:
         self.ids = OrpheusTokenIds.from_config(config)

@@ -1,7 +1,10 @@
 """Turns each request's sampled tokens into frames, and ready runs of frames into PCM chunks, batched.
 
-Chunk readiness: a chunk of n frames (first_chunk_frames for the first, frames_per_chunk after) is ready when
-n + lookahead_frames frames past the last emitted one exist; at the end of speech whatever is left is ready.
+Chunk readiness: chunk boundaries fall after `first_chunk_frames`, then every `frames_per_chunk` frames; a run of
+frames up to a boundary is ready when `lookahead_frames` more frames exist. A request's next chunk covers every
+boundary that is ready (so a codec that falls behind catches up in bigger chunks); at the end of speech whatever
+is left is ready. A request has at most one chunk in flight, so a stateful codec never sees two of its chunks in
+one batch. `take_ready` / `complete` split a decode so it can run on another thread.
 """
 
 from __future__ import annotations
@@ -25,13 +28,25 @@ class AudioChunk:
     is_last: bool  # no more audio will follow for this request
 
 
+@dataclass(frozen=True)
+class PendingChunk:
+    """A chunk taken for decoding; `job` is None for the empty closing chunk of a request with no frames left."""
+
+    request_id: str
+    start_frame: int
+    end_frame: int
+    is_last: bool
+    job: ChunkJob | None
+
+
 @dataclass
 class _CodecRequest:
     builder: FrameBuilder
     seed: int
     frames: list[tuple[int, ...]] = field(default_factory=list)
-    num_emitted_frames: int = 0
+    num_taken_frames: int = 0  # frames handed to the codec so far
     is_final: bool = False
+    is_in_flight: bool = False
 
 
 class CodecRunner:
@@ -57,29 +72,63 @@ class CodecRunner:
     def drop(self, request_id: str) -> None:
         self.requests.pop(request_id, None)
 
-    def decode_ready(self) -> list[AudioChunk]:
-        """Decode every ready chunk (at most one per request) in one batch; finished requests are released."""
-        ready = [(rid, r, end) for rid, r in self.requests.items() if (end := self._ready_end(r)) is not None]
-        jobs = [
-            ChunkJob(torch.tensor(r.frames, dtype=torch.int64), r.num_emitted_frames, end, r.is_final, r.seed)
-            for _, r, end in ready if end > r.num_emitted_frames
-        ]
+    def ready_request_ids(self) -> list[str]:
+        return [rid for rid, r in self.requests.items() if not r.is_in_flight and self._ready_end(r) is not None]
+
+    def take_ready(self, request_ids: list[str]) -> list[PendingChunk]:
+        """Mark the next chunk of each given ready request as in flight and describe its decode."""
+        pending = []
+        for request_id in request_ids:
+            request = self.requests[request_id]
+            end = self._ready_end(request)
+            start = request.num_taken_frames
+            job = None
+            if end > start:
+                frames = torch.tensor(request.frames, dtype=torch.int64)  # [num_known_frames, codes_per_frame]
+                job = ChunkJob(frames, start, end, request.is_final, request.seed)
+            pending.append(PendingChunk(request_id, start, end, request.is_final, job))
+            request.num_taken_frames = end
+            request.is_in_flight = True
+        return pending
+
+    def decode(self, pending: list[PendingChunk]) -> list[np.ndarray]:
+        """Run the codec on taken chunks (safe on another thread: touches no runner state)."""
+        jobs = [p.job for p in pending if p.job is not None]
         decoded = iter(self.model.decode_chunks(jobs) if jobs else [])
+        return [next(decoded).numpy() if p.job is not None else np.zeros(0, np.float32) for p in pending]
+
+    def complete(self, pending: list[PendingChunk], pcms: list[np.ndarray]) -> list[AudioChunk]:
+        """Chunks for decoded work; requests whose last chunk this was (or that were dropped) are released."""
         chunks = []
-        for request_id, request, end in ready:
-            start = request.num_emitted_frames
-            pcm = next(decoded).numpy() if end > start else np.zeros(0, dtype=np.float32)  # empty: closing chunk
-            chunks.append(AudioChunk(request_id, pcm, start, end, request.is_final))
-            request.num_emitted_frames = end
-            if request.is_final:
-                del self.requests[request_id]
+        for chunk, pcm in zip(pending, pcms, strict=True):
+            request = self.requests.get(chunk.request_id)
+            if request is None:
+                continue  # dropped while it was decoding
+            request.is_in_flight = False
+            chunks.append(AudioChunk(chunk.request_id, pcm, chunk.start_frame, chunk.end_frame, chunk.is_last))
+            if chunk.is_last:
+                del self.requests[chunk.request_id]
         return chunks
 
+    def release(self, pending: list[PendingChunk]) -> None:
+        """Forget in-flight work whose decode failed (the caller fails those requests)."""
+        for chunk in pending:
+            self.requests.pop(chunk.request_id, None)
+
+    def decode_ready(self) -> list[AudioChunk]:
+        """Decode every ready chunk (at most one per request) in one batch, on this thread."""
+        pending = self.take_ready(self.ready_request_ids())
+        return self.complete(pending, self.decode(pending))
+
     def _ready_end(self, request: _CodecRequest) -> int | None:
-        """End frame of the request's next ready chunk, or None."""
-        start, known = request.num_emitted_frames, len(request.frames)
+        """End frame of the request's next chunk if one is ready, else None."""
+        start, known = request.num_taken_frames, len(request.frames)
         if request.is_final:
             return known  # the tail (possibly empty: the closing chunk)
         chunking = self.model.chunking
-        size = chunking.first_chunk_frames if start == 0 else chunking.frames_per_chunk
-        return start + size if known >= start + size + chunking.lookahead_frames else None
+        usable = known - chunking.lookahead_frames
+        if usable < max(start + 1, chunking.first_chunk_frames):
+            return None
+        first = chunking.first_chunk_frames
+        end = usable - (usable - first) % chunking.frames_per_chunk
+        return end if end > start else None

@@ -29,12 +29,24 @@ class Request:
     prompt_token_ids: tuple[int, ...]
     sampling: SamplingParams
     codec_seed: int
+    expected_tokens: int = 0  # LM steps its audio is expected to take (KV reservation); at most max_tokens
     status: RequestStatus = RequestStatus.WAITING
     num_output_tokens: int = 0  # tokens sampled so far
     num_computed_tokens: int = 0  # positions whose KV is in the cache
     block_ids: list[int] = field(default_factory=list)
+    num_reserved_blocks: int = 0  # blocks set aside at admission (may exceed the blocks held so far)
     is_known_to_runner: bool = False
     finish_reason: FinishReason | None = None
+
+    def __post_init__(self) -> None:
+        if self.expected_tokens <= 0 or self.sampling.ignore_eos:
+            self.expected_tokens = self.sampling.max_tokens
+        self.expected_tokens = min(self.expected_tokens, self.sampling.max_tokens)
+
+    @property
+    def num_committed_blocks(self) -> int:
+        """Blocks the pool must keep for this request: those it holds or, if more, those set aside for it."""
+        return max(len(self.block_ids), self.num_reserved_blocks)
 
     @property
     def num_tokens(self) -> int:

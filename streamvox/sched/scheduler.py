@@ -1,27 +1,42 @@
 """Continuous-batching scheduler: decides which positions of which requests the next LM step computes.
 
-Pure Python. Each step: running requests first (decode rows, or the rest of a chunked prefill), then waiting
-requests are admitted while the token budget, the batch size and the KV pool allow. When a running request
-needs a block and none is free, the most recently admitted request is preempted: its blocks go back to the pool
-and it recomputes its positions when it is admitted again (the runner keeps its tokens and sampling state).
+Pure Python. Each step, running requests get rows in the policy's order (chunked prefill or one decode token),
+under the batch size, the token budget and the policy's step-time cap; then waiting requests are admitted in
+arrival order while the policy agrees and the KV pool can commit the blocks the policy reserves for them. The
+pool is never over-committed: the blocks held or reserved by running requests never exceed its size. When a
+running request needs a block beyond its reservation and none is uncommitted, the policy's victim is preempted:
+its blocks return to the pool and it recomputes its positions when admitted again (the runner keeps its tokens).
 """
 
 from __future__ import annotations
 
+import math
 from collections import deque
 
 from streamvox.batch import NewRequest, ScheduledRow, StepBatch, StepOutput
 from streamvox.config import SchedulerConfig
 from streamvox.sched.kv_blocks import BlockPool
+from streamvox.sched.playback import PlaybackTracker
+from streamvox.sched.policy import POLICIES
 from streamvox.sched.request import FinishReason, Request, RequestStatus
+from streamvox.sched.timing import StepTimer
+
+MIN_PREFILL_CHUNK = 16  # prompt tokens a capped step still takes for a request that must make progress
+
+
+class QueueFullError(Exception):
+    """The waiting queue is at its bound; the client should retry later."""
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, pool: BlockPool) -> None:
-        if config.max_num_seqs < 1 or config.max_num_batched_tokens < 1:
-            raise ValueError(f"a step must take >= 1 request and >= 1 token, got {config}")
+    def __init__(self, config: SchedulerConfig, pool: BlockPool, playback: PlaybackTracker,
+                 timer: StepTimer | None = None) -> None:
+        config.validate()
         self.config = config
         self.pool = pool
+        self.playback = playback
+        self.timer = timer or StepTimer()
+        self.policy = POLICIES[config.policy](config, playback, self.timer)
         self.requests: dict[str, Request] = {}
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
@@ -30,7 +45,8 @@ class Scheduler:
 
     # -- requests in and out ---------------------------------------------------------------------------
 
-    def add_request(self, request: Request) -> None:
+    def add_request(self, request: Request, now: float) -> None:
+        """Queue a request. ValueError if it can never fit; QueueFullError when the waiting queue is at its bound."""
         if request.request_id in self.requests:
             raise ValueError(f"request id {request.request_id!r} is already in use")
         if self.pool.blocks_for(len(request.prompt_token_ids) + 1) > self.pool.num_blocks:
@@ -38,8 +54,11 @@ class Scheduler:
                 f"prompt of {len(request.prompt_token_ids)} tokens does not fit the KV cache "
                 f"({self.pool.num_blocks} blocks of {self.pool.block_size}); shorten the text"
             )
+        if len(self.waiting) >= self.config.max_queue_len:
+            raise QueueFullError(f"{len(self.waiting)} requests are already waiting")
         self.requests[request.request_id] = request
         self.waiting.append(request)
+        self.playback.add(request.request_id, now)
 
     def cancel(self, request_id: str) -> bool:
         """Finish a request now and free its blocks. False if it is unknown or already finished."""
@@ -56,37 +75,49 @@ class Scheduler:
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running or self._finished_ids)
 
+    @property
+    def num_committed_blocks(self) -> int:
+        return sum(r.num_committed_blocks for r in self.running)
+
     # -- one step --------------------------------------------------------------------------------------
 
-    def schedule(self) -> StepBatch | None:
+    def schedule(self, now: float) -> StepBatch | None:
         """The next step's work, or None when there is nothing to do."""
+        policy = self.policy
+        cap_s = policy.step_cap_s(self.running, now)
         budget = self.config.max_num_batched_tokens
         rows: list[ScheduledRow] = []
         new_requests: list[NewRequest] = []
         is_preempted = False
 
-        for request in list(self.running):
+        for request in policy.rank(self.running, now):
             if request not in self.running:  # preempted earlier in this loop
                 continue
-            num_tokens = min(request.num_pending_tokens, budget)
+            if len(rows) >= self.config.max_num_seqs or budget == 0:
+                break
+            num_tokens = self._fit(request, budget, self._batch_tokens(rows), cap_s, now)
             if num_tokens == 0:
                 continue
-            if not self._grow(request, num_tokens):
+            if not self._grow(request, num_tokens, now):
                 is_preempted = True
                 continue
             rows.append(self._row(request, num_tokens))
             budget -= num_tokens
 
-        while self.waiting and budget > 0 and not is_preempted:
-            if len(self.running) >= self.config.max_num_seqs:
-                break
+        while self.waiting and budget > 0 and not is_preempted and len(self.running) < self.config.max_num_seqs:
             request = self.waiting[0]
-            num_tokens = min(request.num_pending_tokens, budget)
-            if not self._grow(request, num_tokens):
+            if self.running and not policy.can_admit(len(self.running), now):
+                break
+            reserved = self.pool.blocks_for(policy.reserved_tokens(request))
+            num_tokens = self._fit(request, budget, self._batch_tokens(rows), cap_s, now, is_new=True)
+            needed = max(reserved, self.pool.blocks_for(num_tokens))
+            if self.num_committed_blocks + needed > self.pool.num_blocks:
                 break  # the head of the queue waits for blocks; later requests wait behind it
             self.waiting.popleft()
             request.status = RequestStatus.RUNNING
+            request.num_reserved_blocks = reserved
             self.running.append(request)
+            self._grow(request, num_tokens, now)
             if not request.is_known_to_runner:
                 request.is_known_to_runner = True
                 new_requests.append(
@@ -118,7 +149,31 @@ class Scheduler:
         finished, self._newly_finished = self._newly_finished, []
         return finished
 
+    def fail(self, request_id: str) -> None:
+        """Finish a request that raised; it is reported like a cancelled one (the engine tells the client)."""
+        self.cancel(request_id)
+
     # -- helpers ---------------------------------------------------------------------------------------
+
+    def _fit(self, request: Request, budget: int, batch_tokens: int, cap_s: float, now: float,
+             is_new: bool = False) -> int:
+        """Tokens of `request` this step takes: all pending within the budget, fewer when the step-time cap
+        binds; 0 when an optional row does not fit under the cap."""
+        num_tokens = min(request.num_pending_tokens, budget)
+        if num_tokens == 0 or math.isinf(cap_s) or self.timer.step_s(batch_tokens + num_tokens) <= cap_s:
+            return num_tokens
+        if not is_new and self.policy.is_optional(request, now):
+            return 0
+        if num_tokens == 1:
+            return 1  # an urgent decode row always runs
+        fitting = 1
+        while fitting < num_tokens and self.timer.step_s(batch_tokens + fitting * 2) <= cap_s:
+            fitting *= 2
+        return min(num_tokens, max(fitting, MIN_PREFILL_CHUNK))
+
+    @staticmethod
+    def _batch_tokens(rows: list[ScheduledRow]) -> int:
+        return sum(row.num_tokens for row in rows)
 
     def _row(self, request: Request, num_tokens: int) -> ScheduledRow:
         start = request.num_computed_tokens
@@ -130,20 +185,19 @@ class Scheduler:
             is_sampled=start + num_tokens == request.num_tokens,
         )
 
-    def _grow(self, request: Request, num_tokens: int) -> bool:
-        """Give `request` blocks for `num_tokens` more positions, preempting later running requests if needed.
+    def _grow(self, request: Request, num_tokens: int, now: float) -> bool:
+        """Give a running `request` blocks for `num_tokens` more positions, preempting others if needed.
 
-        False when it cannot run this step: it was itself preempted, or (when waiting) the pool is short.
+        False when it cannot run this step: it was itself preempted (or finished for capacity).
         """
         needed = self.pool.blocks_for(request.num_computed_tokens + num_tokens) - len(request.block_ids)
-        while not self.pool.can_allocate(needed):
-            if request.status is RequestStatus.WAITING:
-                return False
-            victim = self.running[-1]
-            if victim is request and len(self.running) == 1:
+        beyond = max(0, len(request.block_ids) + needed - request.num_committed_blocks)  # past its reservation
+        while beyond and self.num_committed_blocks + beyond > self.pool.num_blocks:
+            if len(self.running) == 1:
                 self.running.remove(request)
                 self._finish(request, FinishReason.CAPACITY)
                 return False
+            victim = self.policy.victim(self.running, now)
             self._preempt(victim)
             if victim is request:
                 return False
@@ -154,6 +208,7 @@ class Scheduler:
         self.running.remove(request)
         self.pool.free(request.block_ids)
         request.block_ids = []
+        request.num_reserved_blocks = 0
         request.num_computed_tokens = 0
         request.status = RequestStatus.WAITING
         self.waiting.appendleft(request)
@@ -161,6 +216,7 @@ class Scheduler:
     def _finish(self, request: Request, reason: FinishReason) -> None:
         self.pool.free(request.block_ids)
         request.block_ids = []
+        request.num_reserved_blocks = 0
         request.status = RequestStatus.FINISHED
         request.finish_reason = reason
         del self.requests[request.request_id]

@@ -3,6 +3,7 @@
 import random
 
 import numpy as np
+import pytest
 import torch
 from snac import SNAC
 
@@ -105,9 +106,10 @@ def test_chunked_decode_matches_the_snac_package(make_engine, tiny_model, tiny_d
     assert np.abs(ours - torch.cat(expected).numpy()).max() <= 1e-5
 
 
-def test_hundred_random_requests_with_cancellations_leave_the_pool_full(make_engine):
+@pytest.mark.parametrize("policy", ["fcfs", "streaming"])
+def test_hundred_random_requests_with_cancellations_leave_the_pool_full(make_engine, policy):
     rng = random.Random(3)
-    engine = make_engine(num_blocks=48, block_size=8, max_num_seqs=16, max_num_batched_tokens=128)
+    engine = make_engine(num_blocks=48, block_size=8, max_num_seqs=16, max_num_batched_tokens=128, policy=policy)
     words = "the quick brown fox jumps over a lazy dog while music plays".split()
     submitted, cancel_after, steps, num_cancelled, waited_for_blocks = [], {}, 0, 0, False
     for i in range(100):

@@ -7,8 +7,17 @@ import pytest
 from streamvox.batch import StepBatch, StepOutput
 from streamvox.config import SamplingParams, SchedulerConfig
 from streamvox.sched.kv_blocks import BlockPool
+from streamvox.sched.playback import AudioPlan, PlaybackTracker
 from streamvox.sched.request import FinishReason, Request
 from streamvox.sched.scheduler import Scheduler
+
+PLAN = AudioPlan(lm_steps_per_frame=7, frame_s=2048 / 24000, first_chunk_frames=1, frames_per_chunk=1,
+                 lookahead_frames=2)
+
+
+def make_scheduler(pool, policy="fcfs", **limits):
+    config = SchedulerConfig(policy=policy, **{"max_queue_len": 1000, **limits})
+    return Scheduler(config, pool, PlaybackTracker(PLAN, config.ttfa_target_s, config.client_prebuffer_s))
 
 
 def make_request(request_id, prompt_len, max_tokens):
@@ -32,7 +41,7 @@ def check_blocks(scheduler: Scheduler, pool: BlockPool):
 def test_hundred_random_requests_with_cancellations_return_every_block():
     rng = random.Random(7)
     pool = BlockPool(num_blocks=24, block_size=4)
-    scheduler = Scheduler(SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=32), pool)
+    scheduler = make_scheduler(pool, max_num_seqs=8, max_num_batched_tokens=32)
     pending = [make_request(f"r{i}", rng.randint(1, 40), rng.randint(1, 30)) for i in range(100)]
     cancel_at = {r.request_id: rng.randint(1, 20) for r in pending if rng.random() < 0.3}
     finished, steps = set(), 0
@@ -41,12 +50,12 @@ def test_hundred_random_requests_with_cancellations_return_every_block():
         assert steps < 20_000, "scheduler made no progress"
         for _ in range(rng.randint(0, 3)):
             if pending:
-                scheduler.add_request(pending.pop(0))
+                scheduler.add_request(pending.pop(0), 0.0)
         for request in list(scheduler.running):
             if cancel_at.get(request.request_id) == request.num_output_tokens:
                 assert scheduler.cancel(request.request_id)
                 finished.add(request.request_id)
-        batch = scheduler.schedule()
+        batch = scheduler.schedule(0.0)
         if batch is None:
             continue
         assert batch.num_tokens <= 32 and len(batch.rows) <= 8
@@ -58,27 +67,27 @@ def test_hundred_random_requests_with_cancellations_return_every_block():
 
 def test_request_that_cannot_get_blocks_waits_then_runs():
     pool = BlockPool(num_blocks=4, block_size=4)
-    scheduler = Scheduler(SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=64), pool)
-    scheduler.add_request(make_request("big", 12, 3))  # 3 blocks for its prompt
-    scheduler.add_request(make_request("next", 8, 3))  # 2 blocks: must wait
-    batch = scheduler.schedule()
+    scheduler = make_scheduler(pool, max_num_seqs=8, max_num_batched_tokens=64)
+    scheduler.add_request(make_request("big", 12, 3), 0.0)  # 3 blocks for its prompt
+    scheduler.add_request(make_request("next", 8, 3), 0.0)  # 2 blocks: must wait
+    batch = scheduler.schedule(0.0)
     assert [row.request_id for row in batch.rows] == ["big"]
     assert [r.request_id for r in scheduler.waiting] == ["next"]
     while "big" in scheduler.requests:
-        batch = scheduler.schedule()
+        batch = scheduler.schedule(0.0)
         scheduler.update(batch, fake_execute(batch))
-    batch = scheduler.schedule()
+    batch = scheduler.schedule(0.0)
     assert [row.request_id for row in batch.rows] == ["next"]
 
 
 def test_long_prompt_is_prefilled_in_chunks_under_the_token_budget():
     pool = BlockPool(num_blocks=64, block_size=4)
-    scheduler = Scheduler(SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=16), pool)
-    scheduler.add_request(make_request("long", 40, 2))
-    scheduler.add_request(make_request("short", 3, 2))
+    scheduler = make_scheduler(pool, max_num_seqs=8, max_num_batched_tokens=16)
+    scheduler.add_request(make_request("long", 40, 2), 0.0)
+    scheduler.add_request(make_request("short", 3, 2), 0.0)
     spans = []
     while scheduler.has_unfinished():
-        batch = scheduler.schedule()
+        batch = scheduler.schedule(0.0)
         assert batch.num_tokens <= 16
         spans += [(r.request_id, r.start_position, r.num_tokens, r.is_sampled) for r in batch.rows]
         scheduler.update(batch, fake_execute(batch))
@@ -89,15 +98,15 @@ def test_long_prompt_is_prefilled_in_chunks_under_the_token_budget():
 
 def test_preemption_recomputes_and_finishes_everyone():
     pool = BlockPool(num_blocks=6, block_size=2)
-    scheduler = Scheduler(SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=64), pool)
+    scheduler = make_scheduler(pool, max_num_seqs=4, max_num_batched_tokens=64)
     for i in range(3):
-        scheduler.add_request(make_request(f"r{i}", 2, 6))
+        scheduler.add_request(make_request(f"r{i}", 2, 6), 0.0)
     outputs = {f"r{i}": 0 for i in range(3)}
     preempted = False
     for _ in range(200):
         if not scheduler.has_unfinished():
             break
-        batch = scheduler.schedule()
+        batch = scheduler.schedule(0.0)
         if batch is None:
             continue
         preempted |= any(r.start_position == 0 and r.num_tokens > 2 for r in batch.rows)
@@ -113,34 +122,34 @@ def test_preemption_recomputes_and_finishes_everyone():
 
 def test_request_too_large_for_the_cache_alone_finishes_with_capacity():
     pool = BlockPool(num_blocks=2, block_size=2)
-    scheduler = Scheduler(SchedulerConfig(), pool)
+    scheduler = make_scheduler(pool)
     request = make_request("r", 3, 100)
-    scheduler.add_request(request)
+    scheduler.add_request(request, 0.0)
     finished = []
     for _ in range(20):
-        batch = scheduler.schedule()
+        batch = scheduler.schedule(0.0)
         if batch is None:
             break
         finished += scheduler.update(batch, fake_execute(batch))
     assert not scheduler.has_unfinished() and pool.is_full
     assert finished == [request] and request.finish_reason is FinishReason.CAPACITY
     with pytest.raises(ValueError, match="does not fit the KV cache"):
-        scheduler.add_request(make_request("huge", 10, 1))
+        scheduler.add_request(make_request("huge", 10, 1), 0.0)
 
 
 def test_cancel_frees_blocks_immediately_and_reports_once():
     pool = BlockPool(num_blocks=16, block_size=4)
-    scheduler = Scheduler(SchedulerConfig(), pool)
-    scheduler.add_request(make_request("a", 10, 50))
-    batch = scheduler.schedule()
+    scheduler = make_scheduler(pool)
+    scheduler.add_request(make_request("a", 10, 50), 0.0)
+    batch = scheduler.schedule(0.0)
     scheduler.update(batch, fake_execute(batch))
     assert not pool.is_full
     assert scheduler.cancel("a") and pool.is_full
     assert not scheduler.cancel("a")
-    assert scheduler.schedule().finished_request_ids == ("a",)
-    assert scheduler.schedule() is None
+    assert scheduler.schedule(0.0).finished_request_ids == ("a",)
+    assert scheduler.schedule(0.0) is None
 
 
 def test_limits_below_one_are_rejected():
     with pytest.raises(ValueError, match=">= 1 request"):
-        Scheduler(SchedulerConfig(max_num_batched_tokens=0), BlockPool(4, 4))
+        make_scheduler(BlockPool(4, 4), max_num_batched_tokens=0)
