@@ -1,15 +1,25 @@
-"""Command line: `streamvox synth | make-tiny | bench`."""
+"""Command line: `streamvox serve | synth | make-tiny | bench`."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
+
+from streamvox.config import CacheConfig, EngineConfig, SchedulerConfig, ServerConfig
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="streamvox", description="Streaming serving engine for speech LMs")
     commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="serve the HTTP API (OpenAI /v1/audio/speech, VoxServe /generate)")
+    serve.add_argument("--model", default="tiny-orpheus", help="checkpoint directory, hub id, or tiny-orpheus")
+    serve.add_argument("--codec", default=None, help="codec directory or hub id (default: the family's)")
+    serve.add_argument("--dtype", default="float32")
+    for config_type in (ServerConfig, SchedulerConfig, CacheConfig):
+        _add_flags(serve, config_type)
 
     synth = commands.add_parser("synth", help="speak one text into a WAV file")
     synth.add_argument("text")
@@ -39,10 +49,41 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parser.parse_args(argv)
     try:
-        return {"synth": _synth, "make-tiny": _make_tiny, "bench": _bench}[args.command](args)
+        return {"serve": _serve, "synth": _synth, "make-tiny": _make_tiny, "bench": _bench}[args.command](args)
     except (ValueError, FileNotFoundError) as error:
         print(f"streamvox: error: {error}", file=sys.stderr)
         return 2
+
+
+def _add_flags(parser: argparse.ArgumentParser, config_type: type) -> None:
+    """One --flag per field of a config dataclass, typed and defaulted from the field."""
+    for field in dataclasses.fields(config_type):
+        default = field.default
+        kind = type(default) if default is not None else str
+        parser.add_argument(f"--{field.name.replace('_', '-')}", type=kind, default=default,
+                            help=f"(default: {default})")
+
+
+def _from_flags(config_type: type, args: argparse.Namespace):
+    return config_type(**{field.name: getattr(args, field.name) for field in dataclasses.fields(config_type)})
+
+
+def _serve(args) -> int:
+    import uvicorn
+
+    from streamvox.server.app import create_app
+
+    scheduler = _from_flags(SchedulerConfig, args)
+    scheduler.validate()
+    engine = EngineConfig(model=args.model, codec=args.codec, dtype=args.dtype, cache=_from_flags(CacheConfig, args),
+                          scheduler=scheduler)
+    server = _from_flags(ServerConfig, args)
+    if args.model.startswith("tiny-"):
+        print(f"note: {args.model} has random weights and makes noise, not speech; pass --model DIR for a real "
+              "checkpoint", file=sys.stderr)
+    uvicorn.run(create_app(engine, server), host=server.host, port=server.port, log_level="info",
+                access_log=False, timeout_graceful_shutdown=5)
+    return 0
 
 
 def _synth(args) -> int:

@@ -100,3 +100,15 @@ class EngineConfig:
     dtype: str = "float32"
     cache: CacheConfig = CacheConfig()
     scheduler: SchedulerConfig = SchedulerConfig()
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """The HTTP API server in front of the engine process."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    max_input_chars: int = 4096  # longest text one request may speak
+    max_upload_mb: float = 10.0  # largest reference-audio upload
+    served_model_name: str | None = None  # the `model` clients send; None = the model argument as given
+    engine_hang_timeout_s: float = 30.0  # no report from a busy engine for this long: restart it

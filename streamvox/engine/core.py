@@ -54,8 +54,12 @@ class StepEvents:
     chunks: list[AudioChunk] = field(default_factory=list)
     failures: list[RequestFailure] = field(default_factory=list)
     finish_reasons: dict[str, FinishReason] = field(default_factory=dict)  # LM finished during this step
+    num_output_tokens: dict[str, int] = field(default_factory=dict)  # of the requests in finish_reasons
+    num_prompt_tokens: dict[str, int] = field(default_factory=dict)  # of the requests in finish_reasons
     sampled: list[tuple[str, int]] = field(default_factory=list)  # (request_id, token_id) sampled this step
     num_tokens: int = 0  # LM tokens the step computed
+    num_rows: int = 0  # requests in the LM step
+    step_s: float = 0.0  # wall time of the LM step
 
 
 @dataclass(frozen=True)
@@ -157,7 +161,17 @@ class EngineCore:
     @property
     def num_requests(self) -> int:
         """Requests the engine holds: queued, generating, or with audio still to decode."""
-        return len(set(self.scheduler.requests) | set(self.codec_runner.requests))
+        return len(set(self.scheduler.requests) | set(self.codec_runner.requests) | set(self.lm_runner.requests))
+
+    def warm_up(self) -> None:
+        """Run one short request through the LM and the codec, so the first real request is not slow."""
+        chunking = self.model.chunking
+        num_frames = chunking.first_chunk_frames + chunking.lookahead_frames + 1
+        sampling = SamplingParams(temperature=0.0, max_tokens=num_frames * self.model.timing.lm_steps_per_frame,
+                                  ignore_eos=True, seed=0)
+        self.add_request("warm-up", self.model.prepare("warm up", None), sampling)
+        while self.has_unfinished():
+            self.step()
 
     def close(self) -> None:
         self._codec_thread.shutdown(wait=True, cancel_futures=True)
@@ -181,11 +195,14 @@ class EngineCore:
     def _run_lm(self, batch: StepBatch, events: StepEvents) -> None:
         started = time.perf_counter()
         output = self._execute_isolated(batch, events)
+        events.step_s = time.perf_counter() - started
         if batch.rows:
-            self.timer.observe_step(batch.num_tokens, time.perf_counter() - started)
-        events.num_tokens = batch.num_tokens
+            self.timer.observe_step(batch.num_tokens, events.step_s)
+        events.num_tokens, events.num_rows = batch.num_tokens, len(batch.rows)
         for request in self.scheduler.update(batch, output):
             events.finish_reasons[request.request_id] = request.finish_reason
+            events.num_output_tokens[request.request_id] = request.num_output_tokens
+            events.num_prompt_tokens[request.request_id] = len(request.prompt_token_ids)
         for request_id, token_id in zip(output.request_ids, output.token_ids, strict=True):
             self.codec_runner.push(request_id, token_id)
             events.sampled.append((request_id, token_id))

@@ -1,0 +1,193 @@
+"""The API server's handle on the engine process: starts it, routes its reports, and restarts it when it dies.
+
+Runs on the server's asyncio loop and never imports torch. Every request gets a `RequestStream` whose queue
+receives that request's Audio, Finished and Failed messages in order. When the engine process exits, crashes or
+stops reporting, every open stream gets a Failed(503) at once, `is_ready` turns false, and a fresh engine is
+started on fresh sockets (so nothing meant for the old one reaches the new one).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+
+import msgspec
+import zmq
+import zmq.asyncio
+
+from streamvox import protocol
+from streamvox.config import EngineConfig
+
+logger = logging.getLogger("streamvox.server")
+POLL_S = 0.1  # how often the supervisor checks that the engine process is alive
+RESTART_DELAY_S = 0.5
+
+
+class EngineUnavailableError(Exception):
+    """The engine is starting or restarting; retry after `retry_after_s`."""
+
+    def __init__(self, message: str, retry_after_s: int = 5) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+@dataclass
+class RequestStream:
+    request_id: str
+    queue: asyncio.Queue = field(default_factory=asyncio.Queue)  # Audio | Finished | Failed
+
+
+class EngineClient:
+    def __init__(self, config: EngineConfig, hang_timeout_s: float = 30.0) -> None:
+        self.config = config
+        self.hang_timeout_s = hang_timeout_s  # no report for this long while running: the engine is hung
+        self.info: protocol.EngineReady | None = None
+        self.stats: protocol.EngineStats | None = None
+        self.status = "starting"
+        self.num_restarts = 0
+        self._streams: dict[str, RequestStream] = {}
+        self._context = zmq.asyncio.Context()
+        self._push: zmq.asyncio.Socket | None = None
+        self._process: subprocess.Popen | None = None
+        self._supervisor: asyncio.Task | None = None
+        self._is_stopping = False
+
+    @property
+    def is_ready(self) -> bool:
+        return self.status == "ready"
+
+    @property
+    def engine_pid(self) -> int | None:
+        return self._process.pid if self._process is not None else None
+
+    async def start(self) -> None:
+        self._supervisor = asyncio.create_task(self._supervise())
+
+    async def stop(self) -> None:
+        self._is_stopping = True
+        if self._push is not None and self._process is not None and self._process.poll() is None:
+            with contextlib.suppress(zmq.ZMQError):
+                await self._push.send(protocol.encode(protocol.Shutdown()))
+        if self._supervisor is not None:
+            self._supervisor.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._supervisor
+        self._context.term()
+
+    # -- requests ------------------------------------------------------------------------------------------
+
+    def open(self, request_id: str, text: str, voice: str | None,
+             sampling: protocol.SamplingOverrides) -> RequestStream:
+        """Send a request to the engine; its messages arrive on the returned stream's queue."""
+        if not self.is_ready or self._push is None:
+            raise EngineUnavailableError(f"the engine is {self.status}; retry shortly")
+        stream = RequestStream(request_id)
+        self._streams[request_id] = stream
+        self._push.send(protocol.encode(protocol.Submit(request_id, text, voice, sampling)))
+        return stream
+
+    def close(self, request_id: str, cancel: bool) -> None:
+        """Stop routing a request; with `cancel`, also tell the engine to drop it (client gone)."""
+        if self._streams.pop(request_id, None) is not None and cancel and self._push is not None and self.is_ready:
+            self._push.send(protocol.encode(protocol.Cancel(request_id)))
+
+    @property
+    def num_open_streams(self) -> int:
+        return len(self._streams)
+
+    # -- supervision ---------------------------------------------------------------------------------------
+
+    async def _supervise(self) -> None:
+        while not self._is_stopping:
+            try:
+                await self._run_one_engine()
+            except asyncio.CancelledError:
+                self._kill()
+                raise
+            except Exception:  # noqa: BLE001 - keep supervising whatever went wrong
+                logger.exception("engine supervision failed")
+            self._kill()
+            self._fail_all("the engine stopped while this request was running; retry it")
+            if self._is_stopping:
+                return
+            self.num_restarts += 1
+            self.status = "restarting"
+            await asyncio.sleep(RESTART_DELAY_S)
+
+    async def _run_one_engine(self) -> None:
+        directory = tempfile.mkdtemp(prefix="streamvox-")
+        input_addr, output_addr = f"ipc://{directory}/requests", f"ipc://{directory}/reports"
+        push = self._context.socket(zmq.PUSH)
+        push.setsockopt(zmq.LINGER, 0)
+        push.bind(input_addr)
+        pull = self._context.socket(zmq.PULL)
+        pull.setsockopt(zmq.LINGER, 0)
+        pull.bind(output_addr)
+        command = [sys.executable, "-m", "streamvox.engine.process", "--config",
+                   msgspec.json.encode(self.config).decode(), "--input", input_addr, "--output", output_addr]
+        try:
+            self._process = subprocess.Popen(command, env=os.environ.copy())
+            logger.info("engine process %d starting (%s)", self._process.pid, self.config.model)
+            await self._serve_reports(push, pull)
+        finally:
+            self._push = None
+            push.close()
+            pull.close()
+            shutil.rmtree(directory, ignore_errors=True)
+
+    async def _serve_reports(self, push: zmq.asyncio.Socket, pull: zmq.asyncio.Socket) -> None:
+        last_report_s = time.monotonic()
+        while True:
+            if self._process.poll() is not None:
+                logger.error("engine process exited with code %s", self._process.returncode)
+                return
+            if self.is_ready and time.monotonic() - last_report_s > self.hang_timeout_s:
+                logger.error("engine sent nothing for %.0f s; restarting it", self.hang_timeout_s)
+                return
+            if not await pull.poll(int(POLL_S * 1000)):
+                continue
+            while await pull.poll(0):
+                message = protocol.decode_from_engine(await pull.recv())
+                last_report_s = time.monotonic()
+                if isinstance(message, protocol.EngineReady):
+                    self.info, self._push, self.status = message, push, "ready"
+                    logger.info("engine ready: %s (%s, policy %s)", message.model, message.family, message.policy)
+                elif isinstance(message, protocol.EngineFailed):
+                    logger.error("engine failed: %s", message.message)
+                    return
+                else:
+                    self._route(message)
+
+    def _route(self, report: protocol.StepReport) -> None:
+        self.stats = report.stats
+        for message in (*report.failed, *report.finished, *report.audio):
+            stream = self._streams.get(message.request_id)
+            if stream is None:
+                continue  # the client went away
+            stream.queue.put_nowait(message)
+            if isinstance(message, protocol.Failed) or (isinstance(message, protocol.Audio) and message.is_last):
+                del self._streams[message.request_id]
+
+    def _fail_all(self, message: str) -> None:
+        for stream in self._streams.values():
+            stream.queue.put_nowait(protocol.Failed(stream.request_id, 503, message))
+        self._streams.clear()
+
+    def _kill(self) -> None:
+        self.status = "restarting" if not self._is_stopping else "stopped"
+        process = self._process
+        if process is not None and process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(timeout=2)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()

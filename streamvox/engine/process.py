@@ -1,0 +1,215 @@
+"""The engine process: loads the model, then loops receive -> prepare -> step -> report over ZeroMQ.
+
+Started by the API server (`python -m streamvox.engine.process ...`), it dies with its parent (PR_SET_PDEATHSIG
+and a parent check) and reports its own crash as EngineFailed before exiting. Text preparation (tokenisation)
+runs on a worker pool, so a slow prompt never blocks the step loop; a request whose preparation raises fails
+alone. Set STREAMVOX_FAULT_INJECTION="prepare=MARK,decode=MARK" to make requests whose text contains MARK fail at
+that stage (used by the failure tests; off unless set).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import logging
+import os
+import signal
+import sys
+import time
+import traceback
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+import msgspec
+import zmq
+
+from streamvox import protocol
+from streamvox.audio import to_int16
+from streamvox.config import EngineConfig, SamplingParams
+from streamvox.engine.core import EngineCore, QueueFullError, StepEvents
+from streamvox.runner.weights import load_model
+
+logger = logging.getLogger("streamvox.engine")
+
+
+@dataclass(frozen=True)
+class FaultInjection:
+    prepare_mark: str | None = None
+    decode_mark: str | None = None
+
+    @classmethod
+    def from_env(cls) -> FaultInjection:
+        spec = os.environ.get("STREAMVOX_FAULT_INJECTION", "")
+        marks = dict(item.split("=", 1) for item in spec.split(",") if "=" in item)
+        return cls(marks.get("prepare"), marks.get("decode"))
+
+
+@dataclass
+class _Preparing:
+    future: Future  # -> prompt token ids
+    text: str
+    sampling: SamplingParams
+    is_cancelled: bool = False
+
+
+class EngineLoop:
+    def __init__(self, engine: EngineCore, pull: zmq.Socket, push: zmq.Socket, faults: FaultInjection) -> None:
+        self.engine = engine
+        self.pull = pull
+        self.push = push
+        self.faults = faults
+        self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="prepare")
+        self._preparing: dict[str, _Preparing] = {}
+        self._failed: list[protocol.Failed] = []
+        self._decode_faults: set[str] = set()
+        self._parent_pid = os.getppid()
+        self._last_report_s = 0.0
+        if faults.decode_mark:
+            decode = engine.codec_runner.decode
+
+            def faulty_decode(pending):
+                if any(p.request_id in self._decode_faults for p in pending):
+                    raise RuntimeError("injected decode failure (STREAMVOX_FAULT_INJECTION)")
+                return decode(pending)
+
+            engine.codec_runner.decode = faulty_decode
+
+    def run(self) -> None:
+        while True:
+            is_busy = self.engine.has_unfinished() or bool(self._preparing)
+            if self.pull.poll(0 if is_busy else int(protocol.HEARTBEAT_S * 1000)):
+                while self.pull.poll(0):
+                    message = protocol.decode_to_engine(self.pull.recv())
+                    if isinstance(message, protocol.Shutdown):
+                        return
+                    self._handle(message)
+            if os.getppid() != self._parent_pid:
+                return  # the server is gone
+            self._admit_prepared()
+            events = self.engine.step() if self.engine.has_unfinished() else StepEvents()
+            if not self.engine.has_unfinished() and self._preparing:
+                time.sleep(0.001)  # only preparation is under way: do not spin
+            self._report(events)
+
+    def _handle(self, message: protocol.Submit | protocol.Cancel) -> None:
+        if isinstance(message, protocol.Cancel):
+            preparing = self._preparing.get(message.request_id)
+            if preparing is not None:
+                preparing.is_cancelled = True
+            self.engine.cancel(message.request_id)
+            self._decode_faults.discard(message.request_id)
+            return
+        try:
+            overrides = msgspec.structs.asdict(message.sampling)
+            sampling = self.engine.model.default_sampling.replace(**overrides)
+            sampling = self.engine.check_request(message.text, message.voice, sampling)
+        except ValueError as error:
+            self._failed.append(protocol.Failed(message.request_id, 400, str(error)))
+            return
+        future = self._pool.submit(self._prepare, message.text, message.voice)
+        self._preparing[message.request_id] = _Preparing(future, message.text, sampling)
+
+    def _prepare(self, text: str, voice: str | None) -> list[int]:
+        if self.faults.prepare_mark and self.faults.prepare_mark in text:
+            raise RuntimeError("injected prepare failure (STREAMVOX_FAULT_INJECTION)")
+        return self.engine.model.prepare(text, voice)
+
+    def _admit_prepared(self) -> None:
+        for request_id, preparing in list(self._preparing.items()):
+            if not preparing.future.done():
+                continue
+            del self._preparing[request_id]
+            if preparing.is_cancelled:
+                continue
+            try:
+                prompt = preparing.future.result()
+                expected = self.engine.expected_tokens(preparing.text)
+                self.engine.add_request(request_id, prompt, preparing.sampling, expected)
+            except QueueFullError as error:
+                self._failed.append(protocol.Failed(request_id, 429, f"the server is at capacity ({error})"))
+            except ValueError as error:
+                self._failed.append(protocol.Failed(request_id, 400, str(error)))
+            except Exception as error:  # noqa: BLE001 - this request fails, the engine goes on
+                logger.exception("preparing request %s failed", request_id)
+                self._failed.append(protocol.Failed(request_id, 500, f"preparing the text failed: {error}"))
+            else:
+                if self.faults.decode_mark and self.faults.decode_mark in preparing.text:
+                    self._decode_faults.add(request_id)
+
+    def _report(self, events: StepEvents) -> None:
+        failed = self._failed + [protocol.Failed(f.request_id, 500, f.message) for f in events.failures]
+        self._failed = []
+        now = time.monotonic()
+        if not (events.chunks or events.finish_reasons or failed) and now - self._last_report_s < protocol.HEARTBEAT_S:
+            return
+        self._last_report_s = now
+        engine = self.engine
+        audio = [
+            protocol.Audio(c.request_id, to_int16(c.pcm).tobytes(), c.start_frame, c.end_frame, c.is_last)
+            for c in events.chunks
+        ]
+        finished = [
+            protocol.Finished(request_id, reason.value, events.num_prompt_tokens[request_id],
+                              events.num_output_tokens[request_id])
+            for request_id, reason in events.finish_reasons.items()
+        ]
+        for chunk in events.chunks:
+            if chunk.is_last:
+                self._decode_faults.discard(chunk.request_id)
+        stats = protocol.EngineStats(
+            num_requests=engine.num_requests + len(self._preparing),
+            num_waiting=len(engine.scheduler.waiting) + len(self._preparing),
+            num_running=len(engine.scheduler.running),
+            num_free_blocks=engine.pool.num_free_blocks,
+            num_blocks=engine.pool.num_blocks,
+            step_s=events.step_s,
+            batch_size=events.num_rows,
+        )
+        self.push.send(protocol.encode(protocol.StepReport(audio, finished, failed, stats)))
+
+
+def _die_with_parent() -> None:
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass  # not Linux: the loop's parent check still ends the process
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="streamvox engine process (started by `streamvox serve`)")
+    parser.add_argument("--config", required=True, help="EngineConfig as JSON")
+    parser.add_argument("--input", required=True, help="ZeroMQ address to receive requests from")
+    parser.add_argument("--output", required=True, help="ZeroMQ address to send reports to")
+    args = parser.parse_args(argv)
+    _die_with_parent()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s engine %(levelname)s %(message)s")
+    context = zmq.Context()
+    pull = context.socket(zmq.PULL)
+    pull.connect(args.input)
+    push = context.socket(zmq.PUSH)
+    push.setsockopt(zmq.LINGER, 2000)
+    push.connect(args.output)
+    try:
+        config = msgspec.json.decode(args.config, type=EngineConfig)
+        engine = EngineCore(load_model(config.model, config.codec, config.dtype), config)
+        engine.warm_up()
+        model = engine.model
+        push.send(protocol.encode(protocol.EngineReady(
+            config.model, model.family, model.timing.sample_rate, list(model.voices), model.default_voice,
+            model.is_random_weights, config.scheduler.policy, os.getpid(),
+        )))
+        EngineLoop(engine, pull, push, FaultInjection.from_env()).run()
+    except BaseException as error:  # report our own death, whatever it is
+        message = "".join(traceback.format_exception_only(error)).strip()
+        logger.error("engine failed: %s\n%s", message, traceback.format_exc())
+        push.send(protocol.encode(protocol.EngineFailed(message)))
+        push.close()
+        context.term()
+        sys.exit(1)
+    push.close(linger=0)
+    pull.close(linger=0)
+    context.term()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,130 @@
+"""Messages between the API server and the engine process (msgpack via msgspec, one ZeroMQ frame each).
+
+Server -> engine: Submit, Cancel, Shutdown. Engine -> server: EngineReady once it has loaded the model, then one
+StepReport per engine step that produced anything (and at least one per heartbeat interval), EngineFailed if it
+is about to die. Imports nothing from the package but config; no torch.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+HEARTBEAT_S = 0.5  # the engine reports at least this often, even when idle
+
+
+class SamplingOverrides(msgspec.Struct, frozen=True, omit_defaults=True):
+    """Sampling fields a client set; None keeps the model's default."""
+
+    temperature: float | None = None
+    top_k: int | None = None
+    top_p: float | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    repetition_window: int | None = None
+    seed: int | None = None
+    max_tokens: int | None = None
+    ignore_eos: bool | None = None
+
+
+class Submit(msgspec.Struct, tag=True, frozen=True):
+    """Start speaking `text`."""
+
+    request_id: str
+    text: str
+    voice: str | None
+    sampling: SamplingOverrides
+
+
+class Cancel(msgspec.Struct, tag=True, frozen=True):
+    """Stop a request and free everything it holds (client gone or barge-in)."""
+
+    request_id: str
+
+
+class Shutdown(msgspec.Struct, tag=True, frozen=True):
+    """Exit cleanly."""
+
+
+class EngineReady(msgspec.Struct, tag=True, frozen=True):
+    """The engine has loaded its model and takes requests."""
+
+    model: str  # what the engine was started with (directory, hub id or tiny-* name)
+    family: str
+    sample_rate: int
+    voices: list[str]
+    default_voice: str | None
+    is_random_weights: bool
+    policy: str
+    pid: int
+
+
+class Audio(msgspec.Struct, frozen=True):
+    """One chunk of a request's audio, in order."""
+
+    request_id: str
+    pcm: bytes  # int16 little-endian mono at the model's sample rate
+    start_frame: int
+    end_frame: int
+    is_last: bool
+
+
+class Finished(msgspec.Struct, frozen=True):
+    """The request's LM stopped (its remaining audio still follows as Audio)."""
+
+    request_id: str
+    reason: str  # stop | length | capacity
+    num_prompt_tokens: int
+    num_output_tokens: int
+
+
+class Failed(msgspec.Struct, frozen=True):
+    """The request ended with an error; nothing more comes for it."""
+
+    request_id: str
+    status: int  # HTTP status: 400 bad input, 429 queue full, 500 engine-side failure
+    message: str
+
+
+class EngineStats(msgspec.Struct, frozen=True):
+    num_requests: int  # requests holding any engine state (preparing, queued, generating or decoding)
+    num_waiting: int
+    num_running: int
+    num_free_blocks: int
+    num_blocks: int
+    step_s: float  # measured duration of the last LM step
+    batch_size: int  # LM rows in the last step
+
+
+class StepReport(msgspec.Struct, tag=True, frozen=True):
+    """Everything one engine step produced."""
+
+    audio: list[Audio]
+    finished: list[Finished]
+    failed: list[Failed]
+    stats: EngineStats
+
+
+class EngineFailed(msgspec.Struct, tag=True, frozen=True):
+    """The engine hit an error it cannot survive and is exiting."""
+
+    message: str
+
+
+ToEngine = Submit | Cancel | Shutdown
+FromEngine = EngineReady | StepReport | EngineFailed
+
+_encoder = msgspec.msgpack.Encoder()
+_to_engine = msgspec.msgpack.Decoder(ToEngine)
+_from_engine = msgspec.msgpack.Decoder(FromEngine)
+
+
+def encode(message: ToEngine | FromEngine) -> bytes:
+    return _encoder.encode(message)
+
+
+def decode_to_engine(data: bytes) -> ToEngine:
+    return _to_engine.decode(data)
+
+
+def decode_from_engine(data: bytes) -> FromEngine:
+    return _from_engine.decode(data)

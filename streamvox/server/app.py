@@ -1,0 +1,101 @@
+"""The HTTP API server (FastAPI, no torch): OpenAI and VoxServe routes in front of the engine process.
+
+Errors are JSON in OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`, and a client's mistake is
+always a 4xx that says what to change.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+
+import msgspec
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from streamvox.config import EngineConfig, ServerConfig
+from streamvox.engine.client import EngineClient, EngineUnavailableError
+from streamvox.server import openai, voxserve
+from streamvox.server.errors import ApiError, error_body
+
+logger = logging.getLogger("streamvox.server")
+
+
+def create_app(engine_config: EngineConfig, server_config: ServerConfig) -> FastAPI:
+    client = EngineClient(engine_config, hang_timeout_s=server_config.engine_hang_timeout_s)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        await client.start()
+        yield
+        await client.stop()
+
+    app = FastAPI(title="streamvox", lifespan=lifespan)
+    app.state.engine = client
+    app.state.config = server_config
+    app.state.model_name = server_config.served_model_name or os.path.basename(engine_config.model.rstrip("/"))
+    app.state.model_aliases = {app.state.model_name, engine_config.model}
+    app.include_router(openai.router)
+    app.include_router(voxserve.router)
+
+    app.add_middleware(BodySizeLimit, limit_bytes=int(server_config.max_upload_mb * 2**20) + 64 * 1024)
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, error: ApiError):
+        return _error(error)
+
+    @app.exception_handler(EngineUnavailableError)
+    async def unavailable(request: Request, error: EngineUnavailableError):
+        return _error(ApiError(503, str(error), retry_after_s=error.retry_after_s))
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, error: RequestValidationError):
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc'][1:]) or 'body'}: {e['msg']}" for e in error.errors()
+        )
+        return _error(ApiError(422, f"invalid request: {problems}"))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, error: StarletteHTTPException):
+        return _error(ApiError(error.status_code, str(error.detail)))
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok"}
+
+    @app.get("/ready")
+    async def ready():
+        body = {"ready": client.is_ready, "status": client.status, "restarts": client.num_restarts,
+                "engine_pid": client.engine_pid, "open_streams": client.num_open_streams,
+                "engine": msgspec.structs.asdict(client.stats) if client.stats is not None else None}
+        if client.is_ready:
+            return body
+        return JSONResponse(body, status_code=503, headers={"Retry-After": "5"})
+
+    return app
+
+
+class BodySizeLimit:
+    """Refuses a request whose declared body is over the limit with 413, before reading it. Plain ASGI (not
+    BaseHTTPMiddleware, which would end a failing stream cleanly and hide the error from the client)."""
+
+    def __init__(self, app, limit_bytes: int) -> None:
+        self.app = app
+        self.limit_bytes = limit_bytes
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http":
+            length = dict(scope["headers"]).get(b"content-length", b"")
+            if length.isdigit() and int(length) > self.limit_bytes:
+                message = f"request body is {int(length)} bytes; the limit is {self.limit_bytes}"
+                await _error(ApiError(413, message))(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def _error(error: ApiError) -> JSONResponse:
+    headers = {"Retry-After": str(error.retry_after_s)} if error.retry_after_s is not None else None
+    return JSONResponse(error_body(error), status_code=error.status, headers=headers)

@@ -1,0 +1,124 @@
+"""OpenAI-compatible routes: POST /v1/audio/speech, GET /v1/models, GET /v1/audio/voices.
+
+`/v1/audio/speech` always streams: audio bytes in the requested format as each chunk is produced
+(`stream_format="audio"`), or server-sent events `speech.audio.delta` (base64 audio) ending in
+`speech.audio.done` with usage (`stream_format="sse"`). Extension fields set sampling per request.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+from typing import Literal
+
+from fastapi import APIRouter, Request
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel, ConfigDict
+
+from streamvox import protocol
+from streamvox.server.audio_format import FORMATS, StreamEncoder, UnsupportedFormat, media_type
+from streamvox.server.errors import ApiError
+from streamvox.server.streaming import SpeechStream, StreamFailedError
+
+logger = logging.getLogger("streamvox.server")
+router = APIRouter()
+OPENAI_MODEL_NAMES = ("tts-1", "tts-1-hd", "gpt-4o-mini-tts")  # accepted as the served model, for drop-in use
+
+
+class SpeechRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str
+    input: str
+    voice: str | None = None  # None: the model's default voice
+    response_format: str = "mp3"
+    speed: float = 1.0
+    stream_format: Literal["audio", "sse"] = "audio"
+    instructions: str | None = None
+    # extensions
+    seed: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    repetition_window: int | None = None
+    max_tokens: int | None = None
+    ignore_eos: bool | None = None
+
+    def sampling(self) -> protocol.SamplingOverrides:
+        names = protocol.SamplingOverrides.__struct_fields__
+        return protocol.SamplingOverrides(**{name: getattr(self, name) for name in names})
+
+
+def check_model(request: Request, model: str) -> None:
+    served = request.app.state.model_name
+    if model not in request.app.state.model_aliases and model not in OPENAI_MODEL_NAMES:
+        raise ApiError(400, f"unknown model {model!r}; this server serves {served!r} (GET /v1/models)", "model")
+
+
+@router.post("/v1/audio/speech")
+async def speech(body: SpeechRequest, request: Request):
+    check_model(request, body.model)
+    if body.response_format not in FORMATS:
+        raise ApiError(400, f"unknown response_format {body.response_format!r}; choose one of: "
+                       f"{', '.join(FORMATS)}", "response_format")
+    if body.speed != 1.0:
+        raise ApiError(400, f"speed {body.speed} is not supported; this model speaks at its own pace, send 1.0",
+                       "speed")
+    if body.instructions:
+        raise ApiError(400, "instructions are not supported by this model; leave them out", "instructions")
+    info = request.app.state.engine.info
+    sample_rate = info.sample_rate if info is not None else 24000
+    try:
+        encoder = StreamEncoder(body.response_format, sample_rate)
+    except UnsupportedFormat as error:
+        raise ApiError(400, str(error), "response_format") from None
+    speech_stream = await SpeechStream.open(request, body.input, body.voice, body.sampling())
+    if body.stream_format == "sse":
+        return StreamingResponse(_sse(speech_stream, encoder), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache"})
+    return StreamingResponse(_audio(speech_stream, encoder), media_type=media_type(body.response_format),
+                             headers={"Cache-Control": "no-cache"})
+
+
+async def _audio(speech_stream: SpeechStream, encoder: StreamEncoder):
+    async for pcm in speech_stream.pcm():  # a failure midway raises, which aborts the response: the client sees it
+        if data := encoder.encode(pcm):
+            yield data
+    if data := encoder.finish():
+        yield data
+
+
+async def _sse(speech_stream: SpeechStream, encoder: StreamEncoder):
+    def event(payload: dict) -> bytes:
+        return f"data: {json.dumps(payload)}\n\n".encode()
+
+    try:
+        async for pcm in speech_stream.pcm():
+            if data := encoder.encode(pcm):
+                yield event({"type": "speech.audio.delta", "audio": base64.b64encode(data).decode()})
+        if data := encoder.finish():
+            yield event({"type": "speech.audio.delta", "audio": base64.b64encode(data).decode()})
+        yield event({"type": "speech.audio.done", "usage": speech_stream.usage})
+    except StreamFailedError as error:
+        yield event({"type": "error", "error": {"message": str(error), "type": "server_error"}})
+
+
+@router.get("/v1/models")
+async def models(request: Request):
+    info = request.app.state.engine.info
+    entry = {"id": request.app.state.model_name, "object": "model", "owned_by": "streamvox"}
+    if info is not None:
+        entry |= {"family": info.family, "sample_rate": info.sample_rate, "voices": info.voices,
+                  "random_weights": info.is_random_weights}
+    return {"object": "list", "data": [entry]}
+
+
+@router.get("/v1/audio/voices")
+async def voices(request: Request):
+    info = request.app.state.engine.info
+    if info is None:
+        raise ApiError(503, "the engine is starting; retry shortly")
+    return {"voices": info.voices, "default": info.default_voice}

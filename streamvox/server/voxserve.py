@@ -1,0 +1,47 @@
+"""VoxServe-compatible POST /generate: a multipart form (`text`, optional `audio`, `streaming`).
+
+Streaming responses send a 44-byte WAV header (length unknown) as its own first piece, then raw PCM as each
+chunk is produced, so VoxServe's clients and benchmark scripts work unchanged; otherwise one complete WAV.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, File, Form, Request, UploadFile
+from fastapi.responses import Response, StreamingResponse
+
+from streamvox import protocol
+from streamvox.server.audio_format import encode_whole, wav_header
+from streamvox.server.errors import ApiError
+from streamvox.server.streaming import SpeechStream, StreamFailedError
+
+router = APIRouter()
+
+
+@router.post("/generate")
+async def generate(request: Request, text: Annotated[str, Form()], audio: Annotated[UploadFile | None, File()] = None,
+                   streaming: Annotated[bool, Form()] = True, speaker: Annotated[str | None, Form()] = None,
+                   seed: Annotated[int | None, Form()] = None, max_tokens: Annotated[int | None, Form()] = None):
+    if audio is not None:
+        limit = int(request.app.state.config.max_upload_mb * 2**20)
+        data = await audio.read(limit + 1)
+        if len(data) > limit:
+            raise ApiError(413, f"audio upload is larger than {limit} bytes; send a shorter clip", "audio")
+        raise ApiError(400, "this model does not take reference audio; leave out the `audio` field", "audio")
+    sampling = protocol.SamplingOverrides(seed=seed, max_tokens=max_tokens)
+    speech_stream = await SpeechStream.open(request, text, speaker, sampling)
+    sample_rate = request.app.state.engine.info.sample_rate
+    if streaming:
+        async def body():
+            yield wav_header(sample_rate, None)
+            async for pcm in speech_stream.pcm():
+                yield pcm
+
+        headers = {"Cache-Control": "no-cache", "Content-Disposition": "attachment; filename=speech.wav"}
+        return StreamingResponse(body(), media_type="audio/wav", headers=headers)
+    try:
+        pcm = b"".join([chunk async for chunk in speech_stream.pcm()])
+    except StreamFailedError as error:
+        raise ApiError(500, str(error)) from None
+    return Response(encode_whole("wav", sample_rate, pcm), media_type="audio/wav")

@@ -1,0 +1,96 @@
+"""A real `streamvox serve` process on 127.0.0.1 serving the session's tiny checkpoint."""
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+import httpx
+import numpy as np
+import pytest
+
+from streamvox.audio import to_int16
+
+
+@dataclass
+class Server:
+    url: str
+    process: subprocess.Popen
+
+    def ready(self) -> dict:
+        return httpx.get(f"{self.url}/ready", timeout=5).json()
+
+    def wait_ready(self, timeout_s: float = 120.0) -> dict:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            assert self.process.poll() is None, "the server process exited"
+            try:
+                body = self.ready()
+                if body["ready"]:
+                    return body
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        raise TimeoutError("server not ready")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def start_server(tiny_dir, tmp_path_factory):
+    servers = []
+
+    def start(*flags: str, env: dict | None = None) -> Server:
+        port = free_port()
+        log = open(tmp_path_factory.mktemp("server") / "server.log", "w")
+        command = [sys.executable, "-m", "streamvox.cli", "serve", "--model", str(tiny_dir), "--port", str(port),
+                   "--host", "127.0.0.1", "--served-model-name", "tiny-orpheus", *flags]
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+        server = Server(f"http://127.0.0.1:{port}", process)
+        servers.append(server)
+        server.wait_ready()
+        return server
+
+    yield start
+    for server in servers:
+        server.process.terminate()
+        try:
+            server.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            server.process.kill()
+
+
+@pytest.fixture(scope="module")
+def server(start_server):
+    return start_server()
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model):
+    """The int16 PCM bytes the in-process engine makes for (text, seed, max_tokens) with the model's sampling."""
+    from streamvox.config import EngineConfig, SchedulerConfig
+    from streamvox.engine.core import Engine
+
+    engine = Engine(tiny_model, EngineConfig(scheduler=SchedulerConfig(policy="fcfs")))
+    cache = {}
+
+    def pcm(text: str, seed: int, max_tokens: int) -> bytes:
+        key = (text, seed, max_tokens)
+        if key not in cache:
+            sampling = tiny_model.default_sampling.replace(seed=seed, max_tokens=max_tokens)
+            result = engine.result(engine.submit(text, None, sampling))
+            cache[key] = to_int16(result.pcm).tobytes()
+        return cache[key]
+
+    yield pcm
+    engine.close()
+
+
+def pcm_samples(data: bytes) -> np.ndarray:
+    return np.frombuffer(data, dtype=np.int16)
