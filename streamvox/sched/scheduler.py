@@ -110,6 +110,8 @@ class Scheduler:
                 break
             reserved = self.pool.blocks_for(policy.reserved_tokens(request))
             num_tokens = self._fit(request, budget, self._batch_tokens(rows), cap_s, now, is_new=True)
+            if num_tokens == 0:
+                break
             needed = max(reserved, self.pool.blocks_for(num_tokens))
             if self.num_committed_blocks + needed > self.pool.num_blocks:
                 break  # the head of the queue waits for blocks; later requests wait behind it
@@ -162,6 +164,8 @@ class Scheduler:
         num_tokens = min(request.num_pending_tokens, budget)
         if num_tokens == 0 or math.isinf(cap_s) or self.timer.step_s(batch_tokens + num_tokens) <= cap_s:
             return num_tokens
+        if is_new and batch_tokens and self.timer.step_s(batch_tokens + MIN_PREFILL_CHUNK) > cap_s:
+            return 0  # the step is full: admit it next step
         if not is_new and self.policy.is_optional(request, now):
             return 0
         if num_tokens == 1:

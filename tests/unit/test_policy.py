@@ -1,0 +1,137 @@
+"""Scheduling policies under load: a fake clock and a fake runner whose step time grows with the tokens in it.
+
+The simulated client plays each stream from its first chunk on, with no prebuffer; a chunk that arrives after
+the audio before it has finished playing is a stall (DESIGN.md §8).
+"""
+
+from dataclasses import dataclass, field
+
+import pytest
+
+from streamvox.batch import StepOutput
+from streamvox.config import SamplingParams, SchedulerConfig
+from streamvox.sched.kv_blocks import BlockPool
+from streamvox.sched.playback import AudioPlan, PlaybackTracker
+from streamvox.sched.request import Request
+from streamvox.sched.scheduler import Scheduler
+from streamvox.sched.timing import StepTimer
+
+PLAN = AudioPlan(lm_steps_per_frame=7, frame_s=2048 / 24000, first_chunk_frames=1, frames_per_chunk=1,
+                 lookahead_frames=2)
+CODEC_S = 0.004  # a fake codec call
+
+
+@dataclass
+class Stream:
+    request: Request
+    arrival_s: float
+    chunk_times: list[float] = field(default_factory=list)
+    chunk_frames: list[int] = field(default_factory=list)
+    num_frames_sent: int = 0
+
+    @property
+    def ttfa_s(self) -> float:
+        return self.chunk_times[0] - self.arrival_s
+
+    def stalls(self) -> int:
+        """Chunks that arrived after the audio received before them had played out."""
+        played_s, count = 0.0, 0
+        for i, at in enumerate(self.chunk_times):
+            if i and played_s < at - self.chunk_times[0] - 1e-9:
+                count += 1
+            played_s += self.chunk_frames[i] * PLAN.frame_s
+        return count
+
+
+def simulate(policy: str, arrivals: list[tuple[float, int, int]], step_s, num_blocks=4096, **limits):
+    """Run (arrival_s, prompt_len, num_tokens) requests to the end; returns the streams and the smallest time any
+    stream with audio had left before its client ran dry, seen after each step."""
+    config = SchedulerConfig(policy=policy, **{"max_queue_len": 1000, "ttfa_target_s": 1.0, **limits})
+    playback = PlaybackTracker(PLAN, config.ttfa_target_s, config.client_prebuffer_s)
+    timer = StepTimer()
+    pool = BlockPool(num_blocks, 16)
+    scheduler = Scheduler(config, pool, playback, timer)
+    now, pending, streams, min_margin_s = 0.0, sorted(arrivals), {}, float("inf")
+    max_committed = 0
+    while pending or scheduler.has_unfinished():
+        while pending and pending[0][0] <= now:
+            at, prompt_len, num_tokens = pending.pop(0)
+            request_id = f"r{len(streams)}"
+            sampling = SamplingParams(max_tokens=num_tokens, ignore_eos=True, seed=0)
+            streams[request_id] = Stream(Request(request_id, tuple(range(prompt_len)), sampling, 0), at)
+            scheduler.add_request(streams[request_id].request, at)
+        batch = scheduler.schedule(now)
+        if batch is None:
+            now = pending[0][0]
+            continue
+        max_committed = max(max_committed, scheduler.num_committed_blocks)
+        assert sum(len(r.block_ids) for r in scheduler.running) <= pool.num_blocks
+        elapsed = step_s(batch.num_tokens) if batch.rows else 0.0
+        now += elapsed
+        timer.observe_step(batch.num_tokens, elapsed)
+        sampled = [row.request_id for row in batch.rows if row.is_sampled]
+        scheduler.update(batch, StepOutput(tuple(sampled), (0,) * len(sampled), (False,) * len(sampled)))
+        timer.observe_codec(CODEC_S)
+        for stream in streams.values():
+            request = stream.request
+            frames = request.num_output_tokens // PLAN.lm_steps_per_frame
+            ready = frames if request.is_finished else frames - PLAN.lookahead_frames
+            if ready > stream.num_frames_sent:
+                stream.chunk_times.append(now + CODEC_S)
+                stream.chunk_frames.append(ready - stream.num_frames_sent)
+                playback.on_chunk(request.request_id, (ready - stream.num_frames_sent) * PLAN.frame_s, now + CODEC_S)
+                stream.num_frames_sent = ready
+            if stream.chunk_times and not request.is_finished:
+                played_until = stream.chunk_times[0] + stream.num_frames_sent * PLAN.frame_s
+                min_margin_s = min(min_margin_s, played_until - now)
+    assert max_committed <= num_blocks
+    return list(streams.values()), min_margin_s
+
+
+def linear(fixed_s, per_token_s):
+    return lambda num_tokens: fixed_s + per_token_s * num_tokens
+
+
+def test_a_burst_of_long_prompts_stalls_fcfs_but_not_streaming():
+    # four streams have just started playing when four long prompts arrive at once
+    arrivals = [(0.02 * i, 12, 420) for i in range(4)] + [(0.25, 300, 140) for _ in range(4)]
+    step_s = linear(0.004, 0.00025)
+    fcfs, _ = simulate("fcfs", arrivals, step_s)
+    streaming, min_margin_s = simulate("streaming", arrivals, step_s)
+    assert sum(s.stalls() for s in fcfs[:4]) > 0, "fcfs runs the whole burst in long steps"
+    assert all(s.stalls() == 0 for s in streaming), [s.stalls() for s in streaming]
+    assert min_margin_s >= 0, "a running stream's client ran dry"
+    assert max(s.ttfa_s for s in streaming) <= 1.0, [round(s.ttfa_s, 3) for s in streaming]
+
+
+def test_more_streams_than_real_time_allows_stall_fcfs_but_streaming_admits_what_it_can_sustain():
+    # 2 ms + 1 ms per token: about 8 streams fit in real time (12.2 ms per step); 14 arrive within a second
+    arrivals = [(0.07 * i, 12, 280) for i in range(14)]
+    step_s = linear(0.002, 0.001)
+    fcfs, _ = simulate("fcfs", arrivals, step_s)
+    streaming, min_margin_s = simulate("streaming", arrivals, step_s)
+    assert sum(s.stalls() > 0 for s in fcfs) >= 7, "fcfs admits everyone and nobody keeps up"
+    assert all(s.stalls() == 0 for s in streaming), [s.stalls() for s in streaming]
+    assert min_margin_s >= 0
+    assert sum(s.ttfa_s <= 1.0 for s in streaming) >= 8, "the streams it can sustain start on time"
+
+
+@pytest.mark.parametrize("policy", ["streaming", "offline", "fcfs"])
+def test_admission_never_over_commits_kv_and_everyone_finishes(policy):
+    arrivals = [(0.01 * i, 10 + 7 * i % 50, 50 + 13 * i % 200) for i in range(60)]
+    streams, _ = simulate(policy, arrivals, linear(0.002, 0.0002), num_blocks=60)
+    assert all(s.request.is_finished and s.request.num_output_tokens == s.request.sampling.max_tokens
+               for s in streams)
+
+
+def test_a_cancelled_request_returns_its_blocks_by_the_next_step():
+    config = SchedulerConfig(policy="streaming")
+    pool = BlockPool(64, 16)
+    scheduler = Scheduler(config, pool, PlaybackTracker(PLAN, config.ttfa_target_s, 0.0))
+    scheduler.add_request(Request("a", tuple(range(40)), SamplingParams(max_tokens=500, seed=0), 0, 500), 0.0)
+    batch = scheduler.schedule(0.0)
+    scheduler.update(batch, StepOutput(("a",), (0,), (False,)))
+    assert pool.num_free_blocks < 64 and scheduler.num_committed_blocks > 3  # prompt plus expected audio
+    scheduler.cancel("a")
+    assert scheduler.schedule(0.01).finished_request_ids == ("a",)
+    assert pool.is_full and scheduler.num_committed_blocks == 0
