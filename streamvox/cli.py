@@ -41,10 +41,13 @@ def main(argv: list[str] | None = None) -> int:
     tiny.add_argument("--shards", type=int, default=1, help="number of safetensors shards")
 
     bench = commands.add_parser("bench", help="benchmarks (print a table, write JSON and a plot)")
-    bench.add_argument("name", choices=["throughput"])
+    bench.add_argument("name", choices=["throughput", "streams"])
     bench.add_argument("--model", default="tiny-orpheus")
-    bench.add_argument("--batch-sizes", default="1,8,32")
-    bench.add_argument("--max-tokens", type=int, default=140)
+    bench.add_argument("--batch-sizes", default="1,8,32", help="throughput: batch sizes")
+    bench.add_argument("--max-tokens", type=int, default=None, help="tokens per request (throughput 140, streams 280)")
+    bench.add_argument("--policies", default="streaming,fcfs", help="streams: scheduling policies to compare")
+    bench.add_argument("--streams", default="1,4,8,16", help="streams: concurrency levels")
+    bench.add_argument("--rounds", type=int, default=2, help="streams: requests each client sends in turn")
     bench.add_argument("--out", default="bench-results")
 
     args = parser.parse_args(argv)
@@ -118,10 +121,16 @@ def _make_tiny(args) -> int:
 
 
 def _bench(args) -> int:
+    if args.name == "streams":
+        from streamvox.bench.streams import run_streams
+
+        levels = [int(level) for level in args.streams.split(",")]
+        run_streams(args.model, args.policies.split(","), levels, args.rounds, args.max_tokens or 280, args.out)
+        return 0
     from streamvox.bench.throughput import run_throughput
 
     sizes = [int(size) for size in args.batch_sizes.split(",")]
-    run_throughput(args.model, sizes, args.max_tokens, args.out)
+    run_throughput(args.model, sizes, args.max_tokens or 140, args.out)
     return 0
 
 

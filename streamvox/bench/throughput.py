@@ -29,7 +29,8 @@ def run_throughput(model_name: str, batch_sizes: list[int], max_tokens: int, out
     rows = [_baseline(model_name, model, sampling, num_requests=min(4, max(batch_sizes)))]
     for batch_size in batch_sizes:
         config = EngineConfig(model=model_name, cache=CacheConfig(kv_cache_mb=512),
-                              scheduler=SchedulerConfig(max_num_seqs=max(batch_sizes), max_num_batched_tokens=2048))
+                              scheduler=SchedulerConfig(policy="offline", max_num_seqs=max(batch_sizes),
+                                                         max_num_batched_tokens=2048))
         engine = Engine(model, config)
         engine.generate([TEXT], sampling=sampling.replace(max_tokens=8))  # warm-up
         started = time.perf_counter()
