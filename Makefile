@@ -2,7 +2,6 @@
 PYTHON ?= python3.11
 VENV := .venv
 STAMP := $(VENV)/.installed
-TEXT ?= Hello from streamvox, a streaming engine for speech language models.
 
 .PHONY: serve test lint venv
 
@@ -15,7 +14,7 @@ $(STAMP): pyproject.toml constraints.txt
 venv: $(STAMP)
 
 serve: $(STAMP)
-	$(VENV)/bin/streamvox synth "$(TEXT)" -o out.wav
+	STREAMVOX_CACHE=$${STREAMVOX_CACHE:-$(CURDIR)/.cache} $(VENV)/bin/streamvox serve --host 127.0.0.1 --port 8000
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check streamvox tests

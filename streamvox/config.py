@@ -79,6 +79,8 @@ class SchedulerConfig:
     urgent_slack_s: float = 1.0  # streaming: a request with less slack than this is urgent
     realtime_headroom: float = 0.85  # streaming: admit while the predicted step time <= this share of real time
     max_codec_batch: int = 32  # chunks decoded in one codec call
+    max_chunk_s: float = 0.7  # streaming: a chunk is decoded once it holds this much audio, due or not
+    codec_hold_margin_s: float = 1.0  # streaming: decode once the client has less than this (+ codec time) left
 
     def validate(self) -> None:
         if self.policy not in POLICIES:
@@ -98,6 +100,7 @@ class EngineConfig:
     model: str = "tiny-orpheus"  # a directory, a hub id, or a tiny-* name
     codec: str | None = None  # codec directory or hub id; None = the family's default
     dtype: str = "float32"
+    num_threads: int = 0  # CPU threads for torch ops; 0 = half the cores (the codec thread runs beside the LM)
     cache: CacheConfig = CacheConfig()
     scheduler: SchedulerConfig = SchedulerConfig()
 

@@ -72,8 +72,13 @@ class CodecRunner:
     def drop(self, request_id: str) -> None:
         self.requests.pop(request_id, None)
 
-    def ready_request_ids(self) -> list[str]:
-        return [rid for rid, r in self.requests.items() if not r.is_in_flight and self._ready_end(r) is not None]
+    def ready(self) -> list[tuple[str, int, bool]]:
+        """(request_id, frames ready to decode, is_final) of every request with a chunk ready and none in flight."""
+        ready = []
+        for request_id, request in self.requests.items():
+            if not request.is_in_flight and (end := self._ready_end(request)) is not None:
+                ready.append((request_id, end - request.num_taken_frames, request.is_final))
+        return ready
 
     def take_ready(self, request_ids: list[str]) -> list[PendingChunk]:
         """Mark the next chunk of each given ready request as in flight and describe its decode."""
@@ -117,7 +122,7 @@ class CodecRunner:
 
     def decode_ready(self) -> list[AudioChunk]:
         """Decode every ready chunk (at most one per request) in one batch, on this thread."""
-        pending = self.take_ready(self.ready_request_ids())
+        pending = self.take_ready([request_id for request_id, _, _ in self.ready()])
         return self.complete(pending, self.decode(pending))
 
     def _ready_end(self, request: _CodecRequest) -> int | None:

@@ -18,6 +18,9 @@ from streamvox.sched.playback import PlaybackTracker
 from streamvox.sched.request import Request
 from streamvox.sched.timing import StepTimer
 
+SURE_SHARE = 0.5  # streaming: below this share of real time, one more stream is admitted without waiting
+SETTLE_FRAMES = 4  # streaming: frames' worth of steps to measure after an admission near capacity
+
 
 class Policy:
     """First-come first-served: rows in admission order, no step-time cap, no reservation."""
@@ -45,6 +48,9 @@ class Policy:
         """Whether one more running request keeps the policy's promises (KV is checked separately)."""
         return True
 
+    def on_admit(self) -> None:
+        """A request was just admitted."""
+
     def reserved_tokens(self, request: Request) -> int:
         """KV positions set aside for a request when it is admitted."""
         return 0
@@ -56,6 +62,10 @@ class Policy:
     def codec_order(self, request_ids: list[str], now: float) -> list[str]:
         """Which requests' ready chunks the codec decodes first."""
         return request_ids
+
+    def is_codec_due(self, request_id: str, num_ready_frames: int, is_final: bool, now: float) -> bool:
+        """Whether a request's ready frames should be decoded now rather than left to grow into a bigger chunk."""
+        return True
 
 
 class OfflinePolicy(Policy):
@@ -69,6 +79,7 @@ class OfflinePolicy(Policy):
 
 class StreamingPolicy(OfflinePolicy):
     name = "streaming"
+    _admitted_at_step = -(10**9)
 
     def slack_s(self, request: Request, now: float) -> float:
         """Seconds to spare before the request's next chunk is late, at the measured step and codec times."""
@@ -76,7 +87,7 @@ class StreamingPolicy(OfflinePolicy):
         if request.num_pending_tokens > 1:  # prefill still to run: count it as one step
             steps += 1
         deadline = self.playback.deadline_s(request.request_id, covered)
-        return deadline - now - steps * self.timer.step_s(1) - 2 * self.timer.codec_s
+        return deadline - now - steps * self.timer.period_s(1) - 2 * self.timer.codec_s
 
     def _tolerance_s(self, request: Request, now: float) -> float:
         """The longest step time that still gets the request's next chunk out on time."""
@@ -91,23 +102,50 @@ class StreamingPolicy(OfflinePolicy):
         urgent = [r for r in running if not self.is_optional(r, now)]
         if not urgent or not self.timer.has_steps:
             return math.inf
-        floor = self.timer.step_s(sum(min(r.num_pending_tokens, 1) for r in urgent))
+        floor = self.timer.period_s(sum(min(r.num_pending_tokens, 1) for r in urgent))
         return max(floor, min(self._tolerance_s(r, now) for r in urgent))
 
     def is_optional(self, request: Request, now: float) -> bool:
         return self.slack_s(request, now) >= self.config.urgent_slack_s
 
     def can_admit(self, num_running: int, now: float) -> bool:
+        """Admit while one more stream keeps the predicted step period under real time. Near that limit, admit
+        one at a time and only after the last admission's full cost (prefill, decode, codec) has been measured."""
         if num_running == 0 or not self.timer.has_steps:
             return True
-        budget = self.playback.plan.realtime_step_s * self.config.realtime_headroom
-        return self.timer.step_s(num_running + 1) <= budget
+        realtime_s = self.playback.plan.realtime_step_s
+        predicted_s = self.timer.period_s(num_running + 1)
+        if predicted_s <= SURE_SHARE * realtime_s:
+            return True
+        settled = self.timer.num_steps - self._admitted_at_step >= SETTLE_FRAMES * self.playback.plan.lm_steps_per_frame
+        return settled and predicted_s <= self.config.realtime_headroom * realtime_s
+
+    def on_admit(self) -> None:
+        self._admitted_at_step = self.timer.num_steps
 
     def victim(self, running: list[Request], now: float) -> Request:
         return max(running, key=lambda r: self.slack_s(r, now))
 
     def codec_order(self, request_ids: list[str], now: float) -> list[str]:
         return sorted(request_ids, key=self.playback.deadline_s)
+
+    def is_codec_due(self, request_id: str, num_ready_frames: int, is_final: bool, now: float) -> bool:
+        """Decode when the client would otherwise run dry soon (or has no audio yet); while it is well ahead,
+        let frames pile up into bigger chunks, so the codec makes fewer, larger calls."""
+        stream = self.playback.streams.get(request_id)
+        if is_final or stream is None:
+            return True
+        plan = self.playback.plan
+        if stream.first_chunk_s is None:
+            # the first chunk must play for as long as the next one takes to make, or the client stalls at once
+            step_s = self.timer.recent_step_s * self.timer.overhead
+            next_chunk_s = plan.frames_per_chunk * plan.lm_steps_per_frame * step_s
+            is_long_enough = num_ready_frames * plan.frame_s >= next_chunk_s + 2 * self.timer.codec_s
+            return is_long_enough or self.playback.deadline_s(request_id) - now <= 2 * self.timer.codec_s
+        if num_ready_frames * plan.frame_s >= self.config.max_chunk_s:
+            return True
+        margin_s = 2 * self.timer.codec_s + self.config.codec_hold_margin_s
+        return self.playback.deadline_s(request_id) - now <= margin_s
 
 
 POLICIES: dict[str, type[Policy]] = {p.name: p for p in (Policy, OfflinePolicy, StreamingPolicy)}

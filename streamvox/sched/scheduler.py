@@ -119,6 +119,7 @@ class Scheduler:
             request.status = RequestStatus.RUNNING
             request.num_reserved_blocks = reserved
             self.running.append(request)
+            policy.on_admit()
             self._grow(request, num_tokens, now)
             if not request.is_known_to_runner:
                 request.is_known_to_runner = True
@@ -162,16 +163,16 @@ class Scheduler:
         """Tokens of `request` this step takes: all pending within the budget, fewer when the step-time cap
         binds; 0 when an optional row does not fit under the cap."""
         num_tokens = min(request.num_pending_tokens, budget)
-        if num_tokens == 0 or math.isinf(cap_s) or self.timer.step_s(batch_tokens + num_tokens) <= cap_s:
+        if num_tokens == 0 or math.isinf(cap_s) or self.timer.period_s(batch_tokens + num_tokens) <= cap_s:
             return num_tokens
-        if is_new and batch_tokens and self.timer.step_s(batch_tokens + MIN_PREFILL_CHUNK) > cap_s:
+        if is_new and batch_tokens and self.timer.period_s(batch_tokens + MIN_PREFILL_CHUNK) > cap_s:
             return 0  # the step is full: admit it next step
         if not is_new and self.policy.is_optional(request, now):
             return 0
         if num_tokens == 1:
             return 1  # an urgent decode row always runs
         fitting = 1
-        while fitting < num_tokens and self.timer.step_s(batch_tokens + fitting * 2) <= cap_s:
+        while fitting < num_tokens and self.timer.period_s(batch_tokens + fitting * 2) <= cap_s:
             fitting *= 2
         return min(num_tokens, max(fitting, MIN_PREFILL_CHUNK))
 

@@ -12,12 +12,24 @@ class StepTimer:
         self.decay = decay  # weight kept by older samples at each new one
         self._sums = [0.0] * 5  # weighted sums of 1, x, y, x*x, x*y
         self._codec_s: float | None = None
+        self.recent_step_s = 0.0  # moving average of the latest LM steps, whatever their size
+        self.overhead = 1.0  # loop period / LM step time: what the rest of the loop and the codec thread add
         self.num_steps = 0
 
     def observe_step(self, num_tokens: int, seconds: float) -> None:
         x, y = float(num_tokens), seconds
         self._sums = [self.decay * s + v for s, v in zip(self._sums, (1.0, x, y, x * x, x * y), strict=True)]
+        self.recent_step_s = seconds if not self.num_steps else 0.8 * self.recent_step_s + 0.2 * seconds
         self.num_steps += 1
+
+    def observe_period(self, period_s: float, step_s: float) -> None:
+        """One loop iteration took `period_s` wall time, of which the LM step was `step_s`."""
+        if step_s > 0:
+            self.overhead = 0.9 * self.overhead + 0.1 * max(1.0, period_s / step_s)
+
+    def period_s(self, num_tokens: int) -> float:
+        """Predicted wall time between two LM steps over `num_tokens` tokens, overheads included."""
+        return self.step_s(num_tokens) * self.overhead
 
     def observe_codec(self, seconds: float) -> None:
         self._codec_s = seconds if self._codec_s is None else 0.8 * self._codec_s + 0.2 * seconds
