@@ -89,9 +89,10 @@ class EngineClient:
         """Send a request to the engine; its messages arrive on the returned stream's queue."""
         if not self.is_ready or self._push is None:
             raise EngineUnavailableError(f"the engine is {self.status}; retry shortly")
+        message = protocol.encode(protocol.Submit(request_id, text, voice, sampling))
         stream = RequestStream(request_id)
         self._streams[request_id] = stream
-        self._push.send(protocol.encode(protocol.Submit(request_id, text, voice, sampling)))
+        self._push.send(message)
         return stream
 
     def close(self, request_id: str, cancel: bool) -> None:
@@ -110,11 +111,11 @@ class EngineClient:
             try:
                 await self._run_one_engine()
             except asyncio.CancelledError:
-                self._kill()
+                await self._kill()
                 raise
             except Exception:  # noqa: BLE001 - keep supervising whatever went wrong
                 logger.exception("engine supervision failed")
-            self._kill()
+            await self._kill()
             self._fail_all("the engine stopped while this request was running; retry it")
             if self._is_stopping:
                 return
@@ -126,14 +127,13 @@ class EngineClient:
         directory = tempfile.mkdtemp(prefix="streamvox-")
         input_addr, output_addr = f"ipc://{directory}/requests", f"ipc://{directory}/reports"
         push = self._context.socket(zmq.PUSH)
-        push.setsockopt(zmq.LINGER, 0)
-        push.bind(input_addr)
         pull = self._context.socket(zmq.PULL)
-        pull.setsockopt(zmq.LINGER, 0)
-        pull.bind(output_addr)
         command = [sys.executable, "-m", "streamvox.engine.process", "--config",
                    msgspec.json.encode(self.config).decode(), "--input", input_addr, "--output", output_addr]
         try:
+            for socket, address in ((push, input_addr), (pull, output_addr)):
+                socket.setsockopt(zmq.LINGER, 0)
+                socket.bind(address)
             self._process = subprocess.Popen(command, env=os.environ.copy())
             logger.info("engine process %d starting (%s)", self._process.pid, self.config.model)
             await self._serve_reports(push, pull)
@@ -181,13 +181,16 @@ class EngineClient:
             stream.queue.put_nowait(protocol.Failed(stream.request_id, 503, message))
         self._streams.clear()
 
-    def _kill(self) -> None:
+    async def _kill(self) -> None:
+        """Stop the engine process without blocking the event loop (SIGTERM, then SIGKILL after 2 s)."""
         self.status = "restarting" if not self._is_stopping else "stopped"
         process = self._process
-        if process is not None and process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(timeout=2)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        if process is None or process.poll() is not None:
+            return
+        process.terminate()
+        for _ in range(20):
+            if process.poll() is not None:
+                return
+            await asyncio.sleep(0.1)
+        process.kill()
+        await asyncio.to_thread(process.wait)

@@ -144,7 +144,9 @@ class EngineCore:
                     expected_tokens: int = 0) -> None:
         """Queue a prepared request. ValueError if it cannot be served; QueueFullError at the queue bound."""
         with self._lock:
-            if request_id in self.codec_runner.requests or request_id in self.scheduler.requests:
+            in_flight = {c.request_id for c in self._codec_batch.pending} if self._codec_batch else set()
+            if request_id in self.codec_runner.requests or request_id in self.scheduler.requests or \
+                    request_id in in_flight:
                 raise ValueError(f"request id {request_id!r} is still in use; pick another")
             codec_seed = codec_seed_for(sampling.seed)
             request = Request(request_id, tuple(prompt_token_ids), sampling, codec_seed, expected_tokens)

@@ -4,7 +4,7 @@ Started by the API server (`python -m streamvox.engine.process ...`), it dies wi
 and a parent check) and reports its own crash as EngineFailed before exiting. Text preparation (tokenisation)
 runs on a worker pool, so a slow prompt never blocks the step loop; a request whose preparation raises fails
 alone. Set STREAMVOX_FAULT_INJECTION="prepare=MARK,decode=MARK" to make requests whose text contains MARK fail at
-that stage (used by the failure tests; off unless set).
+that stage (decoding: after their first chunk); the failure tests use it, and it is off unless set.
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ class EngineLoop:
             decode = engine.codec_runner.decode
 
             def faulty_decode(pending):
-                if any(p.request_id in self._decode_faults for p in pending):
+                if any(p.request_id in self._decode_faults and p.start_frame > 0 for p in pending):  # after audio
                     raise RuntimeError("injected decode failure (STREAMVOX_FAULT_INJECTION)")
                 return decode(pending)
 
@@ -87,8 +87,8 @@ class EngineLoop:
                 return  # the server is gone
             self._admit_prepared()
             events = self.engine.step() if self.engine.has_unfinished() else StepEvents()
-            if not self.engine.has_unfinished() and self._preparing:
-                time.sleep(0.001)  # only preparation is under way: do not spin
+            if not (events.num_rows or events.chunks) and is_busy:
+                time.sleep(0.001)  # only preparation or held work is under way: do not spin
             self._report(events)
 
     def _handle(self, message: protocol.Submit | protocol.Cancel) -> None:
@@ -98,6 +98,11 @@ class EngineLoop:
                 preparing.is_cancelled = True
             self.engine.cancel(message.request_id)
             self._decode_faults.discard(message.request_id)
+            return
+        queued = len(self._preparing) + len(self.engine.scheduler.waiting)
+        if queued >= self.engine.config.scheduler.max_queue_len:
+            self._failed.append(protocol.Failed(message.request_id, 429, f"the server is at capacity ({queued} "
+                                                "requests are waiting); retry shortly"))
             return
         try:
             overrides = msgspec.structs.asdict(message.sampling)
@@ -153,9 +158,8 @@ class EngineLoop:
                               events.num_output_tokens[request_id])
             for request_id, reason in events.finish_reasons.items()
         ]
-        for chunk in events.chunks:
-            if chunk.is_last:
-                self._decode_faults.discard(chunk.request_id)
+        for request_id in [c.request_id for c in events.chunks if c.is_last] + [f.request_id for f in failed]:
+            self._decode_faults.discard(request_id)
         stats = protocol.EngineStats(
             num_requests=engine.num_requests + len(self._preparing),
             num_waiting=len(engine.scheduler.waiting) + len(self._preparing),

@@ -3,14 +3,25 @@
 The cache of one layer is a pair of tensors [num_blocks, block_size, num_kv_heads, head_dim]. A batch is T
 flattened tokens; each new token's K/V is written to its slot (block * block_size + offset) and every query
 attends to its own request's positions 0..its own position, gathered through the request's block table.
+
+Decode rows are attended in groups planned once per step (`plan_decode`) and shared by every layer: rows of
+similar context length, few enough that a group's gathered K/V stays in the CPU cache between the gather and
+the attention that reads it. Each row gathers only the blocks its context covers, so a step costs about the
+sum of its rows' context lengths rather than batch size times the longest one.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch.nn import functional as F
+
+# Bytes of K+V one decode group gathers (8192 positions of one 128-dim fp32 KV head): the copy must still be
+# in the CPU cache when attention reads it. Larger groups go to DRAM twice; much smaller ones leave SDPA too
+# few (row, KV head) pairs to spread over the intra-op threads.
+GROUP_BYTES = 8 * 2**20
 
 
 @dataclass(frozen=True)
@@ -24,14 +35,62 @@ class PrefillSpan:
 
 
 @dataclass(frozen=True)
+class DecodeGroup:
+    """Single-token rows attended together over one padded gather of their contexts."""
+
+    token_index: torch.Tensor  # [R] int64: batch index of each row
+    block_ids: torch.Tensor  # [R * num_blocks] int64: each row's first num_blocks blocks, padded with block 0
+    num_blocks: int
+    context_len: int  # positions attended per row: the longest row's context (incl. itself)
+    mask: torch.Tensor | None  # [R, 1, 1, context_len] fp32: 0 visible, -inf past a row's context; None: all see all
+
+
+@dataclass(frozen=True)
 class AttentionMetadata:
     """Where each batch token's K/V goes and what each query may see."""
 
     slot_mapping: torch.Tensor  # [T] int64: flat cache slot of every batch token
-    decode_token_index: torch.Tensor  # [Bd] int64: batch index of each single-token row
-    decode_block_tables: torch.Tensor  # [Bd, max_blocks] int64, padded with 0
-    decode_context_lens: torch.Tensor  # [Bd] int64: positions visible to each decode row (incl. itself)
+    decode_groups: tuple[DecodeGroup, ...]
     prefills: tuple[PrefillSpan, ...]
+
+
+def plan_decode(token_index: Sequence[int], block_tables: Sequence[Sequence[int]], context_lens: Sequence[int],
+                block_size: int, position_bytes: int) -> tuple[DecodeGroup, ...]:
+    """Group decode rows by context length, longest first, each group within GROUP_BYTES of padded K+V.
+
+    `position_bytes` is the K+V of one position in one layer. A row starts a new group when it would overflow
+    the budget or when its context is under half the group's longest, so a group pads at most 2x.
+    """
+    max_positions = GROUP_BYTES // position_bytes
+    order = sorted(range(len(token_index)), key=lambda i: -context_lens[i])
+    groups, start = [], 0
+    for end in range(1, len(order) + 1):
+        longest = context_lens[order[start]]
+        if end < len(order):
+            length = context_lens[order[end]]
+            if (end - start + 1) * longest <= max_positions and 2 * length >= longest:
+                continue
+        groups.append(_decode_group([order[i] for i in range(start, end)], token_index, block_tables,
+                                    context_lens, block_size))
+        start = end
+    return tuple(groups)
+
+
+def _decode_group(rows: list[int], token_index: Sequence[int], block_tables: Sequence[Sequence[int]],
+                  context_lens: Sequence[int], block_size: int) -> DecodeGroup:
+    context_len = context_lens[rows[0]]
+    num_blocks = -(-context_len // block_size)
+    block_ids = []
+    for row in rows:
+        table = list(block_tables[row][:num_blocks])
+        block_ids.extend(table + [0] * (num_blocks - len(table)))
+    mask = None
+    if context_lens[rows[-1]] != context_len:
+        lens = torch.tensor([context_lens[row] for row in rows], dtype=torch.int64)
+        hidden = torch.arange(context_len)[None, :] >= lens[:, None]  # [R, context_len]
+        mask = torch.zeros(hidden.shape).masked_fill_(hidden, float("-inf"))[:, None, None, :]
+    return DecodeGroup(torch.tensor([token_index[row] for row in rows], dtype=torch.int64),
+                       torch.tensor(block_ids, dtype=torch.int64), num_blocks, context_len, mask)
 
 
 def paged_attention(
@@ -47,36 +106,37 @@ def paged_attention(
     k_cache.view(-1, num_kv_heads, head_dim)[meta.slot_mapping] = k
     v_cache.view(-1, num_kv_heads, head_dim)[meta.slot_mapping] = v
     out = torch.empty_like(q)
-    if meta.decode_token_index.numel():
-        out[meta.decode_token_index] = _decode(q[meta.decode_token_index], k_cache, v_cache, meta, scale)
+    for group in meta.decode_groups:
+        out[group.token_index] = _decode(q[group.token_index], k_cache, v_cache, group, scale)
     for span in meta.prefills:
         rows = slice(span.token_start, span.token_start + span.num_tokens)
         out[rows] = _prefill(q[rows], k_cache, v_cache, span, scale)
     return out
 
 
-def _gather(cache: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:
-    """[num_blocks, bs, H, D] gathered by [B, nb] -> [B, H, nb * bs, D]."""
-    batch, num_blocks = block_tables.shape
-    gathered = cache[block_tables]  # [B, nb, bs, H, D]
-    return gathered.reshape(batch, num_blocks * cache.shape[1], cache.shape[2], cache.shape[3]).transpose(1, 2)
+def _gather(cache: torch.Tensor, block_ids: torch.Tensor, num_rows: int) -> torch.Tensor:
+    """[num_blocks, bs, H, D] gathered by [R * nb] block ids -> [R, H, nb * bs, D]."""
+    blocks = cache.view(cache.shape[0], -1).index_select(0, block_ids)  # [R * nb, bs * H * D]
+    return blocks.view(num_rows, -1, cache.shape[2], cache.shape[3]).transpose(1, 2)
 
 
-def _decode(q, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
-    keys = _gather(k_cache, meta.decode_block_tables)  # [Bd, Hkv, L, D]
-    values = _gather(v_cache, meta.decode_block_tables)
-    visible = torch.arange(keys.shape[2])[None, :] < meta.decode_context_lens[:, None]  # [Bd, L]
-    out = F.scaled_dot_product_attention(
-        q[:, :, None, :], keys, values, attn_mask=visible[:, None, None, :], scale=scale,
-        enable_gqa=q.shape[1] != keys.shape[1],
-    )  # [Bd, Hq, 1, D]
-    return out[:, :, 0, :]
+def _decode(q, k_cache, v_cache, group: DecodeGroup, scale: float) -> torch.Tensor:
+    rows, num_heads, head_dim = q.shape
+    num_kv_heads = k_cache.shape[2]
+    keys = _gather(k_cache, group.block_ids, rows)[:, :, :group.context_len]  # [R, Hkv, L, D]
+    values = _gather(v_cache, group.block_ids, rows)[:, :, :group.context_len]
+    # The query heads sharing a KV head attend as that head's queries, so K/V are read once per KV head.
+    grouped = q.view(rows, num_kv_heads, num_heads // num_kv_heads, head_dim)  # [R, Hkv, Hq / Hkv, D]
+    mask = None if group.mask is None else group.mask.to(q.dtype)  # SDPA wants a float mask in q's dtype
+    out = F.scaled_dot_product_attention(grouped, keys, values, attn_mask=mask, scale=scale)
+    return out.view(rows, num_heads, head_dim)
 
 
 def _prefill(q, k_cache, v_cache, span: PrefillSpan, scale: float) -> torch.Tensor:
     context_len = span.start_position + span.num_tokens
-    keys = _gather(k_cache, span.block_table[None])[:, :, :context_len]  # [1, Hkv, C, D]
-    values = _gather(v_cache, span.block_table[None])[:, :, :context_len]
+    num_blocks = -(-context_len // k_cache.shape[1])
+    keys = _gather(k_cache, span.block_table[:num_blocks], 1)[:, :, :context_len]  # [1, Hkv, C, D]
+    values = _gather(v_cache, span.block_table[:num_blocks], 1)[:, :, :context_len]
     query_positions = torch.arange(span.start_position, context_len)
     visible = torch.arange(context_len)[None, :] <= query_positions[:, None]  # [n, C]
     out = F.scaled_dot_product_attention(

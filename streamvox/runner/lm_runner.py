@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from streamvox.batch import ScheduledRow, StepBatch, StepOutput
-from streamvox.layers.attention import AttentionMetadata, PrefillSpan
+from streamvox.layers.attention import AttentionMetadata, PrefillSpan, plan_decode
 from streamvox.models.base import SpeechModel
 from streamvox.runner.sampler import SamplingState, sample
 
@@ -29,6 +29,7 @@ class LMRunner:
         config = model.backbone.config
         shape = (config.num_hidden_layers, 2, num_blocks, block_size, config.num_key_value_heads, config.head_dim)
         self.kv_cache = torch.zeros(shape, dtype=dtype)  # [layers, k/v, blocks, block_size, kv_heads, head_dim]
+        self.position_bytes = 2 * config.num_key_value_heads * config.head_dim * self.kv_cache.element_size()
         self.requests: dict[str, _RunnerRequest] = {}
 
     @staticmethod
@@ -82,13 +83,10 @@ class LMRunner:
             else:
                 table = torch.tensor(row.block_ids, dtype=torch.int64)
                 prefills.append(PrefillSpan(token_start, row.num_tokens, row.start_position, table))
-        width = max((len(t) for t in decode_tables), default=0)
         meta = AttentionMetadata(
             slot_mapping=torch.tensor(slots, dtype=torch.int64),
-            decode_token_index=torch.tensor(decode_index, dtype=torch.int64),
-            decode_block_tables=torch.tensor([list(t) + [0] * (width - len(t)) for t in decode_tables],
-                                             dtype=torch.int64).reshape(len(decode_tables), width),
-            decode_context_lens=torch.tensor(decode_lens, dtype=torch.int64),
+            decode_groups=plan_decode(decode_index, decode_tables, decode_lens, self.block_size,
+                                      self.position_bytes),
             prefills=tuple(prefills),
         )
         return torch.tensor(input_ids, dtype=torch.int64), torch.tensor(positions, dtype=torch.int64), meta

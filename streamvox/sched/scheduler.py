@@ -98,7 +98,7 @@ class Scheduler:
             num_tokens = self._fit(request, budget, self._batch_tokens(rows), cap_s, now)
             if num_tokens == 0:
                 continue
-            if not self._grow(request, num_tokens, now):
+            if not self._grow(request, num_tokens, now, {row.request_id for row in rows}):
                 is_preempted = True
                 continue
             rows.append(self._row(request, num_tokens))
@@ -108,7 +108,7 @@ class Scheduler:
             request = self.waiting[0]
             if self.running and not policy.can_admit(len(self.running), now):
                 break
-            reserved = self.pool.blocks_for(policy.reserved_tokens(request))
+            reserved = min(self.pool.blocks_for(policy.reserved_tokens(request)), self.pool.num_blocks)
             num_tokens = self._fit(request, budget, self._batch_tokens(rows), cap_s, now, is_new=True)
             if num_tokens == 0:
                 break
@@ -120,7 +120,7 @@ class Scheduler:
             request.num_reserved_blocks = reserved
             self.running.append(request)
             policy.on_admit()
-            self._grow(request, num_tokens, now)
+            self._grow(request, num_tokens, now, set())  # never preempts: the blocks were committed above
             if not request.is_known_to_runner:
                 request.is_known_to_runner = True
                 new_requests.append(
@@ -139,11 +139,11 @@ class Scheduler:
         cancelled ones (the canceller already knows)."""
         for row in batch.rows:
             request = self.requests.get(row.request_id)
-            if request is not None and not request.is_finished:
+            if request is not None and request.status is RequestStatus.RUNNING:
                 request.num_computed_tokens = row.start_position + row.num_tokens
         for request_id, is_stop in zip(output.request_ids, output.is_stop, strict=True):
             request = self.requests.get(request_id)
-            if request is None or request.is_finished:
+            if request is None or request.status is not RequestStatus.RUNNING:
                 continue  # cancelled while its step ran
             request.num_output_tokens += 1
             if is_stop or request.num_output_tokens >= request.sampling.max_tokens:
@@ -190,8 +190,9 @@ class Scheduler:
             is_sampled=start + num_tokens == request.num_tokens,
         )
 
-    def _grow(self, request: Request, num_tokens: int, now: float) -> bool:
-        """Give a running `request` blocks for `num_tokens` more positions, preempting others if needed.
+    def _grow(self, request: Request, num_tokens: int, now: float, scheduled_ids: set[str]) -> bool:
+        """Give a running `request` blocks for `num_tokens` more positions, preempting others if needed (never
+        one that already has a row in this step: its blocks are being written).
 
         False when it cannot run this step: it was itself preempted (or finished for capacity).
         """
@@ -202,7 +203,8 @@ class Scheduler:
                 self.running.remove(request)
                 self._finish(request, FinishReason.CAPACITY)
                 return False
-            victim = self.policy.victim(self.running, now)
+            candidates = [r for r in self.running if r.request_id not in scheduled_ids and r is not request]
+            victim = self.policy.victim(candidates, now) if candidates else request
             self._preempt(victim)
             if victim is request:
                 return False

@@ -62,6 +62,11 @@ def create_app(engine_config: EngineConfig, server_config: ServerConfig) -> Fast
     async def http_error(request: Request, error: StarletteHTTPException):
         return _error(ApiError(error.status_code, str(error.detail)))
 
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, error: Exception):
+        logger.exception("unexpected error in %s %s", request.method, request.url.path)
+        return _error(ApiError(500, f"internal error: {type(error).__name__}; the server logged the details"))
+
     @app.get("/health")
     async def health():
         return {"status": "ok"}

@@ -24,12 +24,21 @@ DISCONNECT_POLL_S = 0.2
 class StreamFailedError(Exception):
     """The request failed after its audio had started."""
 
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.status = status
+
 
 def check_speech_input(request: Request, text: str, voice: str | None, sampling: protocol.SamplingOverrides) -> None:
     """ApiError (400) naming what to change for text, voice or sampling values the model cannot take."""
     config = request.app.state.config
     if not text.strip():
         raise ApiError(400, "input is empty; give the text to speak", "input")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ApiError(400, "input is not valid Unicode text (it holds a lone surrogate); fix its encoding",
+                       "input") from None
     if len(text) > config.max_input_chars:
         raise ApiError(400, f"input is {len(text)} characters; the limit is {config.max_input_chars}: split the "
                        "text into several requests", "input")
@@ -68,18 +77,21 @@ class SpeechStream:
         request_id = f"speech-{secrets.token_hex(8)}"
         speech = cls(client, http_request, client.open(request_id, text, voice, sampling))
         try:
-            while True:
+            while True:  # until audio or a failure: a Finished can come first, and commits to nothing
                 try:
                     first = await asyncio.wait_for(speech.stream.queue.get(), DISCONNECT_POLL_S)
-                    break
                 except TimeoutError:
                     if await http_request.is_disconnected():
                         raise ApiError(499, "client closed the request") from None
+                    continue
+                if not isinstance(first, protocol.Finished):
+                    break
+                speech.finished = first
         except BaseException:
             client.close(request_id, cancel=True)
             raise
         if isinstance(first, protocol.Failed):
-            raise ApiError(first.status, first.message)
+            raise ApiError(first.status, first.message, retry_after_s=5 if first.status in (429, 503) else None)
         speech._first = first
         return speech
 
@@ -89,7 +101,7 @@ class SpeechStream:
             event = self._first
             while True:
                 if isinstance(event, protocol.Failed):
-                    raise StreamFailedError(event.message)
+                    raise StreamFailedError(event.message, event.status)
                 if isinstance(event, protocol.Finished):
                     self.finished = event
                 elif isinstance(event, protocol.Audio):

@@ -43,5 +43,5 @@ async def generate(request: Request, text: Annotated[str, Form()], audio: Annota
     try:
         pcm = b"".join([chunk async for chunk in speech_stream.pcm()])
     except StreamFailedError as error:
-        raise ApiError(500, str(error)) from None
+        raise ApiError(error.status, str(error)) from None
     return Response(encode_whole("wav", sample_rate, pcm), media_type="audio/wav")

@@ -135,3 +135,45 @@ def test_a_cancelled_request_returns_its_blocks_by_the_next_step():
     scheduler.cancel("a")
     assert scheduler.schedule(0.01).finished_request_ids == ("a",)
     assert pool.is_full and scheduler.num_committed_blocks == 0
+
+
+@pytest.mark.parametrize("max_tokens", range(17, 23))
+def test_preemption_under_tied_slack_never_shares_blocks_within_a_step(max_tokens):
+    config = SchedulerConfig(policy="streaming")
+    pool = BlockPool(12, 4)
+    scheduler = Scheduler(config, pool, PlaybackTracker(PLAN, config.ttfa_target_s, 0.0))
+    for request_id, prompt_len in (("a", 6), ("b", 9)):  # admitted together, so their slack ties
+        sampling = SamplingParams(max_tokens=max_tokens, ignore_eos=True, seed=0)
+        scheduler.add_request(Request(request_id, tuple(range(prompt_len)), sampling, 0, 4), 0.0)
+    for _ in range(500):
+        if not scheduler.has_unfinished():
+            break
+        batch = scheduler.schedule(0.0)
+        if batch is None:
+            continue
+        owned = [b for row in batch.rows for b in scheduler.requests[row.request_id].block_ids]
+        assert len(owned) == len(set(owned)), "two rows of one step write the same KV block"
+        assert all(scheduler.requests[row.request_id].status.value == "running" for row in batch.rows)
+        sampled = [row.request_id for row in batch.rows if row.is_sampled]
+        scheduler.update(batch, StepOutput(tuple(sampled), (0,) * len(sampled), (False,) * len(sampled)))
+    assert not scheduler.has_unfinished() and pool.is_full
+
+
+@pytest.mark.parametrize("policy", ["streaming", "offline"])
+def test_a_reservation_larger_than_the_pool_does_not_block_the_queue(policy):
+    config = SchedulerConfig(policy=policy)
+    pool = BlockPool(64, 16)
+    scheduler = Scheduler(config, pool, PlaybackTracker(PLAN, config.ttfa_target_s, 0.0))
+    huge = SamplingParams(max_tokens=5000, ignore_eos=True, seed=0)
+    scheduler.add_request(Request("huge", tuple(range(10)), huge, 0), 0.0)
+    scheduler.add_request(Request("small", tuple(range(10)), SamplingParams(max_tokens=5, seed=0), 0), 0.0)
+    finished = {}
+    for _ in range(20_000):
+        batch = scheduler.schedule(0.0)
+        if batch is None:
+            break
+        sampled = [row.request_id for row in batch.rows if row.is_sampled]
+        for request in scheduler.update(batch, StepOutput(tuple(sampled), (0,) * len(sampled),
+                                                          (False,) * len(sampled))):
+            finished[request.request_id] = request.finish_reason.value
+    assert finished == {"huge": "capacity", "small": "length"} and pool.is_full
