@@ -118,6 +118,7 @@ class EngineCore:
         self._codec_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="codec")
         self._codec_batch: _CodecBatch | None = None
         self._last_step: tuple[float, float] | None = None  # (perf_counter at its start, its LM seconds)
+        self._last_codec: tuple[float, float] | None = None  # (perf_counter at dispatch, seconds until done)
         self._lock = threading.RLock()
 
     # -- requests ----------------------------------------------------------------------------------------
@@ -247,7 +248,10 @@ class EngineCore:
         order = policy.codec_order(ready, now)
         pending = self.codec_runner.take_ready(order[: self.config.scheduler.max_codec_batch])
         future = self._codec_thread.submit(self._decode_isolated, pending)
-        self._codec_batch = _CodecBatch(future, pending, time.perf_counter())
+        started = time.perf_counter()
+        if self._last_codec is not None:  # (dispatched at, seconds it took): how busy the codec thread is
+            self.timer.observe_codec_busy(self._last_codec[1], started - self._last_codec[0])
+        self._codec_batch = _CodecBatch(future, pending, started)
 
     def _decode_isolated(self, pending: list[PendingChunk]) -> list[np.ndarray | Exception]:
         """Codec thread: decode the batch; if it raises, decode chunk by chunk so only the bad ones fail."""
@@ -272,6 +276,7 @@ class EngineCore:
         results = codec_batch.future.result()
         self._codec_batch = None
         self.timer.observe_codec(time.perf_counter() - codec_batch.started_s)
+        self._last_codec = (codec_batch.started_s, time.perf_counter() - codec_batch.started_s)
         good = [(p, r) for p, r in zip(codec_batch.pending, results, strict=True) if not isinstance(r, Exception)]
         for chunk, result in zip(codec_batch.pending, results, strict=True):
             if isinstance(result, Exception):

@@ -18,8 +18,8 @@ from streamvox.sched.playback import PlaybackTracker
 from streamvox.sched.request import Request
 from streamvox.sched.timing import StepTimer
 
-SURE_SHARE = 0.5  # streaming: below this share of real time, one more stream is admitted without waiting
-SETTLE_FRAMES = 4  # streaming: frames' worth of steps to measure after an admission near capacity
+SURE_SHARE = 0.3  # streaming: below this share of real time, one more stream is admitted without waiting
+SETTLE_FRAMES = 3  # streaming: frames' worth of steps to measure after an admission near capacity
 
 
 class Policy:
@@ -44,7 +44,7 @@ class Policy:
         """True when the row may be left out of this step if the step would get too long."""
         return False
 
-    def can_admit(self, num_running: int, now: float) -> bool:
+    def can_admit(self, request: Request, num_running: int, now: float) -> bool:
         """Whether one more running request keeps the policy's promises (KV is checked separately)."""
         return True
 
@@ -108,13 +108,17 @@ class StreamingPolicy(OfflinePolicy):
     def is_optional(self, request: Request, now: float) -> bool:
         return self.slack_s(request, now) >= self.config.urgent_slack_s
 
-    def can_admit(self, num_running: int, now: float) -> bool:
-        """Admit while one more stream keeps the predicted step period under real time. Near that limit, admit
-        one at a time and only after the last admission's full cost (prefill, decode, codec) has been measured."""
+    def can_admit(self, request: Request, num_running: int, now: float) -> bool:
+        """Admit while one more stream keeps the predicted step period under real time and the codec thread
+        below saturation. Near the step limit, admit one at a time and only after the last admission's full cost
+        (prefill, decode, codec) has been measured."""
         if num_running == 0 or not self.timer.has_steps:
             return True
         realtime_s = self.playback.plan.realtime_step_s
         predicted_s = self.timer.period_s(num_running + 1)
+        codec_busy = self.timer.codec_busy * (num_running + 1) / num_running  # the codec's load grows per stream
+        if codec_busy > self.config.realtime_headroom:
+            return False
         if predicted_s <= SURE_SHARE * realtime_s:
             return True
         settled = self.timer.num_steps - self._admitted_at_step >= SETTLE_FRAMES * self.playback.plan.lm_steps_per_frame

@@ -106,7 +106,7 @@ class Scheduler:
 
         while self.waiting and budget > 0 and not is_preempted and len(self.running) < self.config.max_num_seqs:
             request = self.waiting[0]
-            if self.running and not policy.can_admit(len(self.running), now):
+            if self.running and not policy.can_admit(request, len(self.running), now):
                 break
             reserved = min(self.pool.blocks_for(policy.reserved_tokens(request)), self.pool.num_blocks)
             num_tokens = self._fit(request, budget, self._batch_tokens(rows), cap_s, now, is_new=True)

@@ -14,6 +14,7 @@ class StepTimer:
         self._codec_s: float | None = None
         self.recent_step_s = 0.0  # moving average of the latest LM steps, whatever their size
         self.overhead = 1.0  # loop period / LM step time: what the rest of the loop and the codec thread add
+        self.codec_busy = 0.0  # share of wall time the codec thread spends decoding
         self.num_steps = 0
 
     def observe_step(self, num_tokens: int, seconds: float) -> None:
@@ -26,6 +27,11 @@ class StepTimer:
         """One loop iteration took `period_s` wall time, of which the LM step was `step_s`."""
         if step_s > 0:
             self.overhead = 0.9 * self.overhead + 0.1 * max(1.0, period_s / step_s)
+
+    def observe_codec_busy(self, busy_s: float, period_s: float) -> None:
+        """Between two codec dispatches `period_s` apart, the codec thread was busy for `busy_s`."""
+        if period_s > 0:
+            self.codec_busy = 0.9 * self.codec_busy + 0.1 * min(1.0, busy_s / period_s)
 
     def period_s(self, num_tokens: int) -> float:
         """Predicted wall time between two LM steps over `num_tokens` tokens, overheads included."""

@@ -96,12 +96,12 @@ def test_a_burst_of_long_prompts_stalls_fcfs_but_not_streaming():
     # four streams have just started playing when four long prompts arrive at once
     arrivals = [(0.02 * i, 12, 420) for i in range(4)] + [(0.25, 300, 140) for _ in range(4)]
     step_s = linear(0.004, 0.00025)
-    fcfs, _ = simulate("fcfs", arrivals, step_s)
-    streaming, min_margin_s = simulate("streaming", arrivals, step_s)
+    fcfs, _ = simulate("fcfs", arrivals, step_s, ttfa_target_s=1.5)
+    streaming, min_margin_s = simulate("streaming", arrivals, step_s, ttfa_target_s=1.5)
     assert sum(s.stalls() for s in fcfs[:4]) > 0, "fcfs runs the whole burst in long steps"
     assert all(s.stalls() == 0 for s in streaming), [s.stalls() for s in streaming]
     assert min_margin_s >= 0, "a running stream's client ran dry"
-    assert max(s.ttfa_s for s in streaming) <= 1.0, [round(s.ttfa_s, 3) for s in streaming]
+    assert max(s.ttfa_s for s in streaming) <= 1.5, [round(s.ttfa_s, 3) for s in streaming]
 
 
 def test_more_streams_than_real_time_allows_stall_fcfs_but_streaming_admits_what_it_can_sustain():
