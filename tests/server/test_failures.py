@@ -144,3 +144,19 @@ def test_two_hundred_random_disconnects_leave_nothing_behind(server):
     stats = wait_idle(server, timeout_s=15)
     assert stats["num_requests"] == 0 and stats["num_free_blocks"] == stats["num_blocks"]
     assert server.ready()["open_streams"] == 0
+
+
+def test_overload_beyond_the_queue_bound_gets_429_with_retry_after(start_server):
+    server = start_server("--max-num-seqs", "1", "--max-queue-len", "2")
+
+    async def run():
+        async with httpx.AsyncClient(base_url=server.url, timeout=120) as client:
+            return await asyncio.gather(*(client.post("/v1/audio/speech", json=speech(seed=i, max_tokens=140))
+                                          for i in range(8)))
+
+    responses = asyncio.run(run())
+    refused = [r for r in responses if r.status_code == 429]
+    served = [r for r in responses if r.status_code == 200]
+    assert len(refused) + len(served) == 8 and len(refused) >= 3 and len(served) >= 1
+    assert all(r.headers["Retry-After"] and "capacity" in r.json()["error"]["message"] for r in refused)
+    assert all(len(r.content) > 0 for r in served)

@@ -158,3 +158,14 @@ def test_text_that_is_not_valid_unicode_is_a_400(server):
     body = b'{"model": "tiny-orpheus", "input": "broken \\ud800 text"}'  # JSON escape of a lone surrogate
     response = httpx.post(f"{server.url}/v1/audio/speech", content=body, headers={"content-type": "application/json"})
     assert response.status_code == 400 and "not valid Unicode" in response.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("fmt", available_formats())
+def test_httpx_streaming_gets_decodable_audio_in_every_format(server, reference, fmt):
+    body = {"model": "tiny-orpheus", "input": TEXT, "response_format": fmt, "seed": 6, "max_tokens": 70}
+    with httpx.stream("POST", f"{server.url}/v1/audio/speech", json=body, timeout=60) as response:
+        assert response.status_code == 200
+        data = b"".join(response.iter_raw())
+    expected = len(reference(TEXT, 6, 70)) // 2
+    tolerance = 0 if fmt in ("pcm", "wav", "flac") else 4096
+    assert abs(decoded_samples(fmt, data) - expected) <= tolerance
