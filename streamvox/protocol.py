@@ -2,7 +2,7 @@
 
 Server -> engine: Submit, Cancel, Shutdown. Engine -> server: EngineReady once it has loaded the model, then one
 StepReport per engine step that produced anything (and at least one per heartbeat interval), EngineFailed if it
-is about to die. Imports nothing from the package but config; no torch.
+is about to die. Imports nothing from the package; no torch.
 """
 
 from __future__ import annotations

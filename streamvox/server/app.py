@@ -15,6 +15,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from streamvox.config import EngineConfig, ServerConfig
 from streamvox.engine.client import EngineClient, EngineUnavailableError
@@ -92,13 +93,36 @@ class BodySizeLimit:
         self.limit_bytes = limit_bytes
 
     async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] == "http":
-            length = dict(scope["headers"]).get(b"content-length", b"")
-            if length.isdigit() and int(length) > self.limit_bytes:
-                message = f"request body is {int(length)} bytes; the limit is {self.limit_bytes}"
-                await _error(ApiError(413, message))(scope, receive, send)
-                return
-        await self.app(scope, receive, send)
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        length = dict(scope["headers"]).get(b"content-length", b"")
+        if length.isdigit() and int(length) > self.limit_bytes:
+            message = f"request body is {int(length)} bytes; the limit is {self.limit_bytes}"
+            await _error(ApiError(413, message))(scope, receive, send)
+            return
+        received, is_over, is_started = 0, False, False
+
+        async def counting_receive():  # a body sent without a length (chunked) is counted as it arrives
+            nonlocal received, is_over
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.limit_bytes:
+                is_over = True
+                return {"type": "http.disconnect"}  # the app stops reading; the 413 is sent below
+            return message
+
+        async def tracking_send(message):
+            nonlocal is_started
+            if not is_over:  # once over the limit, whatever the app answers is replaced by the 413
+                is_started |= message["type"] == "http.response.start"
+                await send(message)
+
+        with contextlib.suppress(ClientDisconnect):
+            await self.app(scope, counting_receive, tracking_send)
+        if is_over and not is_started:
+            message = f"request body is over the limit of {self.limit_bytes} bytes"
+            await _error(ApiError(413, message))(scope, receive, send)
 
 
 def _error(error: ApiError) -> JSONResponse:

@@ -133,6 +133,10 @@ def test_bad_forms_and_uploads_are_refused(server):
     response = httpx.post(f"{server.url}/generate", data={"text": TEXT}, files={"audio": ("a.wav", big)})
     assert response.status_code == 413
     assert httpx.post(f"{server.url}/generate", data={}).status_code == 422
+    chunked = (b"x" * 2**20 for _ in range(12))  # no Content-Length: counted as it arrives
+    response = httpx.post(f"{server.url}/v1/audio/speech", content=chunked, timeout=30,
+                          headers={"content-type": "application/json"})
+    assert response.status_code == 413 and "limit" in response.json()["error"]["message"]
     response = httpx.post(f"{server.url}/v1/audio/speech", content=b"{not json", timeout=10,
                           headers={"content-type": "application/json"})
     assert response.status_code == 422
