@@ -58,7 +58,6 @@ class StepEvents:
     num_output_tokens: dict[str, int] = field(default_factory=dict)  # of the requests in finish_reasons
     num_prompt_tokens: dict[str, int] = field(default_factory=dict)  # of the requests in finish_reasons
     sampled: list[tuple[str, int]] = field(default_factory=list)  # (request_id, token_id) sampled this step
-    num_tokens: int = 0  # LM tokens the step computed
     num_rows: int = 0  # requests in the LM step
     step_s: float = 0.0  # wall time of the LM step
 
@@ -209,7 +208,7 @@ class EngineCore:
         if batch.rows:
             self.timer.observe_step(batch.num_tokens, events.step_s)
         self._last_step = (started, events.step_s) if batch.rows else None
-        events.num_tokens, events.num_rows = batch.num_tokens, len(batch.rows)
+        events.num_rows = len(batch.rows)
         for request in self.scheduler.update(batch, output):
             events.finish_reasons[request.request_id] = request.finish_reason
             events.num_output_tokens[request.request_id] = request.num_output_tokens

@@ -4,7 +4,7 @@ Chunk readiness: chunk boundaries fall after `first_chunk_frames`, then every `f
 frames up to a boundary is ready when `lookahead_frames` more frames exist. A request's next chunk covers every
 boundary that is ready (so a codec that falls behind catches up in bigger chunks); at the end of speech whatever
 is left is ready. A request has at most one chunk in flight, so a stateful codec never sees two of its chunks in
-one batch. `take_ready` / `complete` split a decode so it can run on another thread.
+one batch. `take_ready` -> `decode` (any thread) -> `complete` lets the codec run beside the LM.
 """
 
 from __future__ import annotations
@@ -119,11 +119,6 @@ class CodecRunner:
         """Forget in-flight work whose decode failed (the caller fails those requests)."""
         for chunk in pending:
             self.requests.pop(chunk.request_id, None)
-
-    def decode_ready(self) -> list[AudioChunk]:
-        """Decode every ready chunk (at most one per request) in one batch, on this thread."""
-        pending = self.take_ready([request_id for request_id, _, _ in self.ready()])
-        return self.complete(pending, self.decode(pending))
 
     def _ready_end(self, request: _CodecRequest) -> int | None:
         """End frame of the request's next chunk if one is ready, else None."""

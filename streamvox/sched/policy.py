@@ -48,6 +48,9 @@ class Policy:
         """Whether one more running request keeps the policy's promises (KV is checked separately)."""
         return True
 
+    def begin_step(self) -> None:
+        """A new schedule() starts: request counts may have changed since the last one."""
+
     def on_admit(self) -> None:
         """A request was just admitted."""
 
@@ -80,20 +83,26 @@ class OfflinePolicy(Policy):
 class StreamingPolicy(OfflinePolicy):
     name = "streaming"
     _admitted_at_step = -(10**9)
+    _timings: dict[str, tuple[float, float]] = {}
+
+    def begin_step(self) -> None:
+        self._timings: dict[str, tuple[float, float]] = {}
+
+    def _timing(self, request: Request, now: float) -> tuple[float, float]:
+        """(slack, tolerance) of a request, computed once per step. Slack: seconds to spare before its next
+        chunk is late at the measured step and codec times. Tolerance: the longest step that still gets that
+        chunk out on time."""
+        timing = self._timings.get(request.request_id)
+        if timing is None:
+            covered, steps = self.playback.plan.next_chunk(request.num_output_tokens)
+            steps += request.num_pending_tokens > 1  # prefill still to run: one more step
+            time_left_s = self.playback.deadline_s(request.request_id, covered) - now - 2 * self.timer.codec_s
+            timing = (time_left_s - steps * self.timer.period_s(1), time_left_s / steps)
+            self._timings[request.request_id] = timing
+        return timing
 
     def slack_s(self, request: Request, now: float) -> float:
-        """Seconds to spare before the request's next chunk is late, at the measured step and codec times."""
-        covered, steps = self.playback.plan.next_chunk(request.num_output_tokens)
-        if request.num_pending_tokens > 1:  # prefill still to run: count it as one step
-            steps += 1
-        deadline = self.playback.deadline_s(request.request_id, covered)
-        return deadline - now - steps * self.timer.period_s(1) - 2 * self.timer.codec_s
-
-    def _tolerance_s(self, request: Request, now: float) -> float:
-        """The longest step time that still gets the request's next chunk out on time."""
-        covered, steps = self.playback.plan.next_chunk(request.num_output_tokens)
-        deadline = self.playback.deadline_s(request.request_id, covered)
-        return (deadline - now - 2 * self.timer.codec_s) / (steps + (request.num_pending_tokens > 1))
+        return self._timing(request, now)[0]
 
     def rank(self, running: list[Request], now: float) -> list[Request]:
         return sorted(running, key=lambda r: self.slack_s(r, now))
@@ -103,7 +112,7 @@ class StreamingPolicy(OfflinePolicy):
         if not urgent or not self.timer.has_steps:
             return math.inf
         floor = self.timer.period_s(sum(min(r.num_pending_tokens, 1) for r in urgent))
-        return max(floor, min(self._tolerance_s(r, now) for r in urgent))
+        return max(floor, min(self._timing(r, now)[1] for r in urgent))
 
     def is_optional(self, request: Request, now: float) -> bool:
         return self.slack_s(request, now) >= self.config.urgent_slack_s

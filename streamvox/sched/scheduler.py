@@ -84,6 +84,7 @@ class Scheduler:
     def schedule(self, now: float) -> StepBatch | None:
         """The next step's work, or None when there is nothing to do."""
         policy = self.policy
+        policy.begin_step()
         cap_s = policy.step_cap_s(self.running, now)
         budget = self.config.max_num_batched_tokens
         rows: list[ScheduledRow] = []
@@ -151,10 +152,6 @@ class Scheduler:
                 self._finish(request, FinishReason.STOP if is_stop else FinishReason.LENGTH)
         finished, self._newly_finished = self._newly_finished, []
         return finished
-
-    def fail(self, request_id: str) -> None:
-        """Finish a request that raised; it is reported like a cancelled one (the engine tells the client)."""
-        self.cancel(request_id)
 
     # -- helpers ---------------------------------------------------------------------------------------
 

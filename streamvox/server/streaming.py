@@ -11,6 +11,7 @@ import asyncio
 import secrets
 from collections.abc import AsyncIterator
 
+import msgspec
 from fastapi import Request
 
 from streamvox import protocol
@@ -47,13 +48,9 @@ def check_speech_input(request: Request, text: str, voice: str | None, sampling:
         raise ApiError(400, f"unknown voice {voice!r}; choose one of: {', '.join(info.voices)} "
                        "(GET /v1/audio/voices lists them)", "voice")
     try:
-        SamplingParams(**{k: v for k, v in _fields(sampling).items() if v is not None}).validate()
+        SamplingParams(**{k: v for k, v in msgspec.structs.asdict(sampling).items() if v is not None}).validate()
     except (TypeError, ValueError) as error:
         raise ApiError(400, str(error)) from None
-
-
-def _fields(sampling: protocol.SamplingOverrides) -> dict:
-    return {name: getattr(sampling, name) for name in sampling.__struct_fields__}
 
 
 class SpeechStream:
