@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from streamvox.layers.attention import AttentionMetadata, paged_attention
+from streamvox.layers.linear import Linear
 from streamvox.layers.mlp import GatedMLP
 from streamvox.layers.norm import RMSNorm
 from streamvox.layers.rotary import RotaryEmbedding
@@ -62,10 +63,10 @@ class LlamaAttention(nn.Module):
         self.num_heads, self.num_kv_heads = config.num_attention_heads, config.num_key_value_heads
         self.head_dim = config.head_dim
         hidden, q_dim, kv_dim = config.hidden_size, self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        self.q_proj = nn.Linear(hidden, q_dim, bias=False)
-        self.k_proj = nn.Linear(hidden, kv_dim, bias=False)
-        self.v_proj = nn.Linear(hidden, kv_dim, bias=False)
-        self.o_proj = nn.Linear(q_dim, hidden, bias=False)
+        self.q_proj = Linear(hidden, q_dim, bias=False)
+        self.k_proj = Linear(hidden, kv_dim, bias=False)
+        self.v_proj = Linear(hidden, kv_dim, bias=False)
+        self.o_proj = Linear(q_dim, hidden, bias=False)
 
     def forward(self, x, positions, rotary, meta: AttentionMetadata, kv: tuple[torch.Tensor, torch.Tensor]):
         tokens = x.shape[0]
@@ -106,7 +107,7 @@ class LlamaForCausalLM(nn.Module):
         super().__init__()
         self.config = config
         self.model = LlamaModel(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 

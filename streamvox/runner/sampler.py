@@ -1,7 +1,13 @@
 """Per-request token sampling for a batch of logits rows.
 
-Every row has its own parameters, its own torch.Generator and its own token history, so one request's
-seed or history never changes another's result, and a row samples the same token alone or in any batch.
+Every row has its own parameters, its own random stream and its own token history, so one request's seed or
+history never changes another's result, and a row samples the same token alone or in any batch.
+
+The draw is an exponential race: every kept token gets its own uniform number, a hash of (seed, step, token
+id), and the token with the largest p / -log(u) wins, which picks each token with probability p. A batch
+changes float sums in the last bits; with an inverse-CDF draw those errors add up along the cumulative sum and
+the ordering of near-equal logits, so a seeded request would pick another token now and then under load. With
+the race a tiny error changes the pick only when the two best scores nearly tie, which is far rarer.
 """
 
 from __future__ import annotations
@@ -17,8 +23,12 @@ class SamplingState:
     def __init__(self, params: SamplingParams) -> None:
         assert params.seed is not None, "the engine resolves seeds before requests reach the runner"
         self.params = params
-        self.generator = torch.Generator().manual_seed(params.seed)
         self.history: list[int] = []
+
+    def step_key(self) -> int:
+        """The 32-bit key of this request's next draw: its seed and how many tokens it has sampled."""
+        seed = self.params.seed
+        return _mix32(_mix32((seed ^ _mix32(seed >> 32)) & _MASK32) ^ len(self.history))
 
     def penalised_ids(self) -> list[int]:
         window = self.params.repetition_window
@@ -87,7 +97,22 @@ def _sample_filtered(logits: torch.Tensor, states: list[SamplingState]) -> list[
     mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
     drop = (mass_before > top_p) | (sorted_probs < min_p * sorted_probs[:, :1])  # top-k cut is zero already
     drop[:, 0] = False  # the most likely token always survives
-    cdf = sorted_probs.masked_fill(drop, 0.0).cumsum(dim=-1)  # [S, K], unnormalised
-    uniform = torch.cat([torch.rand(1, generator=s.generator) for s in states])[:, None]  # one draw per row
-    position = torch.searchsorted(cdf, uniform * cdf[:, -1:]).clamp(max=cdf.shape[1] - 1)
+    kept = sorted_probs.masked_fill(drop, 0.0)
+    keys = torch.tensor([s.step_key() for s in states], dtype=torch.int64)[:, None]
+    uniform = ((_mix32(_mix32(keys ^ order) ^ keys) >> 8).to(torch.float32) + 0.5) / 2**24  # (0, 1), per token id
+    position = (kept / -uniform.log()).argmax(dim=-1, keepdim=True)
     return order.gather(1, position)[:, 0].tolist()
+
+
+_MASK32 = 0xFFFFFFFF
+
+
+def _mix32(x):
+    """A 32-bit integer hash (xor-shift-multiply rounds) of an int or int64 tensor holding values below 2**32.
+
+    The multiplier is under 2**27, so products stay inside int64."""
+    x = x ^ (x >> 16)
+    x = (x * 0x45D9F3B) & _MASK32
+    x = x ^ (x >> 16)
+    x = (x * 0x45D9F3B) & _MASK32
+    return x ^ (x >> 16)
