@@ -18,6 +18,8 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--model", default="tiny-orpheus", help="checkpoint directory, hub id, or tiny-orpheus")
     serve.add_argument("--codec", default=None, help="codec directory or hub id (default: the family's)")
     serve.add_argument("--dtype", default="float32")
+    serve.add_argument("--engine", choices=["streamvox", "naive"], default="streamvox",
+                       help="naive: the one-request-at-a-time transformers + codec-package baseline, for benchmarks")
     serve.add_argument("--num-threads", type=int, default=0, help="torch CPU threads (default: half the cores)")
     for config_type in (ServerConfig, SchedulerConfig, CacheConfig):
         _add_flags(serve, config_type)
@@ -79,7 +81,8 @@ def _serve(args) -> int:
 
     scheduler = _from_flags(SchedulerConfig, args)
     scheduler.validate()
-    engine = EngineConfig(model=args.model, codec=args.codec, dtype=args.dtype, num_threads=args.num_threads,
+    engine = EngineConfig(model=args.model, engine=args.engine, codec=args.codec, dtype=args.dtype,
+                          num_threads=args.num_threads,
                           cache=_from_flags(CacheConfig, args), scheduler=scheduler)
     server = _from_flags(ServerConfig, args)
     if args.model.startswith("tiny-"):

@@ -98,6 +98,7 @@ class EngineConfig:
     """Everything needed to build an engine."""
 
     model: str = "tiny-orpheus"  # a directory, a hub id, or a tiny-* name
+    engine: str = "streamvox"  # or "naive": the one-request-at-a-time baseline (streamvox/engine/naive.py)
     codec: str | None = None  # codec directory or hub id; None = the family's default
     dtype: str = "float32"
     num_threads: int = 0  # CPU threads for torch ops; 0 = half the cores (the codec thread runs beside the LM)

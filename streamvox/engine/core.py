@@ -92,6 +92,19 @@ def audio_plan(model: SpeechModel) -> AudioPlan:
                      chunking.first_chunk_frames, chunking.frames_per_chunk, chunking.lookahead_frames)
 
 
+def check_request(model: SpeechModel, text: str, voice: str | None, sampling: SamplingParams | None) -> SamplingParams:
+    """Validate a request before it is prepared; returns its sampling with a seed. ValueError says what to
+    change."""
+    if not text or not text.strip():
+        raise ValueError("text is empty; give at least one word to speak")
+    model.resolve_voice(voice)
+    sampling = sampling or model.default_sampling
+    sampling.validate()
+    if sampling.seed is None:
+        sampling = sampling.replace(seed=secrets.randbelow(2**63))
+    return sampling
+
+
 class EngineCore:
     def __init__(self, model: SpeechModel, config: EngineConfig | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
@@ -123,16 +136,7 @@ class EngineCore:
     # -- requests ----------------------------------------------------------------------------------------
 
     def check_request(self, text: str, voice: str | None, sampling: SamplingParams | None) -> SamplingParams:
-        """Validate a request before it is prepared; returns its sampling with a seed. ValueError says what
-        to change."""
-        if not text or not text.strip():
-            raise ValueError("text is empty; give at least one word to speak")
-        self.model.resolve_voice(voice)
-        sampling = sampling or self.model.default_sampling
-        sampling.validate()
-        if sampling.seed is None:
-            sampling = sampling.replace(seed=secrets.randbelow(2**63))
-        return sampling
+        return check_request(self.model, text, voice, sampling)
 
     def expected_tokens(self, text: str) -> int:
         """LM steps the speech of `text` is expected to take, with a margin (sizes its KV reservation)."""

@@ -195,14 +195,22 @@ def main(argv: list[str] | None = None) -> None:
     push.connect(args.output)
     try:
         config = msgspec.json.decode(args.config, type=EngineConfig)
-        engine = EngineCore(load_model(config.model, config.codec, config.dtype), config)
+        if config.engine == "naive":
+            from streamvox.engine.naive import NaiveEngine, NaiveLoop
+
+            engine = NaiveEngine(config)
+        else:
+            engine = EngineCore(load_model(config.model, config.codec, config.dtype), config)
         engine.warm_up()
         model = engine.model
         push.send(protocol.encode(protocol.EngineReady(
             config.model, model.family, model.timing.sample_rate, list(model.voices), model.default_voice,
-            model.is_random_weights, config.scheduler.policy, os.getpid(),
+            model.is_random_weights, "naive" if config.engine == "naive" else config.scheduler.policy, os.getpid(),
         )))
-        EngineLoop(engine, pull, push, FaultInjection.from_env()).run()
+        if config.engine == "naive":
+            NaiveLoop(engine, config, pull, push, args.output, context).run()
+        else:
+            EngineLoop(engine, pull, push, FaultInjection.from_env()).run()
     except BaseException as error:  # report our own death, whatever it is
         message = "".join(traceback.format_exception_only(error)).strip()
         logger.error("engine failed: %s\n%s", message, traceback.format_exc())

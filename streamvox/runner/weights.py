@@ -90,14 +90,15 @@ def load_model(name: str, codec: str | None = None, dtype: str = "float32") -> S
     tokenizer_path = path / "tokenizer.json"
     if not tokenizer_path.exists():
         raise FileNotFoundError(f"{path} has no tokenizer.json (the tokenizer is read with `tokenizers`)")
-    codec_dir = resolve_checkpoint(codec) if codec else _default_codec(path, family)
+    codec_dir = resolve_checkpoint(codec) if codec else default_codec_dir(path, family)
     torch_dtype = getattr(torch, dtype, None)
     if not isinstance(torch_dtype, torch.dtype):
         raise ValueError(f"unknown dtype {dtype!r}; use float32, bfloat16 or float16")
     return FAMILIES[family].from_parts(config, read_state_dict(path), tokenizer_path, codec_dir, torch_dtype)
 
 
-def _default_codec(path: Path, family: str) -> Path:
+def default_codec_dir(path: Path, family: str) -> Path:
+    """The family's codec: a subdirectory of the checkpoint if it has one, else the publisher's hub id."""
     subdir, hub_id = CODEC_DEFAULTS[family]
     local = path / subdir
     return local if local.is_dir() else resolve_checkpoint(hub_id)

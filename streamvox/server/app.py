@@ -76,6 +76,7 @@ def create_app(engine_config: EngineConfig, server_config: ServerConfig) -> Fast
     async def ready():
         body = {"ready": client.is_ready, "status": client.status, "restarts": client.num_restarts,
                 "engine_pid": client.engine_pid, "open_streams": client.num_open_streams,
+                "policy": client.info.policy if client.info is not None else None,
                 "engine": msgspec.structs.asdict(client.stats) if client.stats is not None else None}
         if client.is_ready:
             return body

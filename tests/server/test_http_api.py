@@ -100,7 +100,9 @@ def test_sixteen_concurrent_streams_each_get_exactly_their_audio_as_it_is_made(s
     results = asyncio.run(run())
     for i, (data, arrivals) in enumerate(results):
         assert same_audio(data, reference(texts[i], 100 + i, 140)), f"stream {i} differs from the engine's audio"
-        assert len(arrivals) > 5, "audio must arrive in many pieces"
+        # the first chunk is one frame; later frames are held back while the client has over a second of audio,
+        # so a 1.7 s stream may come in as few as three pieces
+        assert len(arrivals) >= 3, "audio must arrive in several pieces, as it is made"
         assert arrivals[0][1] < 0.5 * len(data), "the first piece must hold only the start of the audio"
         # after the first chunk, the other ~110 of 140 steps take over 0.5 s even alone (5 ms a step at best)
         assert arrivals[-1][0] - arrivals[0][0] > 0.25, "the first chunk must arrive well before the last is made"
