@@ -1,4 +1,4 @@
-"""Command line: `streamvox serve | synth | make-tiny | bench`."""
+"""Command line: `streamvox serve | synth | batch | make-tiny | bench`."""
 
 from __future__ import annotations
 
@@ -37,6 +37,14 @@ def main(argv: list[str] | None = None) -> int:
     synth.add_argument("--repetition-penalty", type=float, default=None)
     synth.add_argument("--max-tokens", type=int, default=None)
 
+    batch = commands.add_parser("batch", help="speak every line of a JSONL file into audio files (resumable)")
+    batch.add_argument("texts", help='JSONL, one object a line: {"id": "intro", "text": "Hello."} (id, voice, '
+                                     "seed, max_tokens optional)")
+    batch.add_argument("--out", required=True, help="directory for the audio files and manifest.jsonl")
+    batch.add_argument("--model", default="tiny-orpheus", help="checkpoint directory, hub id, or tiny-orpheus")
+    batch.add_argument("--format", default="wav", help="wav, flac, mp3, opus, aac or pcm")
+    batch.add_argument("--max-num-seqs", type=int, default=32, help="requests generated at once")
+
     tiny = commands.add_parser("make-tiny", help="write a random-weight test checkpoint in the publisher layout")
     tiny.add_argument("family", choices=["orpheus"])
     tiny.add_argument("directory")
@@ -44,18 +52,33 @@ def main(argv: list[str] | None = None) -> int:
     tiny.add_argument("--shards", type=int, default=1, help="number of safetensors shards")
 
     bench = commands.add_parser("bench", help="benchmarks (print a table, write JSON and a plot)")
-    bench.add_argument("name", choices=["throughput", "streams"])
+    bench.add_argument("name", choices=["serve", "offline", "streams"])
     bench.add_argument("--model", default="tiny-orpheus")
-    bench.add_argument("--batch-sizes", default="1,8,32", help="throughput: batch sizes")
-    bench.add_argument("--max-tokens", type=int, default=None, help="tokens per request (throughput 140, streams 280)")
+    bench.add_argument("--batch-sizes", default="1,8,32", help="offline: requests at once")
+    bench.add_argument("--max-tokens", type=int, default=None, help="tokens per request (offline 280, streams 280)")
     bench.add_argument("--policies", default="streaming,fcfs", help="streams: scheduling policies to compare")
     bench.add_argument("--streams", default="1,4,8,16", help="streams: concurrency levels")
     bench.add_argument("--rounds", type=int, default=2, help="streams: requests each client sends in turn")
+    bench.add_argument("--url", action="append", default=[],
+                       help="serve: a running server, as URL or NAME=URL (repeatable)")
+    bench.add_argument("--systems", default="",
+                       help="serve: local servers to start one at a time: streaming, fcfs, offline, naive")
+    bench.add_argument("--rates", default="0.05,0.1,0.2,0.5,1,1.5,2,3", help="serve: arrival rates (req/s)")
+    bench.add_argument("--num-requests", type=int, default=24, help="serve: requests per rate")
+    bench.add_argument("--burstiness", type=float, default=1.0, help="serve: Gamma shape (1 = Poisson)")
+    bench.add_argument("--seed", type=int, default=0)
+    bench.add_argument("--slo", type=float, default=0.5, help="serve: p90 TTFA target (s)")
+    bench.add_argument("--prebuffer", type=float, default=0.0, help="serve: client prebuffer (s)")
+    bench.add_argument("--api", choices=["openai", "generate"], default="openai",
+                       help="serve: /v1/audio/speech or VoxServe's /generate form")
+    bench.add_argument("--tokens-per-second", type=float, default=82.0,
+                       help="serve: LM tokens per second of audio, for max_tokens (Orpheus: 82)")
     bench.add_argument("--out", default="bench-results")
 
     args = parser.parse_args(argv)
     try:
-        return {"serve": _serve, "synth": _synth, "make-tiny": _make_tiny, "bench": _bench}[args.command](args)
+        commands = {"serve": _serve, "synth": _synth, "batch": _batch, "make-tiny": _make_tiny, "bench": _bench}
+        return commands[args.command](args)
     except (ValueError, FileNotFoundError) as error:
         print(f"streamvox: error: {error}", file=sys.stderr)
         return 2
@@ -116,6 +139,13 @@ def _synth(args) -> int:
     return 0
 
 
+def _batch(args) -> int:
+    from streamvox.jobs import run_batch
+
+    summary = run_batch(args.texts, args.out, args.model, args.format, args.max_num_seqs)
+    return 1 if summary["failed"] else 0
+
+
 def _make_tiny(args) -> int:
     from streamvox.models.registry import TINY_WRITERS
 
@@ -125,16 +155,28 @@ def _make_tiny(args) -> int:
 
 
 def _bench(args) -> int:
+    if args.name == "serve":
+        from streamvox.bench.serve import SYSTEMS, LoadSpec, run_serve
+
+        systems = [name for name in args.systems.split(",") if name]
+        unknown = set(systems) - set(SYSTEMS)
+        if unknown or not (systems or args.url):
+            raise ValueError(f"give --url or --systems from {sorted(SYSTEMS)} (unknown: {sorted(unknown)})")
+        targets = dict(url.split("=", 1) if "=" in url else ("server", url) for url in args.url)
+        spec = LoadSpec(tuple(float(rate) for rate in args.rates.split(",")), args.num_requests, args.burstiness,
+                        args.seed, args.slo, args.prebuffer, args.api, args.tokens_per_second)
+        run_serve(spec, args.out, targets, systems, args.model)
+        return 0
     if args.name == "streams":
         from streamvox.bench.streams import run_streams
 
         levels = [int(level) for level in args.streams.split(",")]
         run_streams(args.model, args.policies.split(","), levels, args.rounds, args.max_tokens or 280, args.out)
         return 0
-    from streamvox.bench.throughput import run_throughput
+    from streamvox.bench.offline import run_offline
 
     sizes = [int(size) for size in args.batch_sizes.split(",")]
-    run_throughput(args.model, sizes, args.max_tokens or 140, args.out)
+    run_offline(args.model, sizes, args.max_tokens or 280, args.out)
     return 0
 
 

@@ -78,14 +78,14 @@ class SchedulerConfig:
     client_prebuffer_s: float = 0.0  # audio a client buffers before it starts playing
     urgent_slack_s: float = 1.0  # streaming: a request with less slack than this is urgent
     realtime_headroom: float = 0.85  # streaming: admit while the predicted step time <= this share of real time
-    max_codec_batch: int = 32  # chunks decoded in one codec call
+    max_codec_frames: int = 8  # frames decoded in one codec call (on CPU a frame costs least at about 8)
     max_chunk_s: float = 0.7  # streaming: a chunk is decoded once it holds this much audio, due or not
     codec_hold_margin_s: float = 1.0  # streaming: decode once the client has less than this (+ codec time) left
 
     def validate(self) -> None:
         if self.policy not in POLICIES:
             raise ValueError(f"unknown policy {self.policy!r}; choose one of: {', '.join(POLICIES)}")
-        if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1 or self.max_codec_batch < 1:
+        if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1 or self.max_codec_frames < 1:
             raise ValueError(f"a step must take >= 1 request, >= 1 token and >= 1 chunk, got {self}")
         if self.max_queue_len < 0 or self.ttfa_target_s <= 0 or self.client_prebuffer_s < 0:
             raise ValueError("max_queue_len and client_prebuffer_s must be >= 0 and ttfa_target_s > 0")

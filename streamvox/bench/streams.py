@@ -10,15 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import httpx
 
+from streamvox.bench.local_server import LocalServer
 from streamvox.bench.metrics import StreamTimeline, percentile, stalls
 
 SENTENCES = [
@@ -35,7 +32,7 @@ def run_streams(model: str, policies: list[str], levels: list[int], rounds: int,
                 out_dir: str, extra_flags: list[str] | None = None) -> list[dict]:
     rows = []
     for policy in policies:
-        with _Server(model, policy, extra_flags or []) as url:
+        with LocalServer(model, ["--policy", policy, *(extra_flags or [])]) as url:
             sample_rate = httpx.get(f"{url}/v1/models").json()["data"][0]["sample_rate"]
             for level in levels:
                 timelines = asyncio.run(_level(url, level, rounds, max_tokens, sample_rate))
@@ -116,37 +113,3 @@ def _report(rows: list[dict], out_dir: str, meta: dict) -> None:
     fig.tight_layout()
     fig.savefig(out / "streams.png", dpi=120)
     print(f"wrote {out / 'streams.json'} and {out / 'streams.png'}")
-
-
-class _Server:
-    """A `streamvox serve` subprocess on a free 127.0.0.1 port, stopped on exit."""
-
-    def __init__(self, model: str, policy: str, flags: list[str]) -> None:
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            self.port = sock.getsockname()[1]
-        self.command = [sys.executable, "-m", "streamvox.cli", "serve", "--model", model, "--policy", policy,
-                        "--host", "127.0.0.1", "--port", str(self.port), *flags]
-
-    def __enter__(self) -> str:
-        self.process = subprocess.Popen(self.command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                        env=os.environ.copy())
-        url = f"http://127.0.0.1:{self.port}"
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"the server exited with code {self.process.returncode}: {self.command}")
-            try:
-                if httpx.get(f"{url}/ready", timeout=2).json().get("ready"):
-                    return url
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        raise TimeoutError("the server did not become ready in 300 s")
-
-    def __exit__(self, *exc) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()

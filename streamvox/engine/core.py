@@ -81,6 +81,9 @@ class _CodecBatch:
     started_s: float
 
 
+CODEC_BATCHES_IN_FLIGHT = 2
+
+
 def codec_seed_for(seed: int) -> int:
     """The codec-noise seed of a request, derived from its sampling seed (so one seed fixes all its audio)."""
     return (seed * 6364136223846793005 + 1442695040888963407) % 2**63
@@ -128,10 +131,12 @@ class EngineCore:
         self.lm_runner = LMRunner(model, num_blocks, cache.block_size, dtype)
         self.codec_runner = CodecRunner(model)
         self._codec_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="codec")
-        self._codec_batch: _CodecBatch | None = None
+        self._codec_batches: deque[_CodecBatch] = deque()  # dispatched, in order; the codec thread runs them
         self._last_step: tuple[float, float] | None = None  # (perf_counter at its start, its LM seconds)
-        self._last_codec: tuple[float, float] | None = None  # (perf_counter at dispatch, seconds until done)
+        self._last_dispatch: tuple[float, float] | None = None  # (perf_counter, codec_busy_s) at the last dispatch
         self._lock = threading.RLock()
+        self.lm_busy_s = 0.0  # totals since start: LM step time, and codec time (on its own thread)
+        self.codec_busy_s = 0.0
 
     # -- requests ----------------------------------------------------------------------------------------
 
@@ -148,7 +153,7 @@ class EngineCore:
                     expected_tokens: int = 0) -> None:
         """Queue a prepared request. ValueError if it cannot be served; QueueFullError at the queue bound."""
         with self._lock:
-            in_flight = {c.request_id for c in self._codec_batch.pending} if self._codec_batch else set()
+            in_flight = {c.request_id for b in self._codec_batches for c in b.pending}
             if request_id in self.codec_runner.requests or request_id in self.scheduler.requests or \
                     request_id in in_flight:
                 raise ValueError(f"request id {request_id!r} is still in use; pick another")
@@ -198,7 +203,7 @@ class EngineCore:
             if batch is not None:
                 self._run_lm(batch, events)
             self._dispatch_codec()
-            if (batch is None or not batch.rows) and self._codec_batch is not None and not events.chunks:
+            if (batch is None or not batch.rows) and self._codec_batches and not events.chunks:
                 self._collect_codec(events, wait=True)
                 self._dispatch_codec()
             return events
@@ -209,6 +214,7 @@ class EngineCore:
             self.timer.observe_period(started - self._last_step[0], self._last_step[1])
         output = self._execute_isolated(batch, events)
         events.step_s = time.perf_counter() - started
+        self.lm_busy_s += events.step_s
         if batch.rows:
             self.timer.observe_step(batch.num_tokens, events.step_s)
         self._last_step = (started, events.step_s) if batch.rows else None
@@ -240,8 +246,9 @@ class EngineCore:
                             for name in ("request_ids", "token_ids", "is_stop")))
 
     def _dispatch_codec(self) -> None:
-        """Hand the ready chunks, most urgent first, to the codec thread if it is idle."""
-        if self._codec_batch is not None:
+        """Hand the ready chunks, most urgent first, to the codec thread. One batch may wait behind the one
+        being decoded, so the codec thread goes from one to the next without waiting for the LM step to end."""
+        if len(self._codec_batches) >= CODEC_BATCHES_IN_FLIGHT:
             return
         policy, now = self.scheduler.policy, self.clock()
         ready = [request_id for request_id, num_frames, is_final in self.codec_runner.ready()
@@ -249,14 +256,23 @@ class EngineCore:
         if not ready:
             return
         order = policy.codec_order(ready, now)
-        pending = self.codec_runner.take_ready(order[: self.config.scheduler.max_codec_batch])
+        pending = self.codec_runner.take_ready(order, self.config.scheduler.max_codec_frames)
         future = self._codec_thread.submit(self._decode_isolated, pending)
         started = time.perf_counter()
-        if self._last_codec is not None:  # (dispatched at, seconds it took): how busy the codec thread is
-            self.timer.observe_codec_busy(self._last_codec[1], started - self._last_codec[0])
-        self._codec_batch = _CodecBatch(future, pending, started)
+        if self._last_dispatch is not None:  # how busy the codec thread was since the last dispatch
+            at, busy_s = self._last_dispatch
+            self.timer.observe_codec_busy(self.codec_busy_s - busy_s, started - at)
+        self._last_dispatch = (started, self.codec_busy_s)
+        self._codec_batches.append(_CodecBatch(future, pending, started))
 
     def _decode_isolated(self, pending: list[PendingChunk]) -> list[np.ndarray | Exception]:
+        started = time.perf_counter()
+        try:
+            return self._decode_each_on_error(pending)
+        finally:
+            self.codec_busy_s += time.perf_counter() - started  # only the codec thread writes it
+
+    def _decode_each_on_error(self, pending: list[PendingChunk]) -> list[np.ndarray | Exception]:
         """Codec thread: decode the batch; if it raises, decode chunk by chunk so only the bad ones fail."""
         try:
             with torch.inference_mode():
@@ -273,13 +289,13 @@ class EngineCore:
         return results
 
     def _collect_codec(self, events: StepEvents, wait: bool) -> None:
-        codec_batch = self._codec_batch
-        if codec_batch is None or not (wait or codec_batch.future.done()):
-            return
+        while self._codec_batches and (wait or self._codec_batches[0].future.done()):
+            self._collect_batch(self._codec_batches.popleft(), events)
+            wait = False
+
+    def _collect_batch(self, codec_batch: _CodecBatch, events: StepEvents) -> None:
         results = codec_batch.future.result()
-        self._codec_batch = None
         self.timer.observe_codec(time.perf_counter() - codec_batch.started_s)
-        self._last_codec = (codec_batch.started_s, time.perf_counter() - codec_batch.started_s)
         good = [(p, r) for p, r in zip(codec_batch.pending, results, strict=True) if not isinstance(r, Exception)]
         for chunk, result in zip(codec_batch.pending, results, strict=True):
             if isinstance(result, Exception):

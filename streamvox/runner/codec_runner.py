@@ -80,18 +80,31 @@ class CodecRunner:
                 ready.append((request_id, end - request.num_taken_frames, request.is_final))
         return ready
 
-    def take_ready(self, request_ids: list[str]) -> list[PendingChunk]:
-        """Mark the next chunk of each given ready request as in flight and describe its decode."""
+    def take_ready(self, request_ids: list[str], max_frames: int | None = None) -> list[PendingChunk]:
+        """Mark the next chunk of each given ready request as in flight and describe its decode.
+
+        With `max_frames`, the batch stops at that many frames (a request may get a shorter chunk, ending on a
+        chunk boundary, and the rest of its frames stay ready); the first request always gets one chunk."""
         pending = []
+        budget = max_frames if max_frames is not None else float("inf")
         for request_id in request_ids:
             request = self.requests[request_id]
-            end = self._ready_end(request)
             start = request.num_taken_frames
+            end = self._ready_end(request)
+            if end - start > budget:
+                capped = self._boundary_at_most(start + budget)
+                if capped <= start:
+                    if pending:
+                        break
+                    capped = min(end, self._next_boundary(start))  # the first request always gets a chunk
+                end = capped
+            budget -= end - start
+            is_last = request.is_final and end == len(request.frames)
             job = None
             if end > start:
                 frames = torch.tensor(request.frames, dtype=torch.int64)  # [num_known_frames, codes_per_frame]
-                job = ChunkJob(frames, start, end, request.is_final, request.seed)
-            pending.append(PendingChunk(request_id, start, end, request.is_final, job))
+                job = ChunkJob(frames, start, end, is_last, request.seed)
+            pending.append(PendingChunk(request_id, start, end, is_last, job))
             request.num_taken_frames = end
             request.is_in_flight = True
         return pending
@@ -119,6 +132,16 @@ class CodecRunner:
         """Forget in-flight work whose decode failed (the caller fails those requests)."""
         for chunk in pending:
             self.requests.pop(chunk.request_id, None)
+
+    def _boundary_at_most(self, frame: int) -> int:
+        """The last chunk boundary at or before `frame` (boundaries: first_chunk_frames, then every
+        frames_per_chunk), or 0."""
+        first, step = self.model.chunking.first_chunk_frames, self.model.chunking.frames_per_chunk
+        return 0 if frame < first else first + (frame - first) // step * step
+
+    def _next_boundary(self, frame: int) -> int:
+        first, step = self.model.chunking.first_chunk_frames, self.model.chunking.frames_per_chunk
+        return first if frame < first else self._boundary_at_most(frame) + step
 
     def _ready_end(self, request: _CodecRequest) -> int | None:
         """End frame of the request's next chunk if one is ready, else None."""

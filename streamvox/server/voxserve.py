@@ -22,14 +22,15 @@ router = APIRouter()
 @router.post("/generate")
 async def generate(request: Request, text: Annotated[str, Form()], audio: Annotated[UploadFile | None, File()] = None,
                    streaming: Annotated[bool, Form()] = True, speaker: Annotated[str | None, Form()] = None,
-                   seed: Annotated[int | None, Form()] = None, max_tokens: Annotated[int | None, Form()] = None):
+                   seed: Annotated[int | None, Form()] = None, max_tokens: Annotated[int | None, Form()] = None,
+                   ignore_eos: Annotated[bool | None, Form()] = None):
     if audio is not None:
         limit = int(request.app.state.config.max_upload_mb * 2**20)
         data = await audio.read(limit + 1)
         if len(data) > limit:
             raise ApiError(413, f"audio upload is larger than {limit} bytes; send a shorter clip", "audio")
         raise ApiError(400, "this model does not take reference audio; leave out the `audio` field", "audio")
-    sampling = protocol.SamplingOverrides(seed=seed, max_tokens=max_tokens)
+    sampling = protocol.SamplingOverrides(seed=seed, max_tokens=max_tokens, ignore_eos=ignore_eos)
     speech_stream = await SpeechStream.open(request, text, speaker, sampling)
     sample_rate = request.app.state.engine.info.sample_rate
     if streaming:
