@@ -17,7 +17,7 @@ serve: $(STAMP)
 	STREAMVOX_CACHE=$${STREAMVOX_CACHE:-$(CURDIR)/.cache} $(VENV)/bin/streamvox serve --host 127.0.0.1 --port 8000
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check streamvox tests
+	$(VENV)/bin/ruff check streamvox tests benchmarks
 	$(VENV)/bin/lint-imports
 
 test: lint

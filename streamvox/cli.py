@@ -62,9 +62,14 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--url", action="append", default=[],
                        help="serve: a running server, as URL or NAME=URL (repeatable)")
     bench.add_argument("--systems", default="",
-                       help="serve: local servers to start one at a time: streaming, fcfs, offline, naive")
-    bench.add_argument("--rates", default="0.05,0.1,0.2,0.5,1,1.5,2,3", help="serve: arrival rates (req/s)")
-    bench.add_argument("--num-requests", type=int, default=24, help="serve: requests per rate")
+                       help="serve: local servers to start one at a time, from streaming, fcfs, offline, naive; "
+                            "NAME@RATE skips rates below RATE for that one")
+    bench.add_argument("--rates", default="0.025,0.05,0.1,0.2,0.4,0.6,0.8,1,1.25,1.5,2",
+                       help="serve: arrival rates (req/s)")
+    bench.add_argument("--num-requests", type=int, default=20, help="serve: requests per rate, at most")
+    bench.add_argument("--min-requests", type=int, default=10, help="serve: requests per rate, at least")
+    bench.add_argument("--window", type=float, default=300.0,
+                       help="serve: at low rates send rate x WINDOW requests (at least --min-requests)")
     bench.add_argument("--burstiness", type=float, default=1.0, help="serve: Gamma shape (1 = Poisson)")
     bench.add_argument("--seed", type=int, default=0)
     bench.add_argument("--slo", type=float, default=0.5, help="serve: p90 TTFA target (s)")
@@ -158,13 +163,15 @@ def _bench(args) -> int:
     if args.name == "serve":
         from streamvox.bench.serve import SYSTEMS, LoadSpec, run_serve
 
-        systems = [name for name in args.systems.split(",") if name]
+        systems = {name: float(rate or 0) for name, _, rate in
+                   (item.partition("@") for item in args.systems.split(",") if item)}
         unknown = set(systems) - set(SYSTEMS)
         if unknown or not (systems or args.url):
             raise ValueError(f"give --url or --systems from {sorted(SYSTEMS)} (unknown: {sorted(unknown)})")
         targets = dict(url.split("=", 1) if "=" in url else ("server", url) for url in args.url)
-        spec = LoadSpec(tuple(float(rate) for rate in args.rates.split(",")), args.num_requests, args.burstiness,
-                        args.seed, args.slo, args.prebuffer, args.api, args.tokens_per_second)
+        spec = LoadSpec(tuple(float(rate) for rate in args.rates.split(",")), args.num_requests, args.min_requests,
+                        args.window, args.burstiness, args.seed, args.slo, args.prebuffer, args.api,
+                        args.tokens_per_second)
         run_serve(spec, args.out, targets, systems, args.model)
         return 0
     if args.name == "streams":

@@ -62,7 +62,9 @@ SYSTEMS = {
 @dataclass(frozen=True)
 class LoadSpec:
     rates: tuple[float, ...]
-    num_requests: int = 24
+    num_requests: int = 20  # per rate, at most
+    min_requests: int = 10  # per rate, at least
+    window_s: float = 300.0  # below num_requests / window_s req/s, fewer requests: rate x window, >= min_requests
     burstiness: float = 1.0
     seed: int = 0
     slo_s: float = 0.5
@@ -71,6 +73,9 @@ class LoadSpec:
     tokens_per_audio_s: float = 82.0  # Orpheus: 7 tokens per 2048-sample frame at 24 kHz
     max_failed_rates: int = 2  # stop sweeping a system after this many rates in a row miss the SLO
     timeout_s: float = 120.0
+
+    def requests_at(self, rate: float) -> int:
+        return min(self.num_requests, max(self.min_requests, round(rate * self.window_s)))
 
 
 @dataclass(frozen=True)
@@ -85,7 +90,7 @@ def schedule(spec: LoadSpec, rate: float) -> list[Planned]:
     """The requests for one rate: Gamma inter-arrival times with mean 1/rate, the same for every system."""
     rng = random.Random(f"{spec.seed}/{rate}")
     plan, clock = [], 0.0
-    for index in range(spec.num_requests):
+    for index in range(spec.requests_at(rate)):
         text = rng.choice(PROMPTS)
         seconds = len(text) / CHARS_PER_SECOND
         plan.append(Planned(clock, text, spec.seed * 100_000 + index, max(7, round(seconds * spec.tokens_per_audio_s))))
@@ -93,25 +98,26 @@ def schedule(spec: LoadSpec, rate: float) -> list[Planned]:
     return plan
 
 
-def run_serve(spec: LoadSpec, out_dir: str, targets: dict[str, str] | None = None, systems: list[str] = (),
-              model: str = "tiny-orpheus") -> dict:
-    """Sweep every target (name -> URL) and every named system (a local server each, one at a time)."""
+def run_serve(spec: LoadSpec, out_dir: str, targets: dict[str, str] | None = None,
+              systems: dict[str, float] | None = None, model: str = "tiny-orpheus") -> dict:
+    """Sweep every target (name -> URL) and every named system (name -> lowest rate to run; a local server
+    each, one at a time)."""
     results = {}
     for name, url in (targets or {}).items():
         results[name] = _sweep(name, url, spec)
-    for name in systems:
+    for name, min_rate in (systems or {}).items():
         with LocalServer(model, SYSTEMS[name]) as url:
-            results[name] = _sweep(name, url, spec)
+            results[name] = _sweep(name, url, spec, min_rate)
     report = {"meta": {"model": model, **{k: v for k, v in spec.__dict__.items()}}, "systems": results}
     _report(report, Path(out_dir))
     return report
 
 
-def _sweep(name: str, url: str, spec: LoadSpec) -> dict:
+def _sweep(name: str, url: str, spec: LoadSpec, min_rate: float = 0.0) -> dict:
     models = httpx.get(f"{url}/v1/models", timeout=10).json()["data"][0]
     sample_rate, model_id = models["sample_rate"], models["id"]
     rows, failed_in_a_row = [], 0
-    for rate in spec.rates:
+    for rate in [rate for rate in spec.rates if rate >= min_rate]:
         timelines, errors = asyncio.run(_one_rate(name, url, spec, rate, model_id, sample_rate))
         rows.append(summarise(rate, timelines, errors, spec))
         _print_row(name, rows[-1])
@@ -122,7 +128,7 @@ def _sweep(name: str, url: str, spec: LoadSpec) -> dict:
 
 
 def goodput(rows: list[dict]) -> float:
-    """The highest rate meeting the SLO with every lower rate meeting it too (0 if the lowest misses)."""
+    """The highest rate meeting the SLO with every lower rate run meeting it too (0 if the lowest misses)."""
     best = 0.0
     for row in sorted(rows, key=lambda r: r["rate_rps"]):
         if not row["meets_slo"]:
@@ -233,7 +239,8 @@ def _report(report: dict, out: Path) -> None:
     (out / "serve.json").write_text(json.dumps(report, indent=2, default=str))
     meta, systems = report["meta"], report["systems"]
     print(f"\nSLO: p90 TTFA <= {meta['slo_s']} s and >= {VIABLE_SHARE:.0%} viable; client prebuffer "
-          f"{meta['prebuffer_s']} s; {meta['num_requests']} requests per rate, burstiness {meta['burstiness']}")
+          f"{meta['prebuffer_s']} s; {meta['min_requests']}-{meta['num_requests']} requests per rate, burstiness "
+          f"{meta['burstiness']}")
     print("\n| system | rate (req/s) | TTFA p50 (s) | TTFA p90 (s) | TTFA p99 (s) | viable | chunks stalled | "
           "max underrun (s) | errors | audio (s) |\n|---|---|---|---|---|---|---|---|---|---|")
     for name, result in systems.items():

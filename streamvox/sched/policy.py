@@ -150,11 +150,12 @@ class StreamingPolicy(OfflinePolicy):
             return True
         plan = self.playback.plan
         if stream.first_chunk_s is None:
-            # the first chunk must play for as long as the next one takes to make, or the client stalls at once
+            # The first chunk must play for as long as the next one takes to make, or the client stalls at once.
+            # Not even a TTFA deadline sends it shorter: a late start costs the TTFA percentile a little, a stall
+            # makes the whole stream unusable.
             step_s = self.timer.recent_step_s * self.timer.overhead
             next_chunk_s = plan.frames_per_chunk * plan.lm_steps_per_frame * step_s
-            is_long_enough = num_ready_frames * plan.frame_s >= next_chunk_s + 2 * self.timer.codec_s
-            return is_long_enough or self.playback.deadline_s(request_id) - now <= 2 * self.timer.codec_s
+            return num_ready_frames * plan.frame_s >= next_chunk_s + 2 * self.timer.codec_s
         if num_ready_frames * plan.frame_s >= self.config.max_chunk_s:
             return True
         margin_s = 2 * self.timer.codec_s + self.config.codec_hold_margin_s

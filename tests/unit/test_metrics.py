@@ -50,7 +50,7 @@ def test_goodput_is_the_highest_rate_before_the_first_miss():
 def test_arrivals_are_seeded_gamma_with_the_rate_as_mean():
     from streamvox.bench.serve import LoadSpec, schedule
 
-    spec = LoadSpec(rates=(2.0,), num_requests=4000, burstiness=0.5)
+    spec = LoadSpec(rates=(2.0,), num_requests=4000, window_s=1e9, burstiness=0.5)
     plan = schedule(spec, 2.0)
     assert plan == schedule(spec, 2.0)  # every system gets the same requests at the same moments
     gaps = [b.send_s - a.send_s for a, b in zip(plan, plan[1:], strict=False)]
@@ -58,3 +58,4 @@ def test_arrivals_are_seeded_gamma_with_the_rate_as_mean():
     cv2 = sum((g - mean) ** 2 for g in gaps) / len(gaps) / mean**2
     assert abs(mean - 0.5) < 0.03 and abs(cv2 - 2.0) < 0.3  # Gamma shape 0.5: squared variation 1/shape
     assert all(p.max_tokens == max(7, round(len(p.text) / 14 * 82)) for p in plan)
+    assert LoadSpec(rates=(0.05,)).requests_at(0.05) == 15 and LoadSpec(rates=(0.01,)).requests_at(0.01) == 10

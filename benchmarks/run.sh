@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Regenerates every figure in benchmarks/README.md and the results table in README.md, in one run.
+# About 45 minutes on a 2-core CPU. Leave the machine otherwise idle while it runs: timings are compared
+# only within one run.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+make venv >/dev/null
+export STREAMVOX_CACHE="${STREAMVOX_CACHE:-$PWD/.cache}"
+OUT=benchmarks/results
+bin=.venv/bin/streamvox
+
+# streaming load: naive baseline, our engine with the streaming policy, and with fcfs (from 0.2 req/s, where
+# the lower rates tell nothing new about it)
+$bin bench serve --systems naive,streaming,fcfs@0.2 --out "$OUT/serve"
+# offline: N requests at once, beside the naive baseline and the raw model
+$bin bench offline --batch-sizes 1,8,32 --out "$OUT/offline"
+.venv/bin/python benchmarks/report.py "$OUT"
