@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Regenerates every figure in benchmarks/README.md and the results table in README.md, in one run.
-# About 45 minutes on a 2-core CPU. Leave the machine otherwise idle while it runs: timings are compared
+# About 50 minutes on a 2-core CPU. Leave the machine otherwise idle while it runs: timings are compared
 # only within one run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -14,4 +14,6 @@ bin=.venv/bin/streamvox
 $bin bench serve --systems naive,streaming,fcfs@0.2 --out "$OUT/serve"
 # offline: N requests at once, beside the naive baseline and the raw model
 $bin bench offline --batch-sizes 1,8,32 --out "$OUT/offline"
+# closed loop: N clients streaming back to back, per policy
+$bin bench streams --policies streaming,fcfs --streams 1,4,8,16 --out "$OUT/streams"
 .venv/bin/python benchmarks/report.py "$OUT"

@@ -128,13 +128,9 @@ def _sweep(name: str, url: str, spec: LoadSpec, min_rate: float = 0.0) -> dict:
 
 
 def goodput(rows: list[dict]) -> float:
-    """The highest rate meeting the SLO with every lower rate run meeting it too (0 if the lowest misses)."""
-    best = 0.0
-    for row in sorted(rows, key=lambda r: r["rate_rps"]):
-        if not row["meets_slo"]:
-            break
-        best = row["rate_rps"]
-    return best
+    """The highest rate run that meets the SLO (DESIGN.md §8), 0 if none does. A sweep stops after
+    `max_failed_rates` misses in a row, so a rate above a miss counts only if the very next ones recover."""
+    return max((row["rate_rps"] for row in rows if row["meets_slo"]), default=0.0)
 
 
 def summarise(rate: float, timelines: list[StreamTimeline | None], errors: list[str], spec: LoadSpec) -> dict:

@@ -1,0 +1,127 @@
+"""MimiCodec against transformers' MimiModel, on a tiny seeded checkpoint saved in the kyutai/mimi layout."""
+
+import json
+
+import pytest
+import torch
+
+from streamvox.codecs.mimi import MimiCodec
+
+transformers = pytest.importorskip("transformers")
+
+SPF = 1920  # samples per 12.5 Hz frame at 24 kHz
+K = 32  # codebooks
+
+
+def _relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm()).item()
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    """A MimiModel with small widths and every other setting of the published config, saved with save_pretrained.
+    Codebooks are random (the model's init leaves them zero) and layer scales 1, so every stage shapes the PCM."""
+    config = transformers.MimiConfig(
+        hidden_size=64, num_filters=8, codebook_size=64, codebook_dim=16, vector_quantization_hidden_dimension=16,
+        upsample_groups=64, num_hidden_layers=2, intermediate_size=128, num_attention_heads=4, num_key_value_heads=4,
+        frame_rate=12.5)
+    torch.manual_seed(0)
+    model = transformers.MimiModel(config).eval()
+    with torch.no_grad():
+        for name, buffer in model.named_buffers():
+            if name.endswith("codebook.embed_sum"):
+                buffer.normal_()
+            elif name.endswith("codebook.cluster_usage"):
+                buffer.uniform_(0.5, 2.0)
+        for name, parameter in model.named_parameters():
+            if name.endswith("layer_scale.scale"):
+                parameter.fill_(1.0)
+    path = tmp_path_factory.mktemp("mimi_tiny")
+    model.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_dir):
+    return transformers.MimiModel.from_pretrained(tiny_dir).eval()
+
+
+@pytest.fixture(scope="module")
+def codec(tiny_dir):
+    return MimiCodec.load(tiny_dir)
+
+
+def _codes(num_frames: int, seed: int) -> torch.Tensor:
+    return torch.randint(0, 64, (num_frames, K), generator=torch.Generator().manual_seed(seed))  # [T, K]
+
+
+def _decode_in_chunks(codec: MimiCodec, codes: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+    state, pieces, start = codec.new_state(), [], 0
+    for size in sizes:
+        pieces.append(codec.decode([codes[start : start + size]], [state])[0])
+        start += size
+    return torch.cat(pieces)
+
+
+def test_whole_and_chunked_decodes_match_the_reference_whole_utterance(codec, reference):
+    codes = _codes(17, seed=1)
+    with torch.no_grad():
+        expected = reference.decode(codes.T[None]).audio_values[0, 0]  # [17 * 1920]
+    assert expected.shape[0] == 17 * SPF and expected.std() > 1e-3
+    whole = codec.decode([codes], [codec.new_state()])[0]
+    assert whole.shape == expected.shape and _relative_error(whole, expected) < 1e-4
+    for sizes in ([1] * 17, [1, 4, 2, 7, 3], [16, 1]):
+        chunked = _decode_in_chunks(codec, codes, sizes)
+        assert chunked.shape == expected.shape
+        assert _relative_error(chunked, expected) < 1e-4, sizes
+
+
+def test_dropping_any_carried_state_changes_the_audio(codec):
+    """The state is what makes chunks continue: a fresh state at a chunk boundary sounds different."""
+    codes = _codes(6, seed=2)
+    whole = codec.decode([codes], [codec.new_state()])[0]
+    restarted = torch.cat([codec.decode([codes[:3]], [codec.new_state()])[0],
+                           codec.decode([codes[3:]], [codec.new_state()])[0]])
+    assert _relative_error(restarted[3 * SPF :], whole[3 * SPF :]) > 1e-2
+
+
+def test_batched_requests_at_different_points_decode_as_if_alone(codec):
+    streams = [_codes(n, seed=10 + n) for n in (9, 5, 12)]
+    starts = [4, 0, 7]  # how much of each request was decoded before the shared batch
+    alone = [_decode_in_chunks(codec, s, [start, len(s) - start] if start else [len(s)]) for s, start in
+             zip(streams, starts, strict=True)]
+    states = [codec.new_state() for _ in streams]
+    heads = [codec.decode([s[:start]], [state])[0] for s, start, state in zip(streams, starts, states, strict=True)]
+    tails = codec.decode([s[start:] for s, start in zip(streams, starts, strict=True)], states)  # one call
+    for expected, head, tail in zip(alone, heads, tails, strict=True):
+        # random weights make PCM peaks of tens, not 1: compare against the peak
+        assert (torch.cat([head, tail]) - expected).abs().max() <= 1e-5 * expected.abs().max()
+
+
+def test_attention_context_is_bounded_by_the_sliding_window(tiny_dir):
+    """With a short window, chunked decoding still equals the whole decode under the same window."""
+    config = json.loads((tiny_dir / "config.json").read_text()) | {"sliding_window": 6}
+    codec = MimiCodec.load(tiny_dir, config=config)
+    codes = _codes(11, seed=3)
+    whole = codec.decode([codes], [codec.new_state()])[0]
+    chunked = _decode_in_chunks(codec, codes, [2, 1, 5, 3])
+    assert _relative_error(chunked, whole) < 1e-5
+    state = codec.new_state()
+    codec.decode([codes], [state])
+    assert all(keys.shape[1] == 5 for keys in state.keys.values())  # window - 1 positions kept, no more
+    unbounded = MimiCodec.load(tiny_dir).decode([codes], [MimiCodec.load(tiny_dir).new_state()])[0]
+    assert _relative_error(whole, unbounded) > 1e-3  # the window really limits what is attended
+
+
+def test_bad_codes_and_shared_states_are_refused(codec):
+    state = codec.new_state()
+    with pytest.raises(ValueError, match=r"\[num_frames, 32\]"):
+        codec.decode([torch.zeros(3, 8, dtype=torch.long)], [state])
+    with pytest.raises(ValueError, match="one distinct state per chunk"):
+        codec.decode([_codes(2, 0), _codes(2, 1)], [state, state])
+
+
+def test_a_config_that_cannot_stream_is_refused(tiny_dir):
+    config = json.loads((tiny_dir / "config.json").read_text()) | {"use_causal_conv": False}
+    with pytest.raises(ValueError, match="use_causal_conv"):
+        MimiCodec.load(tiny_dir, config=config)
