@@ -204,10 +204,12 @@ class _Progress:
         self._draw()
 
     def finish(self) -> None:
-        if self.is_tty:
+        if self.is_tty and self.total:
             print(file=self.stream)
 
     def _draw(self) -> None:
+        if not self.total:
+            return  # nothing to do: no bar
         elapsed = self.elapsed_s
         width = 24
         filled = width * self.num_done // max(1, self.total)
