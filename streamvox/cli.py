@@ -116,9 +116,10 @@ def _serve(args) -> int:
     if args.model.startswith("tiny-"):
         print(f"note: {args.model} has random weights and makes noise, not speech; pass --model DIR for a real "
               "checkpoint", file=sys.stderr)
-    uvicorn.run(create_app(engine, server), host=server.host, port=server.port, log_level="info",
-                access_log=False, timeout_graceful_shutdown=5)
-    return 0
+    app = create_app(engine, server)
+    uvicorn.run(app, host=server.host, port=server.port, log_level="info", access_log=False,
+                timeout_graceful_shutdown=5)
+    return 1 if app.state.engine.status == "failed" else 0
 
 
 def _synth(args) -> int:

@@ -4,8 +4,9 @@ Each input line is a JSON object: `text` (required), and optionally `id` (the fi
 `voice`, `seed`, `max_tokens`. Every valid item is submitted to one in-process engine with the offline policy
 (throughput first, no deadlines). A finished item is written to DIR/<id>.<format> (through a temporary file,
 so a file that exists is complete) and then recorded in DIR/manifest.jsonl. A rerun skips every id already in
-the manifest whose file exists, so an interrupted batch resumes where it stopped. Bad lines (not JSON, no
-text, unknown voice, bad numbers, a repeated id) are reported on stderr and in DIR/rejected.jsonl and skipped;
+the manifest with the same text and format whose file exists, so an interrupted batch resumes where it
+stopped. Bad lines (not JSON, no text, unknown voice, bad numbers, a repeated id) are reported on stderr and in
+DIR/rejected.jsonl and skipped;
 an item the engine fails on is reported and the rest go on.
 """
 
@@ -43,9 +44,9 @@ def run_batch(texts_path: str, out_dir: str, model: str = "tiny-orpheus", fmt: s
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     manifest_path = out / "manifest.jsonl"
-    done_ids = _finished_ids(manifest_path, out)
+    done = _finished(manifest_path, out, fmt)
     records, rejected = _read_records(Path(texts_path))
-    todo_records = [r for r in records if r[1]["id"] not in done_ids]
+    todo_records = [r for r in records if done.get(r[1]["id"]) != r[1]["text"]]
     if len(records) > len(todo_records):
         print(f"resuming: {len(records) - len(todo_records)} of {len(records)} items are already done", file=stream)
     engine, todo = None, []
@@ -160,15 +161,16 @@ def _write(item: Item, result, out: Path, fmt: str) -> dict:
             "finish_reason": result.finish_reason}
 
 
-def _finished_ids(manifest_path: Path, out: Path) -> set[str]:
+def _finished(manifest_path: Path, out: Path, fmt: str) -> dict[str, str]:
+    """id -> text of every item done in this format whose file is still there (a changed text is redone)."""
     if not manifest_path.exists():
-        return set()
-    done = set()
+        return {}
+    done = {}
     for line in manifest_path.read_text(encoding="utf-8").splitlines():
         try:
             record = json.loads(line)
-            if (out / record["file"]).exists():
-                done.add(record["id"])
+            if record["file"].endswith(f".{fmt}") and (out / record["file"]).exists():
+                done[record["id"]] = record["text"]
         except (json.JSONDecodeError, KeyError, TypeError):
             continue  # a line cut off by a crash: its item is simply done again
     return done

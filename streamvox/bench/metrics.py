@@ -44,4 +44,6 @@ def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     position = (len(ordered) - 1) * q / 100
     low, high = math.floor(position), math.ceil(position)
+    if ordered[low] == ordered[high]:  # also keeps inf (failed requests) from turning into nan
+        return ordered[low]
     return ordered[low] + (ordered[high] - ordered[low]) * (position - low)

@@ -7,8 +7,8 @@ request speaks a sentence from a built-in set of varied lengths, with `max_token
 The schedule depends only on the seed and the rate: every system gets the same requests at the same moments.
 
 Per rate: TTFA p50/p90/p99, stalled chunks, viable requests (no stall, no error), underrun, audio seconds,
-errors (DESIGN.md §8; TTFA is measured from the scheduled send time). Goodput is the highest rate at which
-p90 TTFA is within the SLO and at least 99 % of requests are viable, at that rate and every lower one.
+errors (DESIGN.md §8; TTFA is measured from the scheduled send time). Goodput is the highest rate run at
+which p90 TTFA is within the SLO and at least 99 % of requests are viable.
 """
 
 from __future__ import annotations
@@ -128,8 +128,7 @@ def _sweep(name: str, url: str, spec: LoadSpec, min_rate: float = 0.0) -> dict:
 
 
 def goodput(rows: list[dict]) -> float:
-    """The highest rate run that meets the SLO (DESIGN.md §8), 0 if none does. A sweep stops after
-    `max_failed_rates` misses in a row, so a rate above a miss counts only if the very next ones recover."""
+    """The highest rate run that meets the SLO (DESIGN.md §8), 0 if none does."""
     return max((row["rate_rps"] for row in rows if row["meets_slo"]), default=0.0)
 
 

@@ -46,10 +46,13 @@ class MimiState:
 
 
 class _Batch:
-    """The states of the requests decoded together, read and written layer by layer (rows in batch order)."""
+    """The states of the requests decoded together (rows in batch order). Layers read the old context and stage
+    the new one; `commit` applies it only once the whole batch has decoded, so a failed batch leaves every
+    state as it was and its chunks can be retried."""
 
     def __init__(self, states: list[MimiState]) -> None:
         self.states = states
+        self._staged: list[tuple[str, int, list[torch.Tensor]]] = []  # (state field, slot, one tensor per row)
 
     def past(self, slot: int, channels: int, length: int, like: torch.Tensor) -> torch.Tensor:
         """[B, channels, length] context of one layer; zeros for a request's first chunk."""
@@ -64,8 +67,18 @@ class _Batch:
         return torch.stack(rows)
 
     def keep(self, slot: int, context: torch.Tensor) -> None:
-        for state, row in zip(self.states, context.clone().unbind(0), strict=True):
-            state.tensors[slot] = row
+        self._staged.append(("tensors", slot, list(context.clone().unbind(0))))
+
+    def keep_kv(self, layer_index: int, keys: list[torch.Tensor], values: list[torch.Tensor]) -> None:
+        self._staged += [("keys", layer_index, keys), ("values", layer_index, values)]
+
+    def commit(self, num_positions: int) -> None:
+        for name, slot, rows in self._staged:
+            for state, row in zip(self.states, rows, strict=True):
+                getattr(state, name)[slot] = row
+        for state in self.states:
+            state.num_positions += num_positions
+        self._staged = []
 
 
 class CausalConv1d(nn.Module):
@@ -201,10 +214,9 @@ class Attention(nn.Module):
         scores = torch.matmul(q, keys.transpose(2, 3)) / math.sqrt(self.head_dim)
         scores = scores.masked_fill(~mask[:, None], float("-inf"))
         out = torch.matmul(F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype), values)  # [B, H, T, D]
-        for row, state in enumerate(batch.states):
-            num_keep = min(self.window - 1, kept[row] + num_new)
-            state.keys[self.layer_index] = k[row, :, k.shape[2] - num_keep :].clone()
-            state.values[self.layer_index] = v[row, :, v.shape[2] - num_keep :].clone()
+        num_keeps = [min(self.window - 1, num_kept + num_new) for num_kept in kept]
+        batch.keep_kv(self.layer_index, [k[row, :, k.shape[2] - n :].clone() for row, n in enumerate(num_keeps)],
+                      [v[row, :, v.shape[2] - n :].clone() for row, n in enumerate(num_keeps)])
         return self.o_proj(out.transpose(1, 2).reshape(num_rows, num_new, -1))
 
     def _padded(self, batch: _Batch, name: str, kept: list[int], num_past: int, like: torch.Tensor) -> torch.Tensor:
@@ -254,8 +266,6 @@ class Transformer(nn.Module):
     def forward(self, x: torch.Tensor, batch: _Batch) -> torch.Tensor:  # [B, T, hidden]
         for layer in self.layers:
             x = layer(x, self.rotary, batch)
-        for state in batch.states:
-            state.num_positions += x.shape[1]
         return x
 
 
@@ -349,8 +359,11 @@ class MimiCodec:
                                                                                      self.num_codebooks))
         latent = semantic @ self.projections[0].T + acoustic @ self.projections[1].T  # [B, T, hidden]
         x = self.net.upsample(latent.transpose(1, 2).to(self.dtype), batch)  # [B, hidden, 2T]
+        num_positions = x.shape[-1]
         x = self.net.decoder_transformer(x.transpose(1, 2), batch).transpose(1, 2)
-        return self.net.decoder(x, batch)[:, 0].float()
+        pcm = self.net.decoder(x, batch)[:, 0].float()
+        batch.commit(num_positions)
+        return pcm
 
 
 def _quantizer_tables(state_dict: dict, num_codebooks: int, num_semantic: int):

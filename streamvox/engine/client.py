@@ -13,6 +13,7 @@ import contextlib
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -118,6 +119,11 @@ class EngineClient:
             await self._kill()
             self._fail_all("the engine stopped while this request was running; retry it")
             if self._is_stopping:
+                return
+            if self.info is None:  # it never started: a bad model, codec or flag, which a restart cannot mend
+                logger.error("the engine could not start (its error is above); stopping the server")
+                self.status = "failed"
+                os.kill(os.getpid(), signal.SIGTERM)  # uvicorn's graceful shutdown; `serve` then exits with 1
                 return
             self.num_restarts += 1
             self.status = "restarting"

@@ -157,7 +157,7 @@ class _FrameStreamer:
 class NaiveLoop:
     """The engine process's loop for the baseline: the main thread generates the requests one after another
     and sends their audio on its own socket; a listener thread takes messages and reports state. (torch runs
-    about 20 % slower on a thread other than the one that first used it, so generation keeps the main one.)"""
+    20-30 % slower on a thread other than the one that first used it, so generation keeps the main one.)"""
 
     def __init__(self, engine: NaiveEngine, config: EngineConfig, pull: zmq.Socket, push: zmq.Socket,
                  output: str, context: zmq.Context) -> None:
@@ -167,6 +167,7 @@ class NaiveLoop:
         self._worker_push.connect(output)
         self._stop = False
         self._error: BaseException | None = None
+        self._is_done = threading.Event()  # the main thread stopped: the listener stops too
         self._listener = threading.Thread(target=self._listen, name="naive-listen", daemon=True)
 
     def run(self) -> None:
@@ -174,6 +175,7 @@ class NaiveLoop:
         try:
             self._work()
         finally:
+            self._is_done.set()
             self._listener.join(timeout=5)
             self._worker_push.close(linger=0)
         if self._error is not None:
@@ -182,7 +184,7 @@ class NaiveLoop:
     def _listen(self) -> None:
         last_report = 0.0
         try:
-            while True:
+            while not self._is_done.is_set():
                 if self.pull.poll(int(protocol.HEARTBEAT_S * 1000 / 2)):
                     while self.pull.poll(0):
                         message = protocol.decode_to_engine(self.pull.recv())

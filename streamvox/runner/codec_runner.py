@@ -84,7 +84,9 @@ class CodecRunner:
         """Mark the next chunk of each given ready request as in flight and describe its decode.
 
         With `max_frames`, the batch stops at that many frames (a request may get a shorter chunk, ending on a
-        chunk boundary, and the rest of its frames stay ready); the first request always gets one chunk."""
+        chunk boundary, and the rest of its frames stay ready); the first request always gets one chunk. A
+        request's first chunk is never shortened behind another request's: the policy sized it so that it plays
+        until the next one is made, so it waits for the next batch instead."""
         pending = []
         budget = max_frames if max_frames is not None else float("inf")
         for request_id in request_ids:
@@ -93,9 +95,9 @@ class CodecRunner:
             end = self._ready_end(request)
             if end - start > budget:
                 capped = self._boundary_at_most(start + budget)
+                if pending and (capped <= start or start == 0):
+                    break
                 if capped <= start:
-                    if pending:
-                        break
                     capped = min(end, self._next_boundary(start))  # the first request always gets a chunk
                 end = capped
             budget -= end - start

@@ -113,6 +113,25 @@ def test_attention_context_is_bounded_by_the_sliding_window(tiny_dir):
     assert _relative_error(whole, unbounded) > 1e-3  # the window really limits what is attended
 
 
+def test_a_failed_batch_leaves_the_states_untouched(codec, monkeypatch):
+    """A decode that fails in its last layer (after every other layer has seen the chunk) changes no state,
+    so the engine's chunk-by-chunk retry continues each stream correctly."""
+    codes = _codes(7, seed=4)
+    state = codec.new_state()
+    head = codec.decode([codes[:3]], [state])[0]
+
+    def fail(*args):
+        raise RuntimeError("injected")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(codec.net.decoder.layers[-1], "forward", fail)
+        with pytest.raises(RuntimeError, match="injected"):
+            codec.decode([codes[3:]], [state])
+    tail = codec.decode([codes[3:]], [state])[0]
+    whole = codec.decode([codes], [codec.new_state()])[0]
+    assert _relative_error(torch.cat([head, tail]), whole) < 1e-5
+
+
 def test_bad_codes_and_shared_states_are_refused(codec):
     state = codec.new_state()
     with pytest.raises(ValueError, match=r"\[num_frames, 32\]"):

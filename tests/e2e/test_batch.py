@@ -40,3 +40,8 @@ def test_fifty_texts_with_one_bad_line_make_49_files_and_a_rerun_does_no_work(ti
     (out / "item-05.wav").unlink()  # a lost file is made again, and only it
     third = run_batch(texts, out, tiny_dir)
     assert "1 written, 48 already done" in third.stderr and (out / "item-05.wav").exists()
+
+    lines[9] = json.dumps({"id": "item-09", "text": "An edited sentence.", "max_tokens": 28, "seed": 9})
+    texts.write_text("\n".join(lines) + "\n")  # an item whose text changed is made again, and only it
+    fourth = run_batch(texts, out, tiny_dir)
+    assert "1 written, 48 already done" in fourth.stderr

@@ -33,6 +33,8 @@ def test_a_frame_budget_splits_chunks_and_the_pieces_make_the_same_audio(tiny_mo
         for chunk in capped.complete(pending, capped.decode(pending)):
             pieces[chunk.request_id].append(chunk.pcm)
     assert batches[0] == [("a", 0, 4, False)]  # b waits: a's 10 frames already fill the batch
+    b_chunks = [chunk for batch in batches for chunk in batch if chunk[0] == "b"]
+    assert b_chunks[0] == ("b", 0, 3, True)  # b's first chunk is never cut short behind a's
     assert ("a", 8, 10, True) in batches[-1] or ("a", 8, 10, True) in batches[-2]
     for request_id in ("a", "b"):
         np.testing.assert_allclose(np.concatenate(pieces[request_id]), expected[request_id], atol=1e-5)

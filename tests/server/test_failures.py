@@ -160,3 +160,17 @@ def test_overload_beyond_the_queue_bound_gets_429_with_retry_after(start_server)
     assert len(refused) + len(served) == 8 and len(refused) >= 3 and len(served) >= 1
     assert all(r.headers["Retry-After"] and "capacity" in r.json()["error"]["message"] for r in refused)
     assert all(len(r.content) > 0 for r in served)
+
+
+def test_a_server_whose_engine_cannot_start_exits_with_the_reason(tmp_path):
+    """A wrong --model is not retried forever: the server stops at once, non-zero, saying what was wrong."""
+    import subprocess
+    import sys
+
+    missing = tmp_path / "no-such-checkpoint"
+    started = time.monotonic()
+    result = subprocess.run([sys.executable, "-m", "streamvox.cli", "serve", "--model", str(missing), "--port", "0"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0 and time.monotonic() - started < 60
+    assert f"no checkpoint directory '{missing}'" in result.stderr
+    assert "stopping the server" in result.stderr

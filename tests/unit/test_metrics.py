@@ -47,6 +47,14 @@ def test_goodput_is_the_highest_rate_that_meets_the_slo():
     assert goodput([{"rate_rps": 0.5, "meets_slo": False}]) == 0.0
 
 
+def test_percentiles_of_failed_requests_stay_infinite():
+    from streamvox.bench.metrics import percentile
+
+    inf = float("inf")
+    assert percentile([0.2, 0.3, inf, inf], 90) == inf and percentile([0.2, inf, inf, inf], 50) == inf
+    assert percentile([0.1, 0.3], 50) == 0.2
+
+
 def test_arrivals_are_seeded_gamma_with_the_rate_as_mean():
     from streamvox.bench.serve import LoadSpec, schedule
 
