@@ -115,8 +115,7 @@ def _parse(line: str, number: int) -> dict:
 def _item(record: dict, engine: Engine) -> Item:
     """Checks that need the model: voice and sampling limits."""
     overrides = {k: record[k] for k in ("seed", "max_tokens") if k in record}
-    sampling = engine.check_request(record["text"], record.get("voice"),
-                                    engine.model.default_sampling.replace(**overrides))
+    sampling = engine.check_request(record["text"], record.get("voice"), overrides)
     return Item(record["id"], record["text"], record.get("voice"), sampling)
 
 

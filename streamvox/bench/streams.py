@@ -99,6 +99,9 @@ def _report(rows: list[dict], out_dir: str, meta: dict) -> None:
     for r in rows:
         print(f"| {r['policy']} | {r['streams']} | {r['ttfa_p50_s']:.3f} | {r['ttfa_p90_s']:.3f} | "
               f"{r['stall_rate']:.0%} | {r['chunk_stall_rate']:.1%} | {r['underrun_s_mean']:.2f} |")
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
     from matplotlib import pyplot as plt
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))

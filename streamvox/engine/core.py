@@ -95,12 +95,15 @@ def audio_plan(model: SpeechModel) -> AudioPlan:
                      chunking.first_chunk_frames, chunking.frames_per_chunk, chunking.lookahead_frames)
 
 
-def check_request(model: SpeechModel, text: str, voice: str | None, sampling: SamplingParams | None) -> SamplingParams:
-    """Validate a request before it is prepared; returns its sampling with a seed. ValueError says what to
-    change."""
+def check_request(model: SpeechModel, text: str, voice: str | None,
+                  sampling: SamplingParams | dict | None) -> SamplingParams:
+    """Validate a request before it is prepared; returns its sampling with a seed. `sampling` is complete, or
+    a dict of fields over the model's defaults, or None for the defaults. ValueError says what to change."""
     if not text or not text.strip():
         raise ValueError("text is empty; give at least one word to speak")
     model.resolve_voice(voice)
+    if isinstance(sampling, dict):
+        sampling = model.default_sampling.replace(**sampling)
     sampling = sampling or model.default_sampling
     sampling.validate()
     if sampling.seed is None:
@@ -140,7 +143,7 @@ class EngineCore:
 
     # -- requests ----------------------------------------------------------------------------------------
 
-    def check_request(self, text: str, voice: str | None, sampling: SamplingParams | None) -> SamplingParams:
+    def check_request(self, text: str, voice: str | None, sampling: SamplingParams | dict | None) -> SamplingParams:
         return check_request(self.model, text, voice, sampling)
 
     def expected_tokens(self, text: str) -> int:

@@ -213,9 +213,8 @@ class NaiveLoop:
             return
         failed = None
         try:
-            overrides = msgspec.structs.asdict(message.sampling)
             sampling = check_request(self.engine.model, message.text, message.voice,
-                                     self.engine.model.default_sampling.replace(**overrides))
+                                     msgspec.structs.asdict(message.sampling))
             prompt = self.engine.model.prepare(message.text, message.voice)
         except ValueError as error:
             failed = protocol.Failed(message.request_id, 400, str(error))

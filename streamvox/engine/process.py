@@ -105,9 +105,8 @@ class EngineLoop:
                                                 "requests are waiting); retry shortly"))
             return
         try:
-            overrides = msgspec.structs.asdict(message.sampling)
-            sampling = self.engine.model.default_sampling.replace(**overrides)
-            sampling = self.engine.check_request(message.text, message.voice, sampling)
+            sampling = self.engine.check_request(message.text, message.voice,
+                                                 msgspec.structs.asdict(message.sampling))
         except ValueError as error:
             self._failed.append(protocol.Failed(message.request_id, 400, str(error)))
             return
