@@ -12,7 +12,7 @@ class NewRequest:
     """A request the runners have not seen yet; sent once, in the first step that schedules it."""
 
     request_id: str
-    prompt_token_ids: tuple[int, ...]
+    prompt_token_ids: tuple[int | tuple[int, ...], ...]  # one backbone input per position: a token id or a row
     sampling: SamplingParams  # resolved: seed is never None here
     codec_seed: int  # seeds the codec's noise for this request
 
@@ -46,5 +46,5 @@ class StepOutput:
     """Tokens sampled in one step, one entry per row with `is_sampled`, in row order."""
 
     request_ids: tuple[str, ...]
-    token_ids: tuple[int, ...]
+    token_ids: tuple[int | tuple[int, ...], ...]  # a token id, or a whole frame of codes for depth-decoder models
     is_stop: tuple[bool, ...]  # the sampled token ends the request's speech

@@ -15,7 +15,7 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
 
     serve = commands.add_parser("serve", help="serve the HTTP API (OpenAI /v1/audio/speech, VoxServe /generate)")
-    serve.add_argument("--model", default="tiny-orpheus", help="checkpoint directory, hub id, or tiny-orpheus")
+    serve.add_argument("--model", default="tiny-orpheus", help="checkpoint directory, hub id, or tiny-<family>")
     serve.add_argument("--codec", default=None, help="codec directory or hub id (default: the family's)")
     serve.add_argument("--dtype", default="float32")
     serve.add_argument("--engine", choices=["streamvox", "naive"], default="streamvox",
@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     synth = commands.add_parser("synth", help="speak one text into a WAV file")
     synth.add_argument("text")
     synth.add_argument("-o", "--output", default="out.wav")
-    synth.add_argument("--model", default="tiny-orpheus", help="checkpoint directory, hub id, or tiny-orpheus")
+    synth.add_argument("--model", default="tiny-orpheus", help="checkpoint directory, hub id, or tiny-<family>")
     synth.add_argument("--codec", default=None, help="codec directory or hub id (default: the family's)")
     synth.add_argument("--voice", default=None)
     synth.add_argument("--seed", type=int, default=None)
@@ -41,12 +41,12 @@ def main(argv: list[str] | None = None) -> int:
     batch.add_argument("texts", help='JSONL, one object a line: {"id": "intro", "text": "Hello."} (id, voice, '
                                      "seed, max_tokens optional)")
     batch.add_argument("--out", required=True, help="directory for the audio files and manifest.jsonl")
-    batch.add_argument("--model", default="tiny-orpheus", help="checkpoint directory, hub id, or tiny-orpheus")
+    batch.add_argument("--model", default="tiny-orpheus", help="checkpoint directory, hub id, or tiny-<family>")
     batch.add_argument("--format", default="wav", help="wav, flac, mp3, opus, aac or pcm")
     batch.add_argument("--max-num-seqs", type=int, default=32, help="requests generated at once")
 
     tiny = commands.add_parser("make-tiny", help="write a random-weight test checkpoint in the publisher layout")
-    tiny.add_argument("family", choices=["orpheus"])
+    tiny.add_argument("family", choices=["orpheus", "csm"])
     tiny.add_argument("directory")
     tiny.add_argument("--seed", type=int, default=0)
     tiny.add_argument("--shards", type=int, default=1, help="number of safetensors shards")

@@ -303,6 +303,7 @@ class MimiCodec:
         decoder_half = {k: v for k, v in state_dict.items() if k.startswith(DECODER_PREFIXES)}
         self.net.load_state_dict(decoder_half, strict=True)
         self.codebooks, self.projections = _quantizer_tables(state_dict, self.num_codebooks, self.num_semantic)
+        self.codebook_size = self.codebooks[0].shape[0]
         self.dtype = next(self.net.parameters()).dtype
 
     @classmethod
@@ -390,3 +391,81 @@ def _check_streamable(config: dict) -> None:
     for key, value in required.items():
         if config.get(key, value) != value:
             raise ValueError(f"Mimi config {key}={config[key]!r} cannot be decoded as a stream (needs {value!r})")
+
+
+# -- tiny random-weight Mimi in the kyutai/mimi layout ---------------------------------------------------------
+
+# The published config with small widths (every structural setting kept: ratios, kernels, 32 codebooks, window)
+TINY_CONFIG = {
+    "model_type": "mimi", "architectures": ["MimiModel"], "sampling_rate": 24000, "frame_rate": 12.5,
+    "audio_channels": 1, "hidden_size": 64, "num_filters": 8, "num_residual_layers": 1,
+    "upsampling_ratios": [8, 6, 5, 4], "kernel_size": 7, "last_kernel_size": 3, "residual_kernel_size": 3,
+    "dilation_growth_rate": 2, "use_causal_conv": True, "pad_mode": "constant", "compress": 2,
+    "trim_right_ratio": 1.0, "codebook_size": 64, "codebook_dim": 16, "num_quantizers": 32,
+    "use_conv_shortcut": False, "vector_quantization_hidden_dimension": 16, "upsample_groups": 64,
+    "num_hidden_layers": 2, "intermediate_size": 128, "num_attention_heads": 4, "num_key_value_heads": 4,
+    "head_dim": 16, "hidden_act": "gelu", "max_position_embeddings": 8000, "norm_eps": 1e-5, "rope_theta": 10000.0,
+    "sliding_window": 250, "layer_scale_initial_scale": 0.01, "attention_bias": False, "num_semantic_quantizers": 1,
+    "use_cache": False, "torch_dtype": "float32",
+}
+
+
+def tiny_tensors(config: dict, seed: int) -> dict[str, torch.Tensor]:
+    """Every tensor of a Mimi checkpoint (encoder half included, so other tools load it whole), seeded random.
+
+    Codebooks are random vectors and layer scales 1, so every stage of the decoder shapes the PCM."""
+    generator = torch.Generator().manual_seed(seed)
+    hop = math.prod(config["upsampling_ratios"])
+    upsample_stride = round(config["sampling_rate"] / config["frame_rate"]) // hop
+    decoder = _DecoderHalf(config, upsample_stride).state_dict()
+    shapes = {name: tuple(t.shape) for name, t in decoder.items()}
+    shapes.update({name.replace("decoder_transformer.", "encoder_transformer.", 1): shape
+                   for name, shape in shapes.items() if name.startswith("decoder_transformer.")})
+    hidden = config["hidden_size"]
+    shapes["downsample.conv.weight"] = (hidden, hidden, 2 * upsample_stride)
+    shapes.update(_encoder_shapes(config))
+    tensors = {}
+    for name, shape in sorted(shapes.items()):
+        if name.endswith("layer_scale.scale") or name.endswith("layernorm.weight"):
+            tensors[name] = torch.ones(shape)
+        elif name.endswith(".bias"):
+            tensors[name] = torch.randn(shape, generator=generator) * 0.01
+        else:
+            fan_in = math.prod(shape[1:])
+            tensors[name] = torch.randn(shape, generator=generator) * fan_in**-0.5
+    size, dim = config["codebook_size"], config["codebook_dim"]
+    num_semantic = config.get("num_semantic_quantizers", 1)
+    for group, count in (("semantic", num_semantic), ("acoustic", config["num_quantizers"] - num_semantic)):
+        base = f"{QUANTIZER_PREFIX}{group}_residual_vector_quantizer."
+        tensors[f"{base}input_proj.weight"] = torch.randn(dim, hidden, 1, generator=generator) * hidden**-0.5
+        tensors[f"{base}output_proj.weight"] = torch.randn(hidden, dim, 1, generator=generator) * dim**-0.5
+        for i in range(count):
+            tensors[f"{base}layers.{i}.codebook.initialized"] = torch.ones(1)
+            tensors[f"{base}layers.{i}.codebook.cluster_usage"] = torch.rand(size, generator=generator) * 1.5 + 0.5
+            tensors[f"{base}layers.{i}.codebook.embed_sum"] = torch.randn(size, dim, generator=generator)
+    return tensors
+
+
+def _encoder_shapes(config: dict) -> dict[str, tuple[int, ...]]:
+    """The SEANet encoder's tensors: the decoder's mirror image, downsampling by the reversed ratios."""
+    shapes: dict[str, tuple[int, ...]] = {}
+
+    def conv(name: str, in_channels: int, out_channels: int, kernel: int) -> None:
+        shapes[f"encoder.layers.{name}.conv.weight"] = (out_channels, in_channels, kernel)
+        shapes[f"encoder.layers.{name}.conv.bias"] = (out_channels,)
+
+    filters = config["num_filters"]
+    conv("0", config["audio_channels"], filters, config["kernel_size"])
+    index, channels = 1, filters
+    for ratio in reversed(config["upsampling_ratios"]):
+        for _ in range(config["num_residual_layers"]):
+            hidden = channels // config["compress"]
+            conv(f"{index}.block.1", channels, hidden, config["residual_kernel_size"])
+            conv(f"{index}.block.3", hidden, channels, 1)
+            if config["use_conv_shortcut"]:
+                conv(f"{index}.shortcut", channels, channels, 1)
+            index += 1
+        conv(str(index + 1), channels, 2 * channels, 2 * ratio)  # after an ELU
+        index, channels = index + 2, 2 * channels
+    conv(str(index + 1), channels, config["hidden_size"], config["last_kernel_size"])  # after an ELU
+    return shapes

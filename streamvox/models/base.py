@@ -9,8 +9,9 @@ backbone wiring, the prompt format, the frame layout and the codec.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -49,13 +50,24 @@ class ChunkJob:
     end_frame: int
     is_final: bool  # no frame will follow `frames`
     seed: int  # makes any codec noise a function of the request alone
+    state: Any = None  # the request's codec state (a stateful codec's; None otherwise)
+
+
+# What one backbone step produces for a request: a token id (one codebook per step, as Orpheus), or a frame of
+# codes (a backbone + depth decoder family, as CSM). A backbone input position is a token id or a row of ids.
+StepToken = int | tuple[int, ...]
 
 
 class FrameBuilder(Protocol):
-    """Per-request frame bookkeeping: turns sampled tokens into codec frames."""
+    """Per-request frame bookkeeping: turns sampled step outputs into codec frames."""
 
-    def push(self, token_id: int) -> tuple[int, ...] | None:
-        """Take one sampled token; return a completed frame's codes, or None."""
+    def push(self, token: StepToken) -> tuple[int, ...] | None:
+        """Take one step's output; return a completed frame's codes, or None."""
+
+
+# sample(logits [S, V], index) -> one token per row: draws a depth decoder's `index`-th codebook with each row's
+# own sampling parameters and random stream
+ExtraSampler = Callable[[torch.Tensor, int], list[int]]
 
 
 class SpeechModel(ABC):
@@ -68,7 +80,7 @@ class SpeechModel(ABC):
     voices: tuple[str, ...]
     default_voice: str | None
     stop_token_ids: frozenset[int]
-    backbone: torch.nn.Module  # forward(input_ids [T], positions [T], meta, kv_caches) -> [T, H]; compute_logits
+    backbone: torch.nn.Module  # forward(inputs [T] or [T, C], positions [T], meta, kv_caches) -> [T, H]; compute_logits
     is_random_weights: bool  # a tiny test checkpoint: its audio is noise
 
     @classmethod
@@ -77,8 +89,8 @@ class SpeechModel(ABC):
         """Build from a checkpoint's config.json, its tensors, its tokenizer.json and its codec directory."""
 
     @abstractmethod
-    def prepare(self, text: str, voice: str | None) -> list[int]:
-        """Prompt token ids for `text` spoken by `voice` (None = the default voice). CPU only."""
+    def prepare(self, text: str, voice: str | None) -> list[StepToken]:
+        """Prompt inputs (one per position) for `text` spoken by `voice` (None = the default voice). CPU only."""
 
     @abstractmethod
     def new_frame_builder(self) -> FrameBuilder:
@@ -90,6 +102,24 @@ class SpeechModel(ABC):
 
         A stateful codec never receives two jobs of the same request in one call.
         """
+
+    def complete_step(self, hidden: torch.Tensor, tokens: list[int], sample: ExtraSampler) -> list[StepToken]:
+        """What each sampled row produced, from its final hidden state [S, H] and the token the backbone's head
+        drew. Single-codebook families return the tokens; a depth decoder turns each into a whole frame here,
+        for all rows of the step at once."""
+        return tokens
+
+    def next_input(self, token: StepToken) -> StepToken:
+        """The backbone input that feeds a step's output back in."""
+        return token
+
+    def is_stop(self, token: StepToken) -> bool:
+        """Whether a step's output ends the speech."""
+        return token in self.stop_token_ids
+
+    def new_codec_state(self) -> Any:
+        """Fresh per-request codec state, handed back in every ChunkJob (None for a stateless codec)."""
+        return None
 
     def resolve_voice(self, voice: str | None) -> str | None:
         """The voice to use; ValueError listing the choices when `voice` is unknown."""

@@ -38,6 +38,11 @@ class LlamaConfig:
                 f"expected a Llama checkpoint (architectures: LlamaForCausalLM), got architectures={architectures} "
                 f"model_type={config.get('model_type')!r}"
             )
+        return cls.from_fields(config)
+
+    @classmethod
+    def from_fields(cls, config: dict, what: str = "Llama") -> LlamaConfig:
+        """The Llama fields of any Llama-shaped config (a CSM backbone's or depth decoder's too)."""
         try:
             heads = config["num_attention_heads"]
             return cls(
@@ -54,7 +59,7 @@ class LlamaConfig:
                 tie_word_embeddings=config.get("tie_word_embeddings", False),
             )
         except KeyError as missing:
-            raise ValueError(f"config.json lacks the Llama field {missing}") from None
+            raise ValueError(f"config.json lacks the {what} field {missing}") from None
 
 
 class LlamaAttention(nn.Module):

@@ -12,20 +12,17 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from tokenizers import Tokenizer
 
 from streamvox.codecs.snac import SnacCodec
 from streamvox.config import SamplingParams
 from streamvox.models.base import Chunking, ChunkJob, SpeechModel, TimingFacts
 from streamvox.models.llama import LlamaConfig, LlamaForCausalLM
-from streamvox.models.tiny_tokenizer import build_tiny_tokenizer
+from streamvox.models.tiny import build_tiny_tokenizer, save_tensors, write_atomically
 
 VOICES = ("tara", "leah", "jess", "leo", "dan", "mia", "zac", "zoe")
 CODEC_HUB_ID = "hubertsiuzdak/snac_24khz"
@@ -64,7 +61,7 @@ class OrpheusFrameBuilder:
         self._ids = ids
         self._codes: list[int] = []
 
-    def push(self, token_id: int) -> tuple[int, ...] | None:
+    def push(self, token_id: int) -> tuple[int, ...] | None:  # one token per step
         offset = token_id - self._ids.audio_offset
         if not 0 <= offset < TOKENS_PER_FRAME * self._ids.codebook_size:
             return None  # not an audio token: nothing to voice
@@ -155,22 +152,8 @@ TINY_NOTE = (
 
 
 def write_tiny(path: str | Path, seed: int = 0, num_shards: int = 1) -> Path:
-    """Write a deterministic tiny Orpheus checkpoint (LM + tokenizer + SNAC codec subdirectory) to `path`.
-
-    Files are written to a sibling directory first and moved into place at the end, so an interrupted build
-    never leaves a half-written checkpoint behind.
-    """
-    final = Path(path)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    path = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
-    try:
-        _write_tiny_files(path, seed, num_shards)
-        if final.exists():
-            shutil.rmtree(final)
-        path.rename(final)
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
-    return final
+    """Write a deterministic tiny Orpheus checkpoint (LM + tokenizer + SNAC codec subdirectory) to `path`."""
+    return write_atomically(path, lambda tmp: _write_tiny_files(tmp, seed, num_shards))
 
 
 def _write_tiny_files(path: Path, seed: int, num_shards: int) -> None:
@@ -191,7 +174,7 @@ def _write_tiny_files(path: Path, seed: int, num_shards: int) -> None:
         for name, param in model.named_parameters():
             if "norm" not in name:
                 torch.nn.init.normal_(param, std=0.1 if "embed" in name else param.shape[-1] ** -0.5)
-    _save_sharded(path, {k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}, num_shards)
+    save_tensors(path, {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}, num_shards)
     (path / "generation_config.json").write_text(json.dumps({"bos_token_id": TINY_TEXT_VOCAB, "do_sample": True,
                                                               "temperature": 0.6, "top_p": 0.8}, indent=2))
     (path / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<|begin_of_text|>",
@@ -211,20 +194,3 @@ def _tiny_config(vocab_size: int, ids: OrpheusTokenIds) -> dict:
         "bos_token_id": TINY_TEXT_VOCAB, "eos_token_id": ids.end_of_speech,
         "orpheus_token_ids": dataclasses.asdict(ids), "streamvox_random_weights": True, "streamvox_note": TINY_NOTE,
     }
-
-
-def _save_sharded(path: Path, tensors: dict[str, torch.Tensor], num_shards: int) -> None:
-    """model.safetensors, or Hugging Face-style shards plus model.safetensors.index.json."""
-    if num_shards == 1:
-        save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
-        return
-    names = sorted(tensors)
-    weight_map = {}
-    for shard in range(num_shards):
-        file_name = f"model-{shard + 1:05d}-of-{num_shards:05d}.safetensors"
-        part = {name: tensors[name] for name in names[shard::num_shards]}
-        save_file(part, str(path / file_name), metadata={"format": "pt"})
-        weight_map.update(dict.fromkeys(part, file_name))
-    total = sum(t.numel() * t.element_size() for t in tensors.values())
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))

@@ -5,16 +5,20 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from streamvox.models import orpheus
+from streamvox.models import csm, orpheus
 from streamvox.models.base import SpeechModel
 
-FAMILIES: dict[str, type[SpeechModel]] = {"orpheus": orpheus.OrpheusModel}
-TINY_WRITERS: dict[str, Callable[..., Path]] = {"orpheus": orpheus.write_tiny}
-CODEC_DEFAULTS: dict[str, tuple[str, str]] = {"orpheus": (orpheus.CODEC_SUBDIR, orpheus.CODEC_HUB_ID)}
+FAMILIES: dict[str, type[SpeechModel]] = {"orpheus": orpheus.OrpheusModel, "csm": csm.CsmModel}
+TINY_WRITERS: dict[str, Callable[..., Path]] = {"orpheus": orpheus.write_tiny, "csm": csm.write_tiny}
+# (subdirectory of the checkpoint, hub id used when it is absent); CSM carries its Mimi in its own tensors
+CODEC_DEFAULTS: dict[str, tuple[str, str]] = {"orpheus": (orpheus.CODEC_SUBDIR, orpheus.CODEC_HUB_ID),
+                                              "csm": (".", csm.CODEC_HUB_ID)}
 
 
 def detect_family(config: dict, name_hint: str) -> str:
     """The family of a checkpoint from its config.json (and its name for publisher configs that do not say)."""
+    if config.get("model_type") == "csm" or "CsmForConditionalGeneration" in (config.get("architectures") or []):
+        return "csm"
     if "orpheus_token_ids" in config or "orpheus" in name_hint.lower():
         return "orpheus"
     if "LlamaForCausalLM" in (config.get("architectures") or []) and config.get("vocab_size", 0) >= 156938:

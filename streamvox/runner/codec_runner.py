@@ -10,11 +10,12 @@ one batch. `take_ready` -> `decode` (any thread) -> `complete` lets the codec ru
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
 
-from streamvox.models.base import ChunkJob, FrameBuilder, SpeechModel
+from streamvox.models.base import ChunkJob, FrameBuilder, SpeechModel, StepToken
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,7 @@ class PendingChunk:
 class _CodecRequest:
     builder: FrameBuilder
     seed: int
+    state: Any  # the model's per-request codec state (None for a stateless codec)
     frames: list[tuple[int, ...]] = field(default_factory=list)
     num_taken_frames: int = 0  # frames handed to the codec so far
     is_final: bool = False
@@ -55,12 +57,12 @@ class CodecRunner:
         self.requests: dict[str, _CodecRequest] = {}
 
     def add(self, request_id: str, seed: int) -> None:
-        self.requests[request_id] = _CodecRequest(self.model.new_frame_builder(), seed)
+        self.requests[request_id] = _CodecRequest(self.model.new_frame_builder(), seed, self.model.new_codec_state())
 
-    def push(self, request_id: str, token_id: int) -> None:
+    def push(self, request_id: str, token: StepToken) -> None:
         request = self.requests.get(request_id)
         if request is not None:
-            frame = request.builder.push(token_id)
+            frame = request.builder.push(token)
             if frame is not None:
                 request.frames.append(frame)
 
@@ -105,7 +107,7 @@ class CodecRunner:
             job = None
             if end > start:
                 frames = torch.tensor(request.frames, dtype=torch.int64)  # [num_known_frames, codes_per_frame]
-                job = ChunkJob(frames, start, end, is_last, request.seed)
+                job = ChunkJob(frames, start, end, is_last, request.seed, request.state)
             pending.append(PendingChunk(request_id, start, end, is_last, job))
             request.num_taken_frames = end
             request.is_in_flight = True

@@ -1,7 +1,7 @@
 """Runs one scheduled step of the backbone: builds the ragged batch, runs it over the paged KV cache, samples.
 
-The runner keeps each request's tokens (prompt + sampled) and sampling state, so the scheduler only sends
-positions and block tables; a preempted request recomputes its KV from these tokens.
+The runner keeps each request's backbone inputs (prompt, then every step's output fed back) and sampling state,
+so the scheduler only sends positions and block tables; a preempted request recomputes its KV from these inputs.
 """
 
 from __future__ import annotations
@@ -12,13 +12,13 @@ import torch
 
 from streamvox.batch import ScheduledRow, StepBatch, StepOutput
 from streamvox.layers.attention import AttentionMetadata, PrefillSpan, plan_decode
-from streamvox.models.base import SpeechModel
-from streamvox.runner.sampler import SamplingState, sample
+from streamvox.models.base import SpeechModel, StepToken
+from streamvox.runner.sampler import SamplingState, sample, sample_extra
 
 
 @dataclass
 class _RunnerRequest:
-    token_ids: list[int]  # prompt then sampled tokens
+    inputs: list[StepToken]  # backbone input of every position: prompt, then each step's output fed back
     sampling: SamplingState
 
 
@@ -52,24 +52,26 @@ class LMRunner:
         sampled_rows = [i for i, row in enumerate(batch.rows) if row.is_sampled]
         if not sampled_rows:
             return StepOutput((), (), ())
-        logits = self.model.backbone.compute_logits(hidden[last_index[sampled_rows]])  # [S, V]
+        last_hidden = hidden[last_index[sampled_rows]]
+        logits = self.model.backbone.compute_logits(last_hidden)  # [S, V]
         requests = [self.requests[batch.rows[i].request_id] for i in sampled_rows]
-        token_ids = sample(logits, [request.sampling for request in requests])
-        stop_ids = self.model.stop_token_ids
+        states = [request.sampling for request in requests]
+        tokens = self.model.complete_step(last_hidden, sample(logits, states),
+                                          lambda extra_logits, index: sample_extra(extra_logits, states, index))
         is_stop = []
-        for request, token in zip(requests, token_ids, strict=True):
-            request.token_ids.append(token)
-            is_stop.append(token in stop_ids and not request.sampling.params.ignore_eos)
+        for request, token in zip(requests, tokens, strict=True):
+            request.inputs.append(self.model.next_input(token))
+            is_stop.append(self.model.is_stop(token) and not request.sampling.params.ignore_eos)
         request_ids = tuple(batch.rows[i].request_id for i in sampled_rows)
-        return StepOutput(request_ids, tuple(token_ids), tuple(is_stop))
+        return StepOutput(request_ids, tuple(tokens), tuple(is_stop))
 
     def _prepare_inputs(self, rows: tuple[ScheduledRow, ...]):
-        input_ids: list[int] = []
+        input_ids: list[StepToken] = []
         positions: list[int] = []
         slots: list[int] = []
         decode_index, decode_tables, decode_lens, prefills = [], [], [], []
         for row in rows:
-            tokens = self.requests[row.request_id].token_ids
+            tokens = self.requests[row.request_id].inputs
             span = range(row.start_position, row.start_position + row.num_tokens)
             token_start = len(input_ids)
             input_ids.extend(tokens[p] for p in span)

@@ -39,15 +39,30 @@ def sample(logits: torch.Tensor, states: list[SamplingState]) -> list[int]:
     """logits: [B, V] fp32, one row per state -> one token id per row. Appends to each state's history."""
     logits = _apply_repetition_penalty(logits, states)
     token_ids = logits.argmax(dim=-1).tolist()  # greedy rows keep these
-    sampled_rows = [i for i, state in enumerate(states) if not state.params.is_greedy]
-    if sampled_rows:
-        rows = torch.tensor(sampled_rows)
-        sampled = _sample_filtered(logits[rows], [states[i] for i in sampled_rows])
-        for row, token in zip(sampled_rows, sampled, strict=True):
-            token_ids[row] = token
+    _draw_sampled_rows(logits, states, [s.step_key() for s in states], token_ids)
     for state, token in zip(states, token_ids, strict=True):
         state.history.append(token)
     return token_ids
+
+
+def sample_extra(logits: torch.Tensor, states: list[SamplingState], index: int) -> list[int]:
+    """Draw the `index`-th extra token of each row's current step (a depth decoder's codebooks): same filters,
+    no repetition penalty, a key of its own, and no change to the history. logits: [B, V] fp32."""
+    token_ids = logits.argmax(dim=-1).tolist()
+    _draw_sampled_rows(logits, states, [_mix32(s.step_key() ^ _mix32(index + 1)) for s in states], token_ids)
+    return token_ids
+
+
+def _draw_sampled_rows(logits: torch.Tensor, states: list[SamplingState], keys: list[int],
+                       token_ids: list[int]) -> None:
+    """Replace the greedy picks in `token_ids` by draws for the rows that sample."""
+    sampled_rows = [i for i, state in enumerate(states) if not state.params.is_greedy]
+    if sampled_rows:
+        rows = torch.tensor(sampled_rows)
+        sampled = _sample_filtered(logits[rows], [states[i].params for i in sampled_rows],
+                                   [keys[i] for i in sampled_rows])
+        for row, token in zip(sampled_rows, sampled, strict=True):
+            token_ids[row] = token
 
 
 def _apply_repetition_penalty(logits: torch.Tensor, states: list[SamplingState]) -> torch.Tensor:
@@ -68,9 +83,9 @@ def _apply_repetition_penalty(logits: torch.Tensor, states: list[SamplingState])
 CANDIDATES = 1024  # filtering works on this many top tokens when no row's filter can reach past them
 
 
-def _sample_filtered(logits: torch.Tensor, states: list[SamplingState]) -> list[int]:
-    """Temperature, then top-k, top-p and min-p (each row its own), then one draw per row. logits: [S, V]."""
-    params = [s.params for s in states]
+def _sample_filtered(logits: torch.Tensor, params: list[SamplingParams], keys: list[int]) -> list[int]:
+    """Temperature, then top-k, top-p and min-p (each row its own), then one draw per row keyed by `keys`.
+    logits: [S, V]."""
     vocab = logits.shape[1]
     scaled = logits / torch.tensor([p.temperature for p in params])[:, None]
     top_k = torch.tensor([min(p.top_k or vocab, vocab) for p in params])[:, None]  # [S, 1]
@@ -98,7 +113,7 @@ def _sample_filtered(logits: torch.Tensor, states: list[SamplingState]) -> list[
     drop = (mass_before > top_p) | (sorted_probs < min_p * sorted_probs[:, :1])  # top-k cut is zero already
     drop[:, 0] = False  # the most likely token always survives
     kept = sorted_probs.masked_fill(drop, 0.0)
-    keys = torch.tensor([s.step_key() for s in states], dtype=torch.int64)[:, None]
+    keys = torch.tensor(keys, dtype=torch.int64)[:, None]
     uniform = ((_mix32(_mix32(keys ^ order) ^ keys) >> 8).to(torch.float32) + 0.5) / 2**24  # (0, 1), per token id
     position = (kept / -uniform.log()).argmax(dim=-1, keepdim=True)
     return order.gather(1, position)[:, 0].tolist()

@@ -4,8 +4,9 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
-from streamvox.codecs.mimi import MimiCodec
+from streamvox.codecs.mimi import TINY_CONFIG, MimiCodec, tiny_tensors
 
 transformers = pytest.importorskip("transformers")
 
@@ -19,31 +20,19 @@ def _relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
-    """A MimiModel with small widths and every other setting of the published config, saved with save_pretrained.
-    Codebooks are random (the model's init leaves them zero) and layer scales 1, so every stage shapes the PCM."""
-    config = transformers.MimiConfig(
-        hidden_size=64, num_filters=8, codebook_size=64, codebook_dim=16, vector_quantization_hidden_dimension=16,
-        upsample_groups=64, num_hidden_layers=2, intermediate_size=128, num_attention_heads=4, num_key_value_heads=4,
-        frame_rate=12.5)
-    torch.manual_seed(0)
-    model = transformers.MimiModel(config).eval()
-    with torch.no_grad():
-        for name, buffer in model.named_buffers():
-            if name.endswith("codebook.embed_sum"):
-                buffer.normal_()
-            elif name.endswith("codebook.cluster_usage"):
-                buffer.uniform_(0.5, 2.0)
-        for name, parameter in model.named_parameters():
-            if name.endswith("layer_scale.scale"):
-                parameter.fill_(1.0)
+    """Our tiny Mimi writer: the published config with small widths, every tensor of the kyutai/mimi layout, random
+    codebooks and layer scales 1 (so every stage shapes the PCM). transformers loading it whole checks the layout."""
     path = tmp_path_factory.mktemp("mimi_tiny")
-    model.save_pretrained(path)
+    (path / "config.json").write_text(json.dumps(TINY_CONFIG))
+    save_file(tiny_tensors(TINY_CONFIG, seed=0), str(path / "model.safetensors"), metadata={"format": "pt"})
     return path
 
 
 @pytest.fixture(scope="module")
 def reference(tiny_dir):
-    return transformers.MimiModel.from_pretrained(tiny_dir).eval()
+    model, info = transformers.MimiModel.from_pretrained(tiny_dir, output_loading_info=True)
+    assert not any(info.values()), info  # every tensor present, named and shaped as transformers expects
+    return model.eval()
 
 
 @pytest.fixture(scope="module")

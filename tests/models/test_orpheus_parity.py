@@ -31,7 +31,7 @@ def test_logits_match_transformers(tiny_model, reference, make_engine):
     with torch.inference_mode():
         prefill = (last_logits(ScheduledRow("p", 0, len(prompt), blocks, True)),
                    reference(torch.tensor([prompt])).logits[0, -1])
-        next_token = runner.requests["p"].token_ids[-1]
+        next_token = runner.requests["p"].inputs[-1]
         decode = (last_logits(ScheduledRow("p", len(prompt), 1, blocks, True)),
                   reference(torch.tensor([prompt + [next_token]])).logits[0, -1])
     for ours, ref in (prefill, decode):

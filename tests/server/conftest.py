@@ -44,13 +44,14 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def start_server(tiny_dir, tmp_path_factory):
+    """start(*flags) serves the tiny Orpheus as `tiny-orpheus`; model_dir= and name= serve another checkpoint."""
     servers = []
 
-    def start(*flags: str, env: dict | None = None) -> Server:
+    def start(*flags: str, env: dict | None = None, model_dir=None, name: str = "tiny-orpheus") -> Server:
         port = free_port()
         log = open(tmp_path_factory.mktemp("server") / "server.log", "w")
-        command = [sys.executable, "-m", "streamvox.cli", "serve", "--model", str(tiny_dir), "--port", str(port),
-                   "--host", "127.0.0.1", "--served-model-name", "tiny-orpheus", *flags]
+        command = [sys.executable, "-m", "streamvox.cli", "serve", "--model", str(model_dir or tiny_dir), "--port",
+                   str(port), "--host", "127.0.0.1", "--served-model-name", name, *flags]
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
         server = Server(f"http://127.0.0.1:{port}", process)
         servers.append(server)
@@ -74,17 +75,27 @@ def server(start_server):
 @pytest.fixture(scope="module")
 def reference(tiny_model):
     """The int16 PCM bytes the in-process engine makes for (text, seed, max_tokens) with the model's sampling."""
+    yield from _engine_reference(tiny_model)
+
+
+@pytest.fixture(scope="session")
+def engine_reference():
+    """engine_reference(model): a generator yielding the `reference` function of any model (yield from it)."""
+    return _engine_reference
+
+
+def _engine_reference(model):
     from streamvox.config import EngineConfig, SchedulerConfig
     from streamvox.engine.core import Engine
 
-    engine = Engine(tiny_model, EngineConfig(scheduler=SchedulerConfig(policy="fcfs")))
+    engine = Engine(model, EngineConfig(scheduler=SchedulerConfig(policy="fcfs")))
     cache = {}
 
-    def pcm(text: str, seed: int, max_tokens: int) -> bytes:
-        key = (text, seed, max_tokens)
+    def pcm(text: str, seed: int, max_tokens: int, voice: str | None = None) -> bytes:
+        key = (text, seed, max_tokens, voice)
         if key not in cache:
-            sampling = tiny_model.default_sampling.replace(seed=seed, max_tokens=max_tokens)
-            result = engine.result(engine.submit(text, None, sampling))
+            sampling = model.default_sampling.replace(seed=seed, max_tokens=max_tokens)
+            result = engine.result(engine.submit(text, voice, sampling))
             cache[key] = to_int16(result.pcm).tobytes()
         return cache[key]
 

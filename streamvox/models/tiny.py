@@ -1,11 +1,20 @@
-"""A small byte-level BPE tokenizer.json, trained deterministically, for tiny random-weight checkpoints.
+"""What every tiny random-weight checkpoint writer shares: a small tokenizer, tensor files, an atomic write.
 
-It has the shape of a Llama-3 tokenizer: byte-level BPE, a block of reserved special tokens after the text
-vocabulary, and a post-processor that puts <|begin_of_text|> in front of every encoded text.
+The tokenizer has the shape of a Llama-3 tokenizer: byte-level BPE trained deterministically, a block of
+reserved special tokens after the text vocabulary, and a post-processor that puts <|begin_of_text|> in front
+of every encoded text.
 """
 
 from __future__ import annotations
 
+import json
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 _CORPUS = """
@@ -42,3 +51,37 @@ def build_tiny_tokenizer(text_vocab_size: int, num_reserved: int, added_tokens: 
         single="<|begin_of_text|> $A", pair="<|begin_of_text|> $A $B", special_tokens=[("<|begin_of_text|>", bos)]
     )
     return tokenizer
+
+
+def write_atomically(path: str | Path, fill: Callable[[Path], None]) -> Path:
+    """Let `fill` write a checkpoint into a sibling directory, then move it to `path`: an interrupted build
+    never leaves a half-written checkpoint behind."""
+    final = Path(path)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
+    try:
+        fill(work)
+        if final.exists():
+            shutil.rmtree(final)
+        work.rename(final)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return final
+
+
+def save_tensors(path: Path, tensors: dict[str, torch.Tensor], num_shards: int = 1) -> None:
+    """model.safetensors, or Hugging Face-style shards plus model.safetensors.index.json."""
+    tensors = {name: tensor.contiguous() for name, tensor in tensors.items()}
+    if num_shards == 1:
+        save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
+        return
+    names = sorted(tensors)
+    weight_map = {}
+    for shard in range(num_shards):
+        file_name = f"model-{shard + 1:05d}-of-{num_shards:05d}.safetensors"
+        part = {name: tensors[name] for name in names[shard::num_shards]}
+        save_file(part, str(path / file_name), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(part, file_name))
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))

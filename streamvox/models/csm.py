@@ -1,0 +1,396 @@
+"""Sesame CSM: a Llama backbone over frames of 32 Mimi codes, plus a small depth decoder for codebooks 1-31.
+
+One backbone step per 12.5 Hz frame. An input position is a text token (its own embedding table) or an audio
+frame (the sum of its 32 codebook embeddings); we carry both as a row of 33 ids, codes first and the text id
+last, -1 where unused. The backbone's head draws codebook 0; the depth decoder then runs 32 positions of its
+own (the backbone's last hidden state, then codebooks 0..30 embedded) and draws codebooks 1..31, one head per
+codebook. The whole frame is fed back as the next backbone input. A frame whose first 31 codes are all 0
+(`codebook_eos_token_id`) ends the speech and is not voiced.
+
+Prompt, per conversation segment: <|begin_of_text|> "[speaker]text" <|end_of_text|>, then, if the segment
+has audio, its frames and a frame of zeros (the audio end). The text to speak is the last segment, with no
+audio; generation continues from its end-of-text. The Mimi decoder is stateful: each request's chunks
+continue its own decoder state (streamvox.codecs.mimi).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer
+from torch import nn
+from torch.nn import functional as F
+
+from streamvox.codecs.mimi import TINY_CONFIG as TINY_MIMI_CONFIG
+from streamvox.codecs.mimi import MimiCodec
+from streamvox.codecs.mimi import tiny_tensors as tiny_mimi_tensors
+from streamvox.config import SamplingParams
+from streamvox.layers.attention import AttentionMetadata
+from streamvox.layers.linear import Linear
+from streamvox.layers.norm import RMSNorm
+from streamvox.layers.rotary import RotaryEmbedding
+from streamvox.models.base import Chunking, ChunkJob, ExtraSampler, SpeechModel, StepToken, TimingFacts
+from streamvox.models.llama import LlamaConfig, LlamaDecoderLayer
+from streamvox.models.tiny import build_tiny_tokenizer, save_tensors, write_atomically
+
+CODEC_PREFIX = "codec_model."
+CODEC_HUB_ID = "kyutai/mimi"
+VOICES = ("0", "1")  # speaker ids of the conversation format
+
+
+@dataclass(frozen=True)
+class Segment:
+    """One turn of conversational context: what `speaker` said, and optionally its Mimi codes [frames, 32]."""
+
+    speaker: str
+    text: str
+    codes: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class CsmIds:
+    num_codebooks: int
+    audio_vocab_size: int  # per codebook, as the heads see it (codes + a few special ids)
+    codebook_eos: int  # a frame of these ends the speech
+    begin_of_text: int
+    end_of_text: int
+
+    @classmethod
+    def from_config(cls, config: dict, tokenizer: Tokenizer) -> CsmIds:
+        ids = [tokenizer.token_to_id(t) for t in ("<|begin_of_text|>", "<|end_of_text|>")]
+        if None in ids:
+            raise ValueError("the CSM tokenizer lacks <|begin_of_text|> or <|end_of_text|>")
+        return cls(config.get("num_codebooks", 32), config["vocab_size"], config.get("codebook_eos_token_id", 0),
+                   *ids)
+
+
+class _AudioEmbeddings(nn.Module):
+    def __init__(self, num_codebooks: int, vocab_size: int, hidden_size: int) -> None:
+        super().__init__()
+        self.embed_audio_tokens = nn.Embedding(num_codebooks * vocab_size, hidden_size)
+
+
+class _BackboneModel(nn.Module):
+    def __init__(self, config: LlamaConfig, num_codebooks: int) -> None:
+        super().__init__()
+        self.embed_tokens = _AudioEmbeddings(num_codebooks, config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(config) for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta, config.rope_scaling)
+
+
+class CsmBackbone(nn.Module):
+    """The backbone over the paged KV cache; parameter names are the checkpoint's (minus depth and codec)."""
+
+    def __init__(self, config: LlamaConfig, text_vocab_size: int, num_codebooks: int) -> None:
+        super().__init__()
+        self.config = config
+        self.num_codebooks = num_codebooks
+        self.backbone_model = _BackboneModel(config, num_codebooks)
+        self.embed_text_tokens = nn.Embedding(text_vocab_size, config.hidden_size)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.register_buffer("offsets", torch.arange(num_codebooks) * config.vocab_size, persistent=False)
+        self.num_codes = config.vocab_size  # ids at or past it are never drawn (set to the codec's codebook size)
+
+    def embed(self, inputs: torch.Tensor) -> torch.Tensor:
+        """inputs [T, 33] -> [T, hidden]: a text row's token embedding, or an audio row's summed code embeddings."""
+        text = inputs[:, self.num_codebooks]
+        is_text = text >= 0
+        x = self.embed_text_tokens.weight.new_empty(inputs.shape[0], self.config.hidden_size)
+        x[is_text] = self.embed_text_tokens(text[is_text])
+        codes = inputs[~is_text, : self.num_codebooks]
+        x[~is_text] = self.backbone_model.embed_tokens.embed_audio_tokens(codes + self.offsets).sum(dim=1)
+        return x
+
+    def forward(self, inputs, positions, meta: AttentionMetadata, kv_caches) -> torch.Tensor:
+        x = self.embed(inputs)
+        for layer, kv in zip(self.backbone_model.layers, kv_caches, strict=True):
+            x = layer(x, positions, self.backbone_model.rotary, meta, kv)
+        return self.backbone_model.norm(x)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[N, hidden] -> [N, vocab] fp32; ids the codec cannot decode (the heads' special ids) at -inf."""
+        logits = self.lm_head(hidden).float()
+        logits[:, self.num_codes :] = float("-inf")
+        return logits
+
+
+class _DepthModel(nn.Module):
+    def __init__(self, config: LlamaConfig, num_codebooks: int, backbone_hidden: int) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(num_codebooks * config.vocab_size, backbone_hidden)
+        self.inputs_embeds_projector = Linear(backbone_hidden, config.hidden_size, bias=False)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(config) for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta, config.rope_scaling)
+
+
+class _CodebooksHead(nn.Module):
+    def __init__(self, num_codebooks: int, hidden_size: int, vocab_size: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num_codebooks - 1, hidden_size, vocab_size))
+
+
+class CsmDepthDecoder(nn.Module):
+    """Codebooks 1..31 of a frame for many requests at once: every row is at the same depth position, so the
+    keys and values are one dense [rows, heads, 32, head_dim] tensor per layer."""
+
+    def __init__(self, config: LlamaConfig, num_codebooks: int, backbone_hidden: int) -> None:
+        super().__init__()
+        self.config = config
+        self.num_codebooks = num_codebooks
+        self.model = _DepthModel(config, num_codebooks, backbone_hidden)
+        self.codebooks_head = _CodebooksHead(num_codebooks, config.hidden_size, config.vocab_size)
+
+    def generate(self, hidden: torch.Tensor, first: torch.Tensor, sample: ExtraSampler,
+                 allowed: int) -> torch.Tensor:
+        """hidden [S, backbone_hidden], first (codebook 0) [S] -> codes [S, num_codebooks]. Codebook k's token
+        is drawn by sample(logits, k) among ids below `allowed`."""
+        config, rows = self.config, hidden.shape[0]
+        shape = (config.num_hidden_layers, rows, config.num_key_value_heads, self.num_codebooks, config.head_dim)
+        keys, values = hidden.new_empty(shape), hidden.new_empty(shape)
+        vocab = config.vocab_size
+        x = torch.stack([hidden, self.model.embed_tokens(first)], dim=1)  # positions 0 and 1
+        codes = [first]
+        for k in range(1, self.num_codebooks):
+            start = 0 if k == 1 else k
+            out = self._run(x, start, keys, values)[:, -1]  # [S, hidden] at position k
+            logits = (out @ self.codebooks_head.weight[k - 1]).float()
+            logits[:, allowed:] = float("-inf")
+            codes.append(torch.tensor(sample(logits, k), dtype=torch.int64))
+            if k + 1 < self.num_codebooks:
+                x = self.model.embed_tokens(codes[-1] + k * vocab)[:, None]
+        return torch.stack(codes, dim=1)
+
+    def _run(self, x: torch.Tensor, start: int, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """x: [S, T, backbone_hidden] at positions [start, start + T) -> normed hidden [S, T, hidden]."""
+        model, config = self.model, self.config
+        rows, num_new, _ = x.shape
+        h = model.inputs_embeds_projector(x.reshape(rows * num_new, -1))  # [S*T, hidden]
+        positions = torch.arange(start, start + num_new).repeat(rows)
+        end = start + num_new
+        for index, layer in enumerate(model.layers):
+            attn = layer.self_attn
+            y = layer.input_layernorm(h)
+            q = attn.q_proj(y).view(rows * num_new, config.num_attention_heads, config.head_dim)
+            k = attn.k_proj(y).view(rows * num_new, config.num_key_value_heads, config.head_dim)
+            v = attn.v_proj(y).view(rows, num_new, config.num_key_value_heads, config.head_dim)
+            q, k = model.rotary(q, k, positions)
+            keys[index, :, :, start:end] = k.view(rows, num_new, -1, config.head_dim).transpose(1, 2)
+            values[index, :, :, start:end] = v.transpose(1, 2)
+            q = q.view(rows, num_new, -1, config.head_dim).transpose(1, 2)
+            out = F.scaled_dot_product_attention(q, keys[index, :, :, :end], values[index, :, :, :end],
+                                                 is_causal=num_new > 1, enable_gqa=True)
+            h = h + attn.o_proj(out.transpose(1, 2).reshape(rows * num_new, -1))
+            h = h + layer.mlp(layer.post_attention_layernorm(h))
+        return model.norm(h).view(rows, num_new, -1)
+
+
+class CsmFrameBuilder:
+    """Every step's output is a whole frame; the end-of-speech frame is not voiced."""
+
+    def __init__(self, codebook_eos: int) -> None:
+        self._eos = codebook_eos
+
+    def push(self, frame: tuple[int, ...]) -> tuple[int, ...] | None:
+        return None if _is_eos(frame, self._eos) else frame
+
+
+def _is_eos(frame: tuple[int, ...], eos: int) -> bool:
+    return all(code == eos for code in frame[:-1])
+
+
+class CsmModel(SpeechModel):
+    family = "csm"
+    voices = VOICES
+    default_voice = "0"
+    # the publisher's generator: temperature 0.9, top-k 50, at most 90 s of audio
+    default_sampling = SamplingParams(temperature=0.9, top_k=50, max_tokens=1125)
+    chunking = Chunking(first_chunk_frames=1, frames_per_chunk=1, lookahead_frames=0, is_stateful=True)
+    stop_token_ids = frozenset()
+
+    def __init__(self, config: dict, backbone: CsmBackbone, depth: CsmDepthDecoder, tokenizer: Tokenizer,
+                 codec: MimiCodec) -> None:
+        self.ids = CsmIds.from_config(config, tokenizer)
+        self.backbone = backbone
+        self.depth = depth
+        self.tokenizer = tokenizer
+        self.tokenizer.encode_special_tokens = True  # text that spells a control token stays text
+        self.codec = codec
+        if codec.num_codebooks != self.ids.num_codebooks:
+            raise ValueError(f"the Mimi codec has {codec.num_codebooks} codebooks, the model {self.ids.num_codebooks}")
+        self.num_codes = min(codec.codebook_size, self.ids.audio_vocab_size)  # ids the codec can decode
+        backbone.num_codes = self.num_codes
+        self.timing = TimingFacts(codec.sample_rate, codec.samples_per_frame, lm_steps_per_frame=1)
+        self.is_random_weights = bool(config.get("streamvox_random_weights", False))
+
+    @classmethod
+    def from_parts(cls, config: dict, state_dict: dict, tokenizer_path: Path, codec_dir: Path, dtype) -> CsmModel:
+        num_codebooks = config.get("num_codebooks", 32)
+        backbone_config = LlamaConfig.from_fields(config, "CSM")
+        depth_config = LlamaConfig.from_fields(config.get("depth_decoder_config") or {}, "CSM depth decoder")
+        backbone = CsmBackbone(backbone_config, config["text_vocab_size"], num_codebooks)
+        depth = CsmDepthDecoder(depth_config, num_codebooks, backbone_config.hidden_size)
+        _load_csm_weights(backbone, depth, state_dict, config.get("tie_codebooks_embeddings", True))
+        backbone.to(dtype).eval()
+        depth.to(dtype).eval()
+        codec = _load_codec(config, state_dict, codec_dir)
+        return cls(config, backbone, depth, Tokenizer.from_file(str(tokenizer_path)), codec)
+
+    def prepare(self, text: str, voice: str | None) -> list[StepToken]:
+        return self.prepare_conversation([], text, voice)
+
+    def prepare_conversation(self, context: list[Segment], text: str, voice: str | None) -> list[StepToken]:
+        """Prompt rows for `text` spoken by `voice`, after the context segments (oldest first)."""
+        rows: list[StepToken] = []
+        for segment in [*context, Segment(self.resolve_voice(voice), text)]:
+            rows += self._text_rows(f"[{segment.speaker}]{segment.text}")
+            if segment.codes is not None:
+                codes = segment.codes.tolist()
+                if any(len(frame) != self.ids.num_codebooks for frame in codes):
+                    raise ValueError(f"context audio codes must be [frames, {self.ids.num_codebooks}]")
+                eos = [self.ids.codebook_eos] * self.ids.num_codebooks
+                rows += [self.next_input(tuple(frame)) for frame in [*codes, eos]]
+        return rows
+
+    def _text_rows(self, text: str) -> list[StepToken]:
+        ids = [self.ids.begin_of_text, *self.tokenizer.encode(text, add_special_tokens=False).ids,
+               self.ids.end_of_text]
+        blank = (-1,) * self.ids.num_codebooks
+        return [(*blank, token) for token in ids]
+
+    def complete_step(self, hidden: torch.Tensor, tokens: list[int], sample: ExtraSampler) -> list[StepToken]:
+        first = torch.tensor(tokens, dtype=torch.int64)
+        codes = self.depth.generate(hidden.to(self.depth.model.embed_tokens.weight.dtype), first, sample,
+                                    self.num_codes)
+        return [tuple(frame) for frame in codes.tolist()]
+
+    def next_input(self, token: StepToken) -> StepToken:
+        return (*token, -1)
+
+    def is_stop(self, token: StepToken) -> bool:
+        return _is_eos(token, self.ids.codebook_eos)
+
+    def new_frame_builder(self) -> CsmFrameBuilder:
+        return CsmFrameBuilder(self.ids.codebook_eos)
+
+    def new_codec_state(self):
+        return self.codec.new_state()
+
+    def decode_chunks(self, jobs: list[ChunkJob]) -> list[torch.Tensor]:
+        codes = [job.frames[job.start_frame : job.end_frame].clamp(0, self.num_codes - 1) for job in jobs]
+        return self.codec.decode(codes, [job.state for job in jobs])
+
+
+def _load_csm_weights(backbone: CsmBackbone, depth: CsmDepthDecoder, state_dict: dict, tie: bool) -> None:
+    """Load the backbone_model./embed_text_tokens./lm_head. and depth_decoder. tensors; tied codebook embeddings
+    may be stored under either name."""
+    audio_key = "backbone_model.embed_tokens.embed_audio_tokens.weight"
+    depth_key = "depth_decoder.model.embed_tokens.weight"
+    tensors = {k: v for k, v in state_dict.items() if not k.startswith(CODEC_PREFIX) and "rotary_emb" not in k}
+    if tie:
+        shared = tensors.get(audio_key, tensors.get(depth_key))
+        if shared is not None:
+            tensors[audio_key] = tensors[depth_key] = shared
+    own = {**backbone.state_dict(), **{"depth_decoder." + k: v for k, v in depth.state_dict().items()}}
+    missing, unexpected = set(own) - set(tensors), set(tensors) - set(own)
+    if missing or unexpected:
+        raise ValueError(f"checkpoint does not match the CSM config: missing {sorted(missing)[:5]}, "
+                         f"unexpected {sorted(unexpected)[:5]}")
+    for name, tensor in tensors.items():
+        if own[name].shape != tensor.shape:
+            raise ValueError(f"{name}: checkpoint shape {tuple(tensor.shape)} != config shape {tuple(own[name].shape)}")
+    backbone.load_state_dict({k: v for k, v in tensors.items() if not k.startswith("depth_decoder.")})
+    depth.load_state_dict({k[len("depth_decoder.") :]: v for k, v in tensors.items() if k.startswith("depth_decoder.")})
+
+
+def _load_codec(config: dict, state_dict: dict, codec_dir: Path) -> MimiCodec:
+    """The Mimi inside the checkpoint (codec_model. tensors), or a separate kyutai/mimi directory."""
+    config_path = codec_dir / "config.json"
+    if config_path.is_file() and json.loads(config_path.read_text()).get("model_type") == "mimi":
+        return MimiCodec.load(codec_dir)
+    codec_tensors = {k[len(CODEC_PREFIX) :]: v for k, v in state_dict.items() if k.startswith(CODEC_PREFIX)}
+    if not codec_tensors or "codec_config" not in config:
+        raise FileNotFoundError(f"{codec_dir} holds no Mimi codec (neither codec_model. tensors with a codec_config, "
+                                "nor a kyutai/mimi directory); pass --codec with a Mimi directory")
+    return MimiCodec(config["codec_config"], codec_tensors)
+
+
+# -- tiny random-weight checkpoint in the publisher's layout --------------------------------------------------
+
+TINY_TEXT_VOCAB = 512
+TINY_RESERVED = 16
+TINY_CODES = 64  # the tiny Mimi's codebook size; the heads see 3 more ids, as the published 2048 + 3
+TINY_BACKBONE = dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4,
+                     num_key_value_heads=2, head_dim=64)
+TINY_DEPTH = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=32)
+TINY_NOTE = (
+    "Random-weight tiny CSM made by `streamvox make-tiny csm`: same architecture and file layout as the "
+    "transformers version of sesame/csm-1b (Mimi codec included), but it produces noise, not speech. For real "
+    "speech serve a real checkpoint: `streamvox serve --model /path/to/csm-1b`."
+)
+
+
+def write_tiny(path: str | Path, seed: int = 0, num_shards: int = 1) -> Path:
+    """Write a deterministic tiny CSM checkpoint (backbone, depth decoder, Mimi, tokenizer) to `path`."""
+    return write_atomically(path, lambda tmp: _write_tiny_files(tmp, seed, num_shards))
+
+
+def tiny_config() -> dict:
+    vocab = TINY_CODES + 3
+    rope = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0}
+    bos = TINY_TEXT_VOCAB  # <|begin_of_text|>, as 128000 in the published vocabulary
+    return {
+        "architectures": ["CsmForConditionalGeneration"], "model_type": "csm", "num_codebooks": 32,
+        "vocab_size": vocab, "text_vocab_size": TINY_TEXT_VOCAB + TINY_RESERVED, **TINY_BACKBONE,
+        "hidden_act": "silu", "max_position_embeddings": 2048, "rms_norm_eps": 1e-5, "rope_theta": 500000,
+        "rope_scaling": {**rope, "original_max_position_embeddings": 1024},
+        "bos_token_id": bos, "pad_token_id": bos + 2, "audio_token_id": bos + 2, "audio_eos_token_id": bos + 3,
+        "codebook_pad_token_id": vocab - 1, "codebook_eos_token_id": 0, "tie_codebooks_embeddings": True,
+        "attention_bias": False, "mlp_bias": False, "torch_dtype": "float32",
+        "depth_decoder_config": {
+            "model_type": "csm_depth_decoder_model", "num_codebooks": 32, "backbone_hidden_size":
+            TINY_BACKBONE["hidden_size"], "vocab_size": vocab, **TINY_DEPTH, "hidden_act": "silu",
+            "max_position_embeddings": 33, "rms_norm_eps": 1e-5, "rope_theta": 500000,
+            "rope_scaling": {**rope, "original_max_position_embeddings": 16}, "attention_bias": False,
+            "mlp_bias": False,
+        },
+        "codec_config": {**TINY_MIMI_CONFIG, "codebook_size": TINY_CODES},
+        "streamvox_random_weights": True, "streamvox_note": TINY_NOTE,
+    }
+
+
+def _write_tiny_files(path: Path, seed: int, num_shards: int) -> None:
+    config = tiny_config()
+    tokenizer = build_tiny_tokenizer(TINY_TEXT_VOCAB, TINY_RESERVED, [])
+    tokenizer.save(str(path / "tokenizer.json"))
+    (path / "config.json").write_text(json.dumps(config, indent=2))
+    backbone_config = LlamaConfig.from_fields(config)
+    depth_config = LlamaConfig.from_fields(config["depth_decoder_config"])
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        backbone = CsmBackbone(backbone_config, config["text_vocab_size"], 32)
+        depth = CsmDepthDecoder(depth_config, 32, backbone_config.hidden_size)
+        tensors = {**backbone.state_dict(), **{"depth_decoder." + k: v for k, v in depth.state_dict().items()}}
+        for name, tensor in tensors.items():
+            if "norm" not in name:
+                fan_in = tensor.shape[-2 if "codebooks_head" in name else -1]
+                torch.nn.init.normal_(tensor, std=0.1 if "embed" in name else fan_in**-0.5)
+    # the ids past the codebook are never drawn, as with a trained model: their head weights are zero
+    tensors["lm_head.weight"][TINY_CODES:] = 0
+    tensors["depth_decoder.codebooks_head.weight"][..., TINY_CODES:] = 0
+    del tensors["backbone_model.embed_tokens.embed_audio_tokens.weight"]  # tied; stored under the depth name
+    mimi = tiny_mimi_tensors(config["codec_config"], seed)
+    save_tensors(path, {**tensors, **{CODEC_PREFIX + k: v for k, v in mimi.items()}}, num_shards)
+    (path / "generation_config.json").write_text(json.dumps({
+        "bos_token_id": config["bos_token_id"], "do_sample": True, "temperature": 0.9, "top_k": 50,
+        "max_length": 1125, "depth_decoder_do_sample": True, "depth_decoder_temperature": 0.9,
+        "depth_decoder_top_k": 50}, indent=2))
+    (path / "tokenizer_config.json").write_text(json.dumps({
+        "bos_token": "<|begin_of_text|>", "eos_token": "<|end_of_text|>", "pad_token": "<|reserved_special_token_2|>",
+        "model_max_length": 2048}))
+    (path / "README.md").write_text(TINY_NOTE + "\n")

@@ -1,0 +1,76 @@
+"""Every family through a real server: concurrent streams of the multi-codebook families, their voices listed."""
+
+import asyncio
+import io
+import wave
+
+import httpx
+import pytest
+
+from streamvox.models import csm
+from streamvox.runner.weights import load_model
+
+FAMILIES = {"csm": csm.write_tiny}
+FRAMES = 20  # frames per request: 1.6 s of 12.5 Hz audio
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def family(request, tmp_path_factory):
+    name = request.param
+    return name, FAMILIES[name](tmp_path_factory.mktemp(f"tiny-{name}"), seed=0)
+
+
+@pytest.fixture(scope="module")
+def family_server(family, start_server):
+    name, path = family
+    return start_server(model_dir=path, name=f"tiny-{name}")
+
+
+@pytest.fixture(scope="module")
+def family_reference(family, engine_reference):
+    yield from engine_reference(load_model(str(family[1])))
+
+
+def _pcm_bytes(fmt: str, data: bytes) -> bytes:
+    if fmt == "pcm":
+        return data
+    with wave.open(io.BytesIO(data)) as wav:  # a streamed wav: its header cannot know the length
+        assert (wav.getnchannels(), wav.getsampwidth(), wav.getframerate()) == (1, 2, 24000)
+        return wav.readframes(10**9)
+
+
+def test_voices_are_listed(family, family_server):
+    name, _ = family
+    voices = httpx.get(f"{family_server.url}/v1/audio/voices", timeout=10).json()
+    model = httpx.get(f"{family_server.url}/v1/models", timeout=10).json()["data"][0]
+    assert model["family"] == name and model["voices"] == voices["voices"] and voices["default"] in voices["voices"]
+
+
+def test_eight_concurrent_streams_in_wav_and_pcm_get_their_whole_audio(family, family_server, family_reference,
+                                                                       same_audio):
+    name, _ = family
+    voices = httpx.get(f"{family_server.url}/v1/audio/voices", timeout=10).json()["voices"]
+    texts = [f"Stream {i} of the {name} family speaks." for i in range(8)]
+
+    async def one(client, i):
+        fmt = ("wav", "pcm")[i % 2]
+        body = {"model": f"tiny-{name}", "input": texts[i], "voice": voices[i % len(voices)], "seed": 10 + i,
+                "max_tokens": FRAMES, "response_format": fmt}
+        pieces = 0
+        data = b""
+        async with client.stream("POST", "/v1/audio/speech", json=body) as response:
+            assert response.status_code == 200, await response.aread()
+            async for part in response.aiter_raw():
+                data += part
+                pieces += 1
+        return fmt, data, pieces
+
+    async def run():
+        async with httpx.AsyncClient(base_url=family_server.url, timeout=300) as client:
+            return await asyncio.gather(*(one(client, i) for i in range(8)))
+
+    for i, (fmt, data, pieces) in enumerate(asyncio.run(run())):
+        pcm = _pcm_bytes(fmt, data)
+        assert len(pcm) == FRAMES * 1920 * 2, f"stream {i} ({fmt}): {len(pcm) // 2} samples"
+        assert same_audio(pcm, family_reference(texts[i], 10 + i, FRAMES, voices[i % len(voices)])), i
+        assert pieces >= 2, "audio must arrive as it is made"
