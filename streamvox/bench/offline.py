@@ -32,16 +32,22 @@ NAIVE_REQUESTS = 3  # the baseline runs requests one by one: its rate does not d
 
 
 def run_offline(model_name: str, batch_sizes: list[int], max_tokens: int, out_dir: str) -> list[dict]:
+    from streamvox.engine.naive import FAMILIES as NAIVE_FAMILIES
+
     model = load_model(model_name)
     sampling = model.default_sampling.replace(max_tokens=max_tokens, ignore_eos=True)
-    rows = [_naive(model_name, sampling)]
     _print_header(model_name, max_tokens)
-    _print_row(rows[0], rows[0])
+    rows = []
+    naive = None
+    if model.family in NAIVE_FAMILIES:
+        naive = _naive(model_name, sampling)
+        rows.append(naive)
+        _print_row(naive, naive)
     for batch_size in batch_sizes:
         rows.append(_engine(model_name, model, sampling, batch_size))
-        _print_row(rows[-1], rows[0])
+        _print_row(rows[-1], naive)
         rows.append(_raw(model, sampling, batch_size, rows[-1]))
-        _print_row(rows[-1], rows[0])
+        _print_row(rows[-1], naive)
     _report(rows, out_dir, {"model": model_name, "max_tokens": max_tokens, "batch_sizes": batch_sizes,
                             "threads": torch.get_num_threads()})
     return rows
@@ -89,18 +95,20 @@ def _raw(model, sampling, batch_size: int, engine_row: dict) -> dict:
     tables = [tuple(range(i * blocks_per_row, (i + 1) * blocks_per_row)) for i in range(batch_size)]
     new = tuple(NewRequest(f"r{i}", prompt, sampling.replace(seed=i), 0) for i in range(batch_size))
     prefill = tuple(ScheduledRow(f"r{i}", 0, len(prompt), tables[i], True) for i in range(batch_size))
+    builders = [model.new_frame_builder() for _ in range(batch_size)]
+    frames: list[list[tuple[int, ...]]] = [[] for _ in range(batch_size)]
     started = time.perf_counter()
-    runner.execute(StepBatch(new, prefill, ()))
-    for step in range(1, sampling.max_tokens):
-        position = len(prompt) + step - 1
-        rows = tuple(ScheduledRow(f"r{i}", position, 1, tables[i], True) for i in range(batch_size))
-        runner.execute(StepBatch((), rows, ()))
+    output = runner.execute(StepBatch(new, prefill, ()))
+    for step in range(sampling.max_tokens):
+        for i, token in enumerate(output.token_ids):  # rows come back in request order
+            if (frame := builders[i].push(token)) is not None:
+                frames[i].append(frame)
+        if step + 1 < sampling.max_tokens:
+            position = len(prompt) + step
+            rows = tuple(ScheduledRow(f"r{i}", position, 1, tables[i], True) for i in range(batch_size))
+            output = runner.execute(StepBatch((), rows, ()))
     lm_s = time.perf_counter() - started
-    builder_frames = []
-    for i in range(batch_size):
-        builder = model.new_frame_builder()
-        frames = [f for f in map(builder.push, runner.requests[f"r{i}"].token_ids[len(prompt):]) if f]
-        builder_frames.append(torch.tensor(frames, dtype=torch.int64))
+    builder_frames = [torch.tensor(f, dtype=torch.int64) for f in frames]
     codec_s = min(_codec_time(model, builder_frames, per_call) for per_call in {batch_size, min(batch_size, 8)})
     num_tokens = batch_size * sampling.max_tokens
     audio_s = sum(len(f) for f in builder_frames) * model.timing.samples_per_frame / model.timing.sample_rate
@@ -111,9 +119,11 @@ def _raw(model, sampling, batch_size: int, engine_row: dict) -> dict:
 
 
 def _codec_time(model, frames_per_request: list[torch.Tensor], per_call: int) -> float:
-    """Decode every frame of every request, one frame per request per call, `per_call` frames a call."""
-    jobs = [ChunkJob(frames, f, f + 1, False, seed) for seed, frames in enumerate(frames_per_request)
-            for f in range(len(frames))]
+    """Decode every frame of every request, one frame per request per call, `per_call` frames a call (frame by
+    frame across requests, so a stateful codec gets each request's frames in order)."""
+    states = [model.new_codec_state() for _ in frames_per_request]
+    jobs = [ChunkJob(frames, f, f + 1, False, seed, states[seed]) for f in range(max(map(len, frames_per_request)))
+            for seed, frames in enumerate(frames_per_request) if f < len(frames)]
     started = time.perf_counter()
     for start in range(0, len(jobs), per_call):
         model.decode_chunks(jobs[start:start + per_call])
@@ -137,8 +147,8 @@ def _print_header(model_name: str, max_tokens: int) -> None:
           f"{'vs naive':>9}{'efficiency':>11}")
 
 
-def _print_row(row: dict, naive: dict) -> None:
-    row["x_naive"] = round(row["x_real_time"] / naive["x_real_time"], 2)
+def _print_row(row: dict, naive: dict | None) -> None:
+    row["x_naive"] = round(row["x_real_time"] / naive["x_real_time"], 2) if naive else ""
     print(f"{row['system']:<44}{row['batch_size']:>6}{row['tokens']:>8}{row['wall_s']:>9}{row['tokens_per_s']:>9}"
           f"{row['x_real_time']:>8}{row.get('lm_s', ''):>8}{row.get('codec_s', ''):>9}{row['x_naive']:>9}"
           f"{row.get('engine_efficiency', ''):>11}", flush=True)
@@ -157,7 +167,8 @@ def _report(rows: list[dict], out_dir: str, meta: dict) -> None:
     for system, style in [("streamvox", "o-"), ("raw model", "s--")]:
         points = [(r["batch_size"], r["x_real_time"]) for r in rows if r["system"].startswith(system)]
         ax.plot(*zip(*points, strict=True), style, label=system)
-    ax.axhline(rows[0]["x_real_time"], color="gray", linestyle=":", label="naive (one at a time)")
+    if rows[0]["system"].startswith("naive"):
+        ax.axhline(rows[0]["x_real_time"], color="gray", linestyle=":", label="naive (one at a time)")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("requests at once")
     ax.set_ylabel("x real-time")

@@ -32,6 +32,7 @@ from streamvox.runner.weights import default_codec_dir, detect_family, read_conf
 
 logger = logging.getLogger("streamvox.engine")
 LOOKAHEAD_FRAMES = 2  # frame f is decoded from the window [f-1, f+2], as in the engine (edges repeated)
+FAMILIES = ("orpheus",)  # the families this baseline can run
 
 
 @dataclass
@@ -62,7 +63,7 @@ class NaiveEngine:
 
         path = resolve_checkpoint(config.model)
         family = detect_family(read_config(path), config.model)
-        if family != "orpheus":
+        if family not in FAMILIES:
             raise ValueError(f"there is no naive baseline for the {family} family yet")
         dtype = getattr(torch, config.dtype)
         self.model = load_model(config.model, config.codec, config.dtype)  # prompt format, voices, frames
