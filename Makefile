@@ -9,6 +9,9 @@ $(STAMP): pyproject.toml constraints.txt
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --upgrade pip
 	$(VENV)/bin/pip install --quiet -c constraints.txt -e '.[dev]'
+	# the Qwen3-TTS reference (test-only): its pins ask for a torchaudio that has no build for our torch,
+	# so it goes in without dependencies; the ones its 12 Hz models need are in the dev extra
+	$(VENV)/bin/pip install --quiet --no-deps qwen-tts==0.1.1
 	touch $(STAMP)
 
 venv: $(STAMP)

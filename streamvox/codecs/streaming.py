@@ -1,0 +1,193 @@
+"""Building blocks of causal codec decoders that run chunk by chunk, each request continuing its own state.
+
+Every layer is causal, so a request decoded in chunks equals its whole-utterance decode, provided each layer
+carries its left context from one chunk to the next (`StreamState`):
+- a causal convolution keeps its last (kernel - 1) * dilation input samples (zeros before the first chunk,
+  which is the constant padding of the whole-utterance decode);
+- a transposed convolution keeps the kernel - stride output samples that overlap the next chunk's output,
+  bias excluded (it is added once, to the finished samples);
+- windowed attention keeps the keys and values of its last `sliding_window` - 1 positions, and the number of
+  positions seen (for RoPE).
+
+A batch may hold requests at different points of their streams; layers read each row's context from its
+state and stage the new context, committed only once the whole batch has decoded (`StateBatch`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from streamvox.layers.rotary import RotaryEmbedding
+
+
+@dataclass
+class StreamState:
+    """The left context of one request's decode, updated in place by each of its chunks (one at a time)."""
+
+    tensors: dict[int, torch.Tensor] = field(default_factory=dict)  # per streaming layer slot: [C, context]
+    keys: dict[int, torch.Tensor] = field(default_factory=dict)  # per transformer layer: [H, num_kept, D]
+    values: dict[int, torch.Tensor] = field(default_factory=dict)
+    num_positions: int = 0  # transformer (25 Hz) positions decoded so far
+
+
+class StateBatch:
+    """The states of the requests decoded together (rows in batch order). Layers read the old context and stage
+    the new one; `commit` applies it only once the whole batch has decoded, so a failed batch leaves every
+    state as it was and its chunks can be retried."""
+
+    def __init__(self, states: list[StreamState]) -> None:
+        self.states = states
+        self._staged: list[tuple[str, int, list[torch.Tensor]]] = []  # (state field, slot, one tensor per row)
+
+    def past(self, slot: int, channels: int, length: int, like: torch.Tensor) -> torch.Tensor:
+        """[B, channels, length] context of one layer; zeros for a request's first chunk."""
+        zeros = None
+        rows = []
+        for state in self.states:
+            row = state.tensors.get(slot)
+            if row is None:
+                zeros = like.new_zeros(channels, length) if zeros is None else zeros
+                row = zeros
+            rows.append(row)
+        return torch.stack(rows)
+
+    def keep(self, slot: int, context: torch.Tensor) -> None:
+        self._staged.append(("tensors", slot, list(context.clone().unbind(0))))
+
+    def keep_kv(self, layer_index: int, keys: list[torch.Tensor], values: list[torch.Tensor]) -> None:
+        self._staged += [("keys", layer_index, keys), ("values", layer_index, values)]
+
+    def commit(self, num_positions: int) -> None:
+        for name, slot, rows in self._staged:
+            for state, row in zip(self.states, rows, strict=True):
+                getattr(state, name)[slot] = row
+        for state in self.states:
+            state.num_positions += num_positions
+        self._staged = []
+
+
+class CausalConv1d(nn.Module):
+    """Conv1d over a stream: left context from the previous chunk instead of zero padding."""
+
+    def __init__(self, slot: int, in_channels: int, out_channels: int, kernel_size: int, dilation: int = 1,
+                 groups: int = 1, bias: bool = True) -> None:
+        super().__init__()
+        self.slot = slot
+        self.conv = nn.Conv1d(in_channels, out_channels, kernel_size, dilation=dilation, groups=groups, bias=bias)
+        self.context = (kernel_size - 1) * dilation
+
+    def forward(self, x: torch.Tensor, batch: StateBatch) -> torch.Tensor:  # [B, C, T] -> [B, C', T]
+        if self.context:
+            x = torch.cat([batch.past(self.slot, x.shape[1], self.context, x), x], dim=-1)
+            batch.keep(self.slot, x[..., -self.context :])
+        return self.conv(x)
+
+
+class CausalConvTranspose1d(nn.Module):
+    """ConvTranspose1d over a stream: each chunk's overlapping tail is added to the next chunk's head."""
+
+    def __init__(self, slot: int, in_channels: int, out_channels: int, kernel_size: int, stride: int,
+                 groups: int = 1, bias: bool = True) -> None:
+        super().__init__()
+        if kernel_size < stride:
+            raise ValueError(f"transposed conv kernel {kernel_size} shorter than its stride {stride}")
+        self.slot = slot
+        self.conv = nn.ConvTranspose1d(in_channels, out_channels, kernel_size, stride, groups=groups, bias=bias)
+        self.tail = kernel_size - stride
+
+    def forward(self, x: torch.Tensor, batch: StateBatch) -> torch.Tensor:  # [B, C, T] -> [B, C', T * stride]
+        conv = self.conv
+        y = F.conv_transpose1d(x, conv.weight, None, conv.stride, groups=conv.groups)  # [B, C', T*s + tail]
+        num_out = x.shape[-1] * conv.stride[0]
+        if self.tail:
+            y = torch.cat([y[..., : self.tail] + batch.past(self.slot, y.shape[1], self.tail, y), y[..., self.tail :]],
+                          dim=-1)
+            batch.keep(self.slot, y[..., num_out:])
+        y = y[..., :num_out]
+        return y if conv.bias is None else y + conv.bias[:, None]
+
+
+class LayerScale(nn.Module):
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.scale * x
+
+
+class WindowedAttention(nn.Module):
+    def __init__(self, config: dict, layer_index: int) -> None:
+        super().__init__()
+        hidden, bias = config["hidden_size"], config.get("attention_bias", False)
+        self.num_heads, self.num_kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
+        self.head_dim = config.get("head_dim") or hidden // self.num_heads
+        self.layer_index = layer_index
+        self.window = config["sliding_window"]
+        self.q_proj = nn.Linear(hidden, self.num_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden, bias=bias)
+
+    def forward(self, x: torch.Tensor, rotary: RotaryEmbedding, batch: StateBatch) -> torch.Tensor:
+        """x: [B, T, hidden]; each row continues its own request's positions and keys."""
+        num_rows, num_new, _ = x.shape
+        q = self.q_proj(x).view(num_rows, num_new, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(num_rows, num_new, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(num_rows, num_new, self.num_kv_heads, self.head_dim)
+        starts = torch.tensor([state.num_positions for state in batch.states])
+        positions = (starts[:, None] + torch.arange(num_new)[None, :]).reshape(-1)  # [B*T]
+        q, k = rotary(q.reshape(-1, self.num_heads, self.head_dim), k.reshape(-1, self.num_kv_heads, self.head_dim),
+                      positions)
+        q = q.view(num_rows, num_new, self.num_heads, self.head_dim).transpose(1, 2)  # [B, H, T, D]
+        k = k.view(num_rows, num_new, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.transpose(1, 2)
+        pasts = [state.keys.get(self.layer_index) for state in batch.states]
+        kept = [0 if past is None else past.shape[1] for past in pasts]
+        num_past = max(kept)
+        if num_past:  # left-pad every row's kept keys to the longest
+            k = torch.cat([self._padded(batch, "keys", kept, num_past, k), k], dim=2)
+            v = torch.cat([self._padded(batch, "values", kept, num_past, v), v], dim=2)
+        # key column j sits (num_past + i - j) positions before query i; it is visible if that distance is in
+        # [0, window) and the column holds a real key of this row
+        distance = num_past + torch.arange(num_new)[:, None] - torch.arange(num_past + num_new)[None, :]  # [T, K]
+        visible = (distance >= 0) & (distance < self.window)
+        is_real = torch.arange(num_past + num_new)[None, :] >= num_past - torch.tensor(kept)[:, None]  # [B, K]
+        mask = visible[None] & is_real[:, None, :]  # [B, T, K]
+        repeat = self.num_heads // self.num_kv_heads
+        keys, values = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
+        scores = torch.matmul(q, keys.transpose(2, 3)) / math.sqrt(self.head_dim)
+        scores = scores.masked_fill(~mask[:, None], float("-inf"))
+        out = torch.matmul(F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype), values)  # [B, H, T, D]
+        num_keeps = [min(self.window - 1, num_kept + num_new) for num_kept in kept]
+        batch.keep_kv(self.layer_index, [k[row, :, k.shape[2] - n :].clone() for row, n in enumerate(num_keeps)],
+                      [v[row, :, v.shape[2] - n :].clone() for row, n in enumerate(num_keeps)])
+        return self.o_proj(out.transpose(1, 2).reshape(num_rows, num_new, -1))
+
+    def _padded(self, batch: StateBatch, name: str, kept: list[int], num_past: int, like: torch.Tensor) -> torch.Tensor:
+        rows = []
+        for state, num_kept in zip(batch.states, kept, strict=True):
+            row = getattr(state, name).get(self.layer_index)
+            pad = like.new_zeros(self.num_kv_heads, num_past - num_kept, self.head_dim)
+            rows.append(pad if row is None else torch.cat([pad, row], dim=1))
+        return torch.stack(rows)
+
+
+def random_tensors(shapes: dict[str, tuple[int, ...]], generator: torch.Generator, ones: tuple[str, ...],
+                   small: tuple[str, ...] = (".bias",)) -> dict[str, torch.Tensor]:
+    """Seeded weights for a tiny checkpoint: names ending in `ones` are 1, in `small` N(0, 0.01^2), the rest
+    N(0, 1 / fan_in), so activations keep their scale through every layer."""
+    tensors = {}
+    for name, shape in sorted(shapes.items()):
+        if name.endswith(ones):
+            tensors[name] = torch.ones(shape)
+        elif name.endswith(small):
+            tensors[name] = torch.randn(shape, generator=generator) * 0.01
+        else:
+            tensors[name] = torch.randn(shape, generator=generator) * math.prod(shape[1:]) ** -0.5
+    return tensors
