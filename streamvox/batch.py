@@ -15,6 +15,8 @@ class NewRequest:
     prompt_token_ids: tuple[int | tuple[int, ...], ...]  # one backbone input per position: a token id or a row
     sampling: SamplingParams  # resolved: seed is never None here
     codec_seed: int  # seeds the codec's noise for this request
+    text_ids: tuple[int, ...] = ()  # text paired with the generated steps, one id a step (known so far)
+    is_text_complete: bool = True  # no more text will come; past its end the steps get the family's padding
 
 
 @dataclass(frozen=True)
@@ -35,6 +37,7 @@ class StepBatch:
     new_requests: tuple[NewRequest, ...]
     rows: tuple[ScheduledRow, ...]
     finished_request_ids: tuple[str, ...]
+    text_updates: tuple[tuple[str, tuple[int, ...], bool], ...] = ()  # (request_id, more text ids, is_final)
 
     @property
     def num_tokens(self) -> int:

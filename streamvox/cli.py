@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     batch.add_argument("--max-num-seqs", type=int, default=32, help="requests generated at once")
 
     tiny = commands.add_parser("make-tiny", help="write a random-weight test checkpoint in the publisher layout")
-    tiny.add_argument("family", choices=["orpheus", "csm"])
+    tiny.add_argument("family", choices=["orpheus", "csm", "qwen3-tts"])
     tiny.add_argument("directory")
     tiny.add_argument("--seed", type=int, default=0)
     tiny.add_argument("--shards", type=int, default=1, help="number of safetensors shards")

@@ -24,7 +24,7 @@ import torch
 
 from streamvox.batch import StepBatch, StepOutput
 from streamvox.config import EngineConfig, SamplingParams
-from streamvox.models.base import SpeechModel
+from streamvox.models.base import SpeechModel, TextStream
 from streamvox.runner.codec_runner import AudioChunk, CodecRunner, PendingChunk
 from streamvox.runner.lm_runner import LMRunner
 from streamvox.runner.weights import load_model
@@ -152,16 +152,18 @@ class EngineCore:
         seconds = 1.0 + 1.25 * len(text) / CHARS_PER_SECOND
         return int(seconds * timing.frame_rate_hz * timing.lm_steps_per_frame)
 
-    def add_request(self, request_id: str, prompt_token_ids: list[int], sampling: SamplingParams,
-                    expected_tokens: int = 0) -> None:
-        """Queue a prepared request. ValueError if it cannot be served; QueueFullError at the queue bound."""
+    def add_request(self, request_id: str, prompt_token_ids: list, sampling: SamplingParams,
+                    expected_tokens: int = 0, text_ids: list[int] = (), is_text_complete: bool = True) -> None:
+        """Queue a prepared request (`text_ids`: text riding along with its generated steps, see
+        SpeechModel.prepare_request). ValueError if it cannot be served; QueueFullError at the queue bound."""
         with self._lock:
             in_flight = {c.request_id for b in self._codec_batches for c in b.pending}
             if request_id in self.codec_runner.requests or request_id in self.scheduler.requests or \
                     request_id in in_flight:
                 raise ValueError(f"request id {request_id!r} is still in use; pick another")
             codec_seed = codec_seed_for(sampling.seed)
-            request = Request(request_id, tuple(prompt_token_ids), sampling, codec_seed, expected_tokens)
+            request = Request(request_id, tuple(prompt_token_ids), sampling, codec_seed, expected_tokens,
+                              text_ids=list(text_ids), is_text_complete=is_text_complete)
             self.scheduler.add_request(request, self.clock())
             self.codec_runner.add(request_id, codec_seed)
 
@@ -188,7 +190,8 @@ class EngineCore:
         num_frames = chunking.first_chunk_frames + chunking.lookahead_frames + 1
         sampling = SamplingParams(temperature=0.0, max_tokens=num_frames * self.model.timing.lm_steps_per_frame,
                                   ignore_eos=True, seed=0)
-        self.add_request("warm-up", self.model.prepare("warm up", None), sampling)
+        prompt, text_ids = self.model.prepare_request("warm up", None)
+        self.add_request("warm-up", prompt, sampling, 0, text_ids)
         while self.has_unfinished():
             self.step()
 
@@ -328,12 +331,22 @@ class _Output:
     error: str | None = None
 
 
+@dataclass
+class _TextStream:
+    stream: TextStream
+    voice: str | None
+    sampling: SamplingParams
+    num_chars: int = 0
+    is_added: bool = False  # its prompt is known and the request queued
+
+
 class Engine(EngineCore):
     """In-process use: submit texts, then iterate each request's chunks or wait for its whole result."""
 
     def __init__(self, model: SpeechModel, config: EngineConfig | None = None, **kwargs) -> None:
         super().__init__(model, config, **kwargs)
         self._outputs: dict[str, _Output] = {}
+        self._text_streams: dict[str, _TextStream] = {}  # requests whose text is still coming
 
     @classmethod
     def from_pretrained(cls, model: str = "tiny-orpheus", **overrides) -> Engine:
@@ -345,19 +358,62 @@ class Engine(EngineCore):
                request_id: str | None = None) -> str:
         """Queue `text`; returns its request id. ValueError (with what to change) for bad input."""
         sampling = self.check_request(text, voice, sampling)
-        prompt = self.model.prepare(text, voice)
+        prompt, text_ids = self.model.prepare_request(text, voice)
         with self._lock:
-            request_id = request_id or f"req-{secrets.token_hex(8)}"
-            if request_id in self._outputs:
-                raise ValueError(f"request id {request_id!r} is still in use; pick another or consume it first")
-            self.add_request(request_id, prompt, sampling, self.expected_tokens(text))
+            request_id = self._new_id(request_id)
+            self.add_request(request_id, prompt, sampling, self.expected_tokens(text), text_ids)
             self._outputs[request_id] = _Output()
+        return request_id
+
+    def submit_text_stream(self, text: str, voice: str | None = None, sampling: SamplingParams | None = None,
+                           request_id: str | None = None) -> str:
+        """Start a request whose text comes in pieces: `text` is the first, `append_text` adds the rest. It
+        speaks what it has and pauses, holding its place, when it runs out of text before the last piece.
+        ValueError for a family that needs the whole text first."""
+        stream = self.model.open_text_stream()
+        if stream is None:
+            raise ValueError(f"the {self.model.family} family needs the whole text at once")
+        sampling = self.check_request(text or "-", voice, sampling)  # the first piece may be partial, even empty
+        with self._lock:
+            request_id = self._new_id(request_id)
+            self._outputs[request_id] = _Output()
+            self._text_streams[request_id] = _TextStream(stream, voice, sampling)
+        self.append_text(request_id, text, is_final=False)
+        return request_id
+
+    def append_text(self, request_id: str, text: str, is_final: bool = False) -> None:
+        """The next piece of a streamed text (`is_final` with the last). KeyError for an unknown request;
+        ValueError after the final piece, or when the whole text turns out empty."""
+        with self._lock:
+            state = self._text_streams.get(request_id)
+            if state is None:
+                raise KeyError(f"no request {request_id!r} whose text is streamed in")
+            text_ids = state.stream.feed(text, is_final)
+            state.num_chars += len(text)
+            if is_final:
+                del self._text_streams[request_id]
+            if state.is_added:
+                self.scheduler.add_text(request_id, text_ids, is_final)
+            elif len(text_ids) >= 2 or (text_ids and not is_final):  # the first text id makes the prompt
+                state.is_added = True
+                prompt = self.model.prompt_for(text_ids[0], state.voice)
+                expected = self.expected_tokens("x" * max(state.num_chars, 40))
+                self.add_request(request_id, prompt, state.sampling, expected, text_ids[1:], is_final)
+            elif is_final:
+                self._outputs.pop(request_id, None)
+                raise ValueError("text is empty; give at least one word to speak")
+
+    def _new_id(self, request_id: str | None) -> str:
+        request_id = request_id or f"req-{secrets.token_hex(8)}"
+        if request_id in self._outputs:
+            raise ValueError(f"request id {request_id!r} is still in use; pick another or consume it first")
         return request_id
 
     def cancel(self, request_id: str) -> bool:
         """Also releases a finished request's unconsumed output."""
         with self._lock:
             is_known = super().cancel(request_id)
+            self._text_streams.pop(request_id, None)
             output = self._outputs.pop(request_id, None)
             if output is not None and output.finish_reason is None:
                 output.finish_reason = FinishReason.CANCELLED

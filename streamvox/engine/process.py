@@ -113,10 +113,10 @@ class EngineLoop:
         future = self._pool.submit(self._prepare, message.text, message.voice)
         self._preparing[message.request_id] = _Preparing(future, message.text, sampling)
 
-    def _prepare(self, text: str, voice: str | None) -> list[int]:
+    def _prepare(self, text: str, voice: str | None):
         if self.faults.prepare_mark and self.faults.prepare_mark in text:
             raise RuntimeError("injected prepare failure (STREAMVOX_FAULT_INJECTION)")
-        return self.engine.model.prepare(text, voice)
+        return self.engine.model.prepare_request(text, voice)
 
     def _admit_prepared(self) -> None:
         for request_id, preparing in list(self._preparing.items()):
@@ -126,9 +126,9 @@ class EngineLoop:
             if preparing.is_cancelled:
                 continue
             try:
-                prompt = preparing.future.result()
+                prompt, text_ids = preparing.future.result()
                 expected = self.engine.expected_tokens(preparing.text)
-                self.engine.add_request(request_id, prompt, preparing.sampling, expected)
+                self.engine.add_request(request_id, prompt, preparing.sampling, expected, text_ids)
             except QueueFullError as error:
                 self._failed.append(protocol.Failed(request_id, 429, f"the server is at capacity ({error})"))
             except ValueError as error:

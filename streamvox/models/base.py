@@ -65,6 +65,14 @@ class FrameBuilder(Protocol):
         """Take one step's output; return a completed frame's codes, or None."""
 
 
+class TextStream(Protocol):
+    """One request's text arriving in pieces."""
+
+    def feed(self, text: str, is_final: bool) -> list[int]:
+        """Take the next piece; return the text ids that are now settled (with the family's end marker after
+        the final piece)."""
+
+
 # sample(logits [S, V], index) -> one token per row: draws a depth decoder's `index`-th codebook with each row's
 # own sampling parameters and random stream
 ExtraSampler = Callable[[torch.Tensor, int], list[int]]
@@ -82,6 +90,7 @@ class SpeechModel(ABC):
     stop_token_ids: frozenset[int]
     backbone: torch.nn.Module  # forward(inputs [T] or [T, C], positions [T], meta, kv_caches) -> [T, H]; compute_logits
     is_random_weights: bool  # a tiny test checkpoint: its audio is noise
+    min_steps: int = 0  # the stop tokens are not drawn before this many steps
 
     @classmethod
     @abstractmethod
@@ -91,6 +100,20 @@ class SpeechModel(ABC):
     @abstractmethod
     def prepare(self, text: str, voice: str | None) -> list[StepToken]:
         """Prompt inputs (one per position) for `text` spoken by `voice` (None = the default voice). CPU only."""
+
+    def prepare_request(self, text: str, voice: str | None) -> tuple[list[StepToken], list[int]]:
+        """Prompt inputs, and the text ids that ride along with the generated steps (families that take text
+        during generation; empty for the others)."""
+        return self.prepare(text, voice), []
+
+    def open_text_stream(self) -> TextStream | None:
+        """A tokenizer for text arriving in pieces, for families that can start speaking before the text is
+        complete; None for the others."""
+        return None
+
+    def prompt_for(self, first_text_id: int, voice: str | None) -> list[StepToken]:
+        """The prompt of a request whose text streams in, from its first text id (families with text streams)."""
+        raise NotImplementedError(f"{self.family} cannot take text in pieces")
 
     @abstractmethod
     def new_frame_builder(self) -> FrameBuilder:
@@ -109,8 +132,9 @@ class SpeechModel(ABC):
         for all rows of the step at once."""
         return tokens
 
-    def next_input(self, token: StepToken) -> StepToken:
-        """The backbone input that feeds a step's output back in."""
+    def next_input(self, token: StepToken, text_id: int | None) -> StepToken:
+        """The backbone input that feeds a step's output back in; `text_id` is the text that rides along with
+        this step (families that take text during generation), None past the end of the text."""
         return token
 
     def is_stop(self, token: StepToken) -> bool:

@@ -22,7 +22,6 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer
 from torch import nn
-from torch.nn import functional as F
 
 from streamvox.codecs.mimi import TINY_CONFIG as TINY_MIMI_CONFIG
 from streamvox.codecs.mimi import MimiCodec
@@ -33,6 +32,7 @@ from streamvox.layers.linear import Linear
 from streamvox.layers.norm import RMSNorm
 from streamvox.layers.rotary import RotaryEmbedding
 from streamvox.models.base import Chunking, ChunkJob, ExtraSampler, SpeechModel, StepToken, TimingFacts
+from streamvox.models.depth import DepthDecoder
 from streamvox.models.llama import LlamaConfig, LlamaDecoderLayer
 from streamvox.models.tiny import build_tiny_tokenizer, save_tensors, write_atomically
 
@@ -134,9 +134,9 @@ class _CodebooksHead(nn.Module):
         self.weight = nn.Parameter(torch.empty(num_codebooks - 1, hidden_size, vocab_size))
 
 
-class CsmDepthDecoder(nn.Module):
-    """Codebooks 1..31 of a frame for many requests at once: every row is at the same depth position, so the
-    keys and values are one dense [rows, heads, 32, head_dim] tensor per layer."""
+class CsmDepthDecoder(DepthDecoder):
+    """Codebooks 1..31: one embedding table for all codebooks (codebook k at offset k * vocab), a projection
+    from the backbone's width, and a [31, hidden, vocab] head with one matrix per codebook."""
 
     def __init__(self, config: LlamaConfig, num_codebooks: int, backbone_hidden: int) -> None:
         super().__init__()
@@ -145,48 +145,14 @@ class CsmDepthDecoder(nn.Module):
         self.model = _DepthModel(config, num_codebooks, backbone_hidden)
         self.codebooks_head = _CodebooksHead(num_codebooks, config.hidden_size, config.vocab_size)
 
-    def generate(self, hidden: torch.Tensor, first: torch.Tensor, sample: ExtraSampler,
-                 allowed: int) -> torch.Tensor:
-        """hidden [S, backbone_hidden], first (codebook 0) [S] -> codes [S, num_codebooks]. Codebook k's token
-        is drawn by sample(logits, k) among ids below `allowed`."""
-        config, rows = self.config, hidden.shape[0]
-        shape = (config.num_hidden_layers, rows, config.num_key_value_heads, self.num_codebooks, config.head_dim)
-        keys, values = hidden.new_empty(shape), hidden.new_empty(shape)
-        vocab = config.vocab_size
-        x = torch.stack([hidden, self.model.embed_tokens(first)], dim=1)  # positions 0 and 1
-        codes = [first]
-        for k in range(1, self.num_codebooks):
-            start = 0 if k == 1 else k
-            out = self._run(x, start, keys, values)[:, -1]  # [S, hidden] at position k
-            logits = (out @ self.codebooks_head.weight[k - 1]).float()
-            logits[:, allowed:] = float("-inf")
-            codes.append(torch.tensor(sample(logits, k), dtype=torch.int64))
-            if k + 1 < self.num_codebooks:
-                x = self.model.embed_tokens(codes[-1] + k * vocab)[:, None]
-        return torch.stack(codes, dim=1)
+    def embed_code(self, index: int, codes: torch.Tensor) -> torch.Tensor:
+        return self.model.embed_tokens(codes + index * self.config.vocab_size)
 
-    def _run(self, x: torch.Tensor, start: int, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-        """x: [S, T, backbone_hidden] at positions [start, start + T) -> normed hidden [S, T, hidden]."""
-        model, config = self.model, self.config
-        rows, num_new, _ = x.shape
-        h = model.inputs_embeds_projector(x.reshape(rows * num_new, -1))  # [S*T, hidden]
-        positions = torch.arange(start, start + num_new).repeat(rows)
-        end = start + num_new
-        for index, layer in enumerate(model.layers):
-            attn = layer.self_attn
-            y = layer.input_layernorm(h)
-            q = attn.q_proj(y).view(rows * num_new, config.num_attention_heads, config.head_dim)
-            k = attn.k_proj(y).view(rows * num_new, config.num_key_value_heads, config.head_dim)
-            v = attn.v_proj(y).view(rows, num_new, config.num_key_value_heads, config.head_dim)
-            q, k = model.rotary(q, k, positions)
-            keys[index, :, :, start:end] = k.view(rows, num_new, -1, config.head_dim).transpose(1, 2)
-            values[index, :, :, start:end] = v.transpose(1, 2)
-            q = q.view(rows, num_new, -1, config.head_dim).transpose(1, 2)
-            out = F.scaled_dot_product_attention(q, keys[index, :, :, :end], values[index, :, :, :end],
-                                                 is_causal=num_new > 1, enable_gqa=True)
-            h = h + attn.o_proj(out.transpose(1, 2).reshape(rows * num_new, -1))
-            h = h + layer.mlp(layer.post_attention_layernorm(h))
-        return model.norm(h).view(rows, num_new, -1)
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.inputs_embeds_projector(x)
+
+    def code_logits(self, index: int, hidden: torch.Tensor) -> torch.Tensor:
+        return hidden @ self.codebooks_head.weight[index - 1]
 
 
 class CsmFrameBuilder:
@@ -268,7 +234,7 @@ class CsmModel(SpeechModel):
                                     self.num_codes)
         return [tuple(frame) for frame in codes.tolist()]
 
-    def next_input(self, token: StepToken) -> StepToken:
+    def next_input(self, token: StepToken, text_id: int | None = None) -> StepToken:
         return (*token, -1)
 
     def is_stop(self, token: StepToken) -> bool:

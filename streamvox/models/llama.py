@@ -29,6 +29,7 @@ class LlamaConfig:
     rope_theta: float
     rope_scaling: dict | None
     tie_word_embeddings: bool
+    qk_norm: bool = False  # RMSNorm over each head's queries and keys before RoPE (Qwen3)
 
     @classmethod
     def from_json(cls, config: dict) -> LlamaConfig:
@@ -41,11 +42,12 @@ class LlamaConfig:
         return cls.from_fields(config)
 
     @classmethod
-    def from_fields(cls, config: dict, what: str = "Llama") -> LlamaConfig:
-        """The Llama fields of any Llama-shaped config (a CSM backbone's or depth decoder's too)."""
+    def from_fields(cls, config: dict, what: str = "Llama", **overrides) -> LlamaConfig:
+        """The Llama fields of any Llama-shaped config (a CSM backbone's or depth decoder's too); `overrides`
+        replace fields."""
         try:
             heads = config["num_attention_heads"]
-            return cls(
+            fields = dict(
                 vocab_size=config["vocab_size"],
                 hidden_size=config["hidden_size"],
                 intermediate_size=config["intermediate_size"],
@@ -60,6 +62,7 @@ class LlamaConfig:
             )
         except KeyError as missing:
             raise ValueError(f"config.json lacks the {what} field {missing}") from None
+        return cls(**{**fields, **overrides})
 
 
 class LlamaAttention(nn.Module):
@@ -72,15 +75,25 @@ class LlamaAttention(nn.Module):
         self.k_proj = Linear(hidden, kv_dim, bias=False)
         self.v_proj = Linear(hidden, kv_dim, bias=False)
         self.o_proj = Linear(q_dim, hidden, bias=False)
+        if config.qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
 
-    def forward(self, x, positions, rotary, meta: AttentionMetadata, kv: tuple[torch.Tensor, torch.Tensor]):
+    def project(self, x: torch.Tensor, positions: torch.Tensor, rotary: RotaryEmbedding):
+        """x [T, hidden] -> q [T, heads, D], k and v [T, kv_heads, D], positioned."""
         tokens = x.shape[0]
         q = self.q_proj(x).view(tokens, self.num_heads, self.head_dim)
         k = self.k_proj(x).view(tokens, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).view(tokens, self.num_kv_heads, self.head_dim)
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
         q, k = rotary(q, k, positions)
+        return q, k, v
+
+    def forward(self, x, positions, rotary, meta: AttentionMetadata, kv: tuple[torch.Tensor, torch.Tensor]):
+        q, k, v = self.project(x, positions, rotary)
         out = paged_attention(q, k, v, kv[0], kv[1], meta, scale=self.head_dim**-0.5)
-        return self.o_proj(out.reshape(tokens, -1))
+        return self.o_proj(out.reshape(x.shape[0], -1))
 
 
 class LlamaDecoderLayer(nn.Module):

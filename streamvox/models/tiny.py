@@ -34,15 +34,7 @@ def build_tiny_tokenizer(text_vocab_size: int, num_reserved: int, added_tokens: 
     Reserved token r is `<|reserved_special_token_r|>`, except r=0 `<|begin_of_text|>`, r=1 `<|end_of_text|>`
     and r=9 `<|eot_id|>`, mirroring Llama 3's ids 128000, 128001 and 128009.
     """
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=text_vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
-    )
-    tokenizer.train_from_iterator(_CORPUS, trainer=trainer)
-    if tokenizer.get_vocab_size() != text_vocab_size:
-        raise RuntimeError(f"tiny BPE trained to {tokenizer.get_vocab_size()} entries, wanted {text_vocab_size}")
+    tokenizer = train_tiny_bpe(text_vocab_size)
     named = {0: "<|begin_of_text|>", 1: "<|end_of_text|>", 9: "<|eot_id|>"}
     reserved = [named.get(r, f"<|reserved_special_token_{r}|>") for r in range(num_reserved)]
     tokenizer.add_special_tokens(reserved + added_tokens)
@@ -50,6 +42,21 @@ def build_tiny_tokenizer(text_vocab_size: int, num_reserved: int, added_tokens: 
     tokenizer.post_processor = processors.TemplateProcessing(
         single="<|begin_of_text|> $A", pair="<|begin_of_text|> $A $B", special_tokens=[("<|begin_of_text|>", bos)]
     )
+    return tokenizer
+
+
+def train_tiny_bpe(vocab_size: int, extra_lines: tuple[str, ...] = ()) -> Tokenizer:
+    """A byte-level BPE of exactly `vocab_size` entries, trained deterministically on a few sentences (and
+    `extra_lines`, to make sure words a prompt format relies on become single tokens)."""
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+    )
+    tokenizer.train_from_iterator(_CORPUS + list(extra_lines), trainer=trainer)
+    if tokenizer.get_vocab_size() != vocab_size:
+        raise RuntimeError(f"tiny BPE trained to {tokenizer.get_vocab_size()} entries, wanted {vocab_size}")
     return tokenizer
 
 

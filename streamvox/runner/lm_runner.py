@@ -6,7 +6,7 @@ so the scheduler only sends positions and block tables; a preempted request reco
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -20,6 +20,19 @@ from streamvox.runner.sampler import SamplingState, sample, sample_extra
 class _RunnerRequest:
     inputs: list[StepToken]  # backbone input of every position: prompt, then each step's output fed back
     sampling: SamplingState
+    prompt_len: int
+    text_ids: list[int]  # text that rides along with the generated steps (text streamed in), in order
+    is_text_complete: bool
+    unfed: list[StepToken] = field(default_factory=list)  # outputs whose input waits for text
+
+    def feed(self, model: SpeechModel) -> None:
+        """Turn outputs into inputs while the text they pair with is known (or the text is complete)."""
+        while self.unfed:
+            step = len(self.inputs) - self.prompt_len
+            if step >= len(self.text_ids) and not self.is_text_complete:
+                return
+            text_id = self.text_ids[step] if step < len(self.text_ids) else None
+            self.inputs.append(model.next_input(self.unfed.pop(0), text_id))
 
 
 class LMRunner:
@@ -43,7 +56,14 @@ class LMRunner:
         for request_id in batch.finished_request_ids:
             self.requests.pop(request_id, None)
         for new in batch.new_requests:
-            self.requests[new.request_id] = _RunnerRequest(list(new.prompt_token_ids), SamplingState(new.sampling))
+            self.requests[new.request_id] = _RunnerRequest(
+                list(new.prompt_token_ids), SamplingState(new.sampling), len(new.prompt_token_ids),
+                list(new.text_ids), new.is_text_complete)
+        for request_id, text_ids, is_final in batch.text_updates:
+            if (request := self.requests.get(request_id)) is not None:
+                request.text_ids.extend(text_ids)
+                request.is_text_complete |= is_final
+                request.feed(self.model)
         if not batch.rows:
             return StepOutput((), (), ())
         input_ids, positions, meta = self._prepare_inputs(batch.rows)
@@ -56,11 +76,15 @@ class LMRunner:
         logits = self.model.backbone.compute_logits(last_hidden)  # [S, V]
         requests = [self.requests[batch.rows[i].request_id] for i in sampled_rows]
         states = [request.sampling for request in requests]
+        early = [i for i, state in enumerate(states) if len(state.history) < self.model.min_steps]
+        if early and self.model.stop_token_ids:
+            logits[torch.tensor(early)[:, None], torch.tensor(sorted(self.model.stop_token_ids))] = float("-inf")
         tokens = self.model.complete_step(last_hidden, sample(logits, states),
                                           lambda extra_logits, index: sample_extra(extra_logits, states, index))
         is_stop = []
         for request, token in zip(requests, tokens, strict=True):
-            request.inputs.append(self.model.next_input(token))
+            request.unfed.append(token)
+            request.feed(self.model)
             is_stop.append(self.model.is_stop(token) and not request.sampling.params.ignore_eos)
         request_ids = tuple(batch.rows[i].request_id for i in sampled_rows)
         return StepOutput(request_ids, tuple(tokens), tuple(is_stop))

@@ -88,8 +88,9 @@ def load_model(name: str, codec: str | None = None, dtype: str = "float32") -> S
     config = read_config(path)
     family = detect_family(config, name)
     tokenizer_path = path / "tokenizer.json"
-    if not tokenizer_path.exists():
-        raise FileNotFoundError(f"{path} has no tokenizer.json (the tokenizer is read with `tokenizers`)")
+    if not tokenizer_path.exists() and not (path / "vocab.json").exists():
+        raise FileNotFoundError(f"{path} has no tokenizer.json (nor vocab.json + merges.txt); the tokenizer is "
+                                "read with `tokenizers`")
     codec_dir = resolve_checkpoint(codec) if codec else default_codec_dir(path, family)
     torch_dtype = getattr(torch, dtype, None)
     if not isinstance(torch_dtype, torch.dtype):

@@ -37,6 +37,13 @@ class Request:
     num_reserved_blocks: int = 0  # blocks set aside at admission (may exceed the blocks held so far)
     is_known_to_runner: bool = False
     finish_reason: FinishReason | None = None
+    text_ids: list[int] = field(default_factory=list)  # text riding along with the generated steps, so far
+    is_text_complete: bool = True
+
+    @property
+    def is_waiting_for_text(self) -> bool:
+        """Its next step needs text that has not arrived yet (text streamed in): it pauses, holding its KV."""
+        return not self.is_text_complete and self.num_output_tokens > len(self.text_ids)
 
     def __post_init__(self) -> None:
         if self.expected_tokens <= 0 or self.sampling.ignore_eos:

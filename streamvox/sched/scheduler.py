@@ -42,6 +42,7 @@ class Scheduler:
         self.running: list[Request] = []
         self._finished_ids: list[str] = []  # not yet reported to the runners
         self._newly_finished: list[Request] = []  # not yet returned by update() (cancelled ones never are)
+        self._text_updates: list[tuple[str, tuple[int, ...], bool]] = []  # not yet sent to the runner
 
     # -- requests in and out ---------------------------------------------------------------------------
 
@@ -72,6 +73,17 @@ class Scheduler:
         self._finish(request, FinishReason.CANCELLED)
         return True
 
+    def add_text(self, request_id: str, text_ids: list[int], is_final: bool) -> bool:
+        """More text for a request whose text is streamed in; a paused request resumes. False if it is gone."""
+        request = self.requests.get(request_id)
+        if request is None or request.is_finished:
+            return False
+        request.text_ids.extend(text_ids)
+        request.is_text_complete |= is_final
+        if request.is_known_to_runner:
+            self._text_updates.append((request_id, tuple(text_ids), is_final))
+        return True
+
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running or self._finished_ids)
 
@@ -92,8 +104,8 @@ class Scheduler:
         is_preempted = False
 
         for request in policy.rank(self.running, now):
-            if request not in self.running:  # preempted earlier in this loop
-                continue
+            if request not in self.running or request.is_waiting_for_text:  # preempted earlier in this loop, or
+                continue  # paused until its text arrives
             if len(rows) >= self.config.max_num_seqs or budget == 0:
                 break
             num_tokens = self._fit(request, budget, self._batch_tokens(rows), cap_s, now)
@@ -124,16 +136,16 @@ class Scheduler:
             self._grow(request, num_tokens, now, set())  # never preempts: the blocks were committed above
             if not request.is_known_to_runner:
                 request.is_known_to_runner = True
-                new_requests.append(
-                    NewRequest(request.request_id, request.prompt_token_ids, request.sampling, request.codec_seed)
-                )
+                new_requests.append(NewRequest(request.request_id, request.prompt_token_ids, request.sampling,
+                                               request.codec_seed, tuple(request.text_ids), request.is_text_complete))
             rows.append(self._row(request, num_tokens))
             budget -= num_tokens
 
         finished_ids, self._finished_ids = tuple(self._finished_ids), []
-        if not rows and not finished_ids:
+        text_updates, self._text_updates = tuple(self._text_updates), []
+        if not rows and not finished_ids and not text_updates:
             return None
-        return StepBatch(tuple(new_requests), tuple(rows), finished_ids)
+        return StepBatch(tuple(new_requests), tuple(rows), finished_ids, text_updates)
 
     def update(self, batch: StepBatch, output: StepOutput) -> list[Request]:
         """Advance counts after a step ran; returns every request finished since the last update, except

@@ -1,0 +1,460 @@
+"""Qwen3-TTS (12 Hz): a Qwen3 talker over 16-codebook frames, a code predictor for codebooks 1-15, text riding
+along with the generated frames, and the 12 Hz tokenizer's stateful decoder.
+
+Every talker position is the sum of a text track and a codec track, carried as a row of 17 ids (16 codec
+columns, then the text id; -1 where a track is empty):
+- text: text_projection(text_embedding(id)), an MLP from the text model's width to the talker's;
+- codec: codebook 0 through the talker's codec embedding (also used for its special ids: think, language,
+  speaker, pad, bos), codebooks 1-15 through the code predictor's tables.
+
+Prompt (the publisher's streaming-text layout): the role tokens `<|im_start|>assistant\\n` (text only); then
+the codec prefix (nothink, think_bos, think_eos; or think, think_bos, language, think_eos), the speaker's id,
+codec_pad, each with the text track tts_pad (tts_bos on the last); then the first text token over codec_bos.
+Generated step t feeds back its frame plus text token t + 1 of the input, then tts_eos, then tts_pad: the
+text trails the audio by one token a frame, so text may arrive while audio is made, and a request whose
+next text token has not arrived yet pauses. Codebook 0 = codec_eos ends the speech (that frame is silent).
+The talker's head never draws its special ids other than codec_eos, nor codec_eos in the first 2 steps.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+from torch import nn
+from torch.nn import functional as F
+
+from streamvox.codecs.qwen_12hz import TINY_CONFIG as TINY_CODEC_CONFIG
+from streamvox.codecs.qwen_12hz import Qwen12HzCodec
+from streamvox.codecs.qwen_12hz import tiny_tensors as tiny_codec_tensors
+from streamvox.config import SamplingParams
+from streamvox.layers.attention import AttentionMetadata
+from streamvox.layers.linear import Linear
+from streamvox.layers.norm import RMSNorm
+from streamvox.layers.rotary import RotaryEmbedding
+from streamvox.models.base import Chunking, ChunkJob, ExtraSampler, SpeechModel, StepToken, TimingFacts
+from streamvox.models.depth import DepthDecoder
+from streamvox.models.llama import LlamaConfig, LlamaDecoderLayer
+from streamvox.models.tiny import save_tensors, train_tiny_bpe, write_atomically
+
+CODEC_SUBDIR = "speech_tokenizer"
+CODEC_HUB_ID = "Qwen/Qwen3-TTS-Tokenizer-12Hz"
+PRETOKENIZE = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
+               r"""|\s*[\r\n]+|\s+(?!\S)|\s+""")
+ROLE = "<|im_start|>assistant\n"
+END = "<|im_end|>\n<|im_start|>assistant\n"
+NUM_ROLE_TOKENS, NUM_END_TOKENS = 3, 5
+SPECIAL_SPAN = 1024  # the talker's top ids are control ids, never drawn (codec_eos aside)
+MIN_STEPS = 2  # codec_eos is not drawn before this many frames
+
+
+@dataclass(frozen=True)
+class QwenTtsIds:
+    tts_bos: int
+    tts_eos: int
+    tts_pad: int
+    codec_eos: int
+    codec_pad: int
+    codec_bos: int
+    think: int
+    nothink: int
+    think_bos: int
+    think_eos: int
+
+    @classmethod
+    def from_config(cls, config: dict) -> QwenTtsIds:
+        talker = config["talker_config"]
+        return cls(config.get("tts_bos_token_id", 151672), config.get("tts_eos_token_id", 151673),
+                   config.get("tts_pad_token_id", 151671), talker["codec_eos_token_id"], talker["codec_pad_id"],
+                   talker["codec_bos_id"], talker["codec_think_id"], talker["codec_nothink_id"],
+                   talker["codec_think_bos_id"], talker["codec_think_eos_id"])
+
+
+def load_tokenizer(path: Path) -> Tokenizer:
+    """tokenizer.json if the checkpoint has one, else the Qwen2 BPE from vocab.json + merges.txt with the
+    special tokens of tokenizer_config.json (how the publisher ships it)."""
+    if (path / "tokenizer.json").is_file():
+        return Tokenizer.from_file(str(path / "tokenizer.json"))
+    vocab, merges = path / "vocab.json", path / "merges.txt"
+    if not (vocab.is_file() and merges.is_file()):
+        raise FileNotFoundError(f"{path} has neither tokenizer.json nor vocab.json + merges.txt")
+    tokenizer = Tokenizer(models.BPE.from_file(str(vocab), str(merges)))
+    tokenizer.normalizer = normalizers.NFC()
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(PRETOKENIZE), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
+    config_path = path / "tokenizer_config.json"
+    added = json.loads(config_path.read_text()).get("added_tokens_decoder", {}) if config_path.is_file() else {}
+    for token_id, token in sorted(added.items(), key=lambda item: int(item[0])):
+        tokenizer.add_special_tokens([token["content"]])
+        if tokenizer.token_to_id(token["content"]) != int(token_id):
+            raise ValueError(f"tokenizer_config.json puts {token['content']!r} at {token_id}, the vocabulary does not")
+    return tokenizer
+
+
+class _TalkerModel(nn.Module):
+    def __init__(self, config: LlamaConfig, text_vocab_size: int, text_hidden_size: int) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(LlamaDecoderLayer(config) for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta, None)
+        self.codec_embedding = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.text_embedding = nn.Embedding(text_vocab_size, text_hidden_size)
+
+
+class _TextProjection(nn.Module):
+    def __init__(self, text_hidden_size: int, hidden_size: int) -> None:
+        super().__init__()
+        self.linear_fc1 = Linear(text_hidden_size, text_hidden_size, bias=True)
+        self.linear_fc2 = Linear(text_hidden_size, hidden_size, bias=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear_fc2(F.silu(self.linear_fc1(x)))
+
+
+class _PredictorModel(nn.Module):
+    def __init__(self, config: LlamaConfig, num_codebooks: int, talker_hidden: int) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(LlamaDecoderLayer(config) for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta, None)
+        self.codec_embedding = nn.ModuleList(nn.Embedding(config.vocab_size, talker_hidden)
+                                             for _ in range(num_codebooks - 1))
+
+
+class QwenCodePredictor(DepthDecoder):
+    """Codebooks 1..15: a table and a head per codebook; codebook 0 enters through the talker's table."""
+
+    def __init__(self, config: LlamaConfig, num_codebooks: int, talker_hidden: int,
+                 first_embedding: nn.Embedding) -> None:
+        super().__init__()
+        self.config = config
+        self.num_codebooks = num_codebooks
+        self.model = _PredictorModel(config, num_codebooks, talker_hidden)
+        self.lm_head = nn.ModuleList(Linear(config.hidden_size, config.vocab_size, bias=False)
+                                     for _ in range(num_codebooks - 1))
+        self.small_to_mtp_projection = (Linear(talker_hidden, config.hidden_size, bias=True)
+                                        if talker_hidden != config.hidden_size else nn.Identity())
+        self._first_embedding = (first_embedding,)  # the talker's: not a parameter of this module
+
+    def embed_code(self, index: int, codes: torch.Tensor) -> torch.Tensor:
+        return self._first_embedding[0](codes) if index == 0 else self.model.codec_embedding[index - 1](codes)
+
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        return self.small_to_mtp_projection(x)
+
+    def code_logits(self, index: int, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head[index - 1](hidden)
+
+
+class QwenTalker(nn.Module):
+    """The talker over the paged KV cache, with its code predictor; names are the checkpoint's under `talker.`."""
+
+    def __init__(self, config: LlamaConfig, predictor_config: LlamaConfig, num_codebooks: int,
+                 text_vocab_size: int, text_hidden_size: int, codec_eos: int) -> None:
+        super().__init__()
+        self.config = config
+        self.num_codebooks = num_codebooks
+        self.model = _TalkerModel(config, text_vocab_size, text_hidden_size)
+        self.text_projection = _TextProjection(text_hidden_size, config.hidden_size)
+        self.codec_head = Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.code_predictor = QwenCodePredictor(predictor_config, num_codebooks, config.hidden_size,
+                                                self.model.codec_embedding)
+        never = torch.zeros(config.vocab_size, dtype=torch.bool)
+        never[max(0, config.vocab_size - SPECIAL_SPAN) :] = True
+        never[codec_eos] = False
+        self.register_buffer("never_drawn", never, persistent=False)
+
+    def embed(self, inputs: torch.Tensor) -> torch.Tensor:
+        """inputs [T, 17] -> [T, hidden]: the text track plus every codec column present."""
+        codes, text = inputs[:, : self.num_codebooks], inputs[:, self.num_codebooks]
+        x = self.codec_head.weight.new_zeros(inputs.shape[0], self.config.hidden_size)
+        has_text = text >= 0
+        if has_text.any():
+            x[has_text] = self.text_projection(self.model.text_embedding(text[has_text]))
+        has_codec = codes[:, 0] >= 0
+        x[has_codec] += self.model.codec_embedding(codes[has_codec, 0])
+        is_frame = codes[:, 1] >= 0
+        if is_frame.any():
+            frames = codes[is_frame]
+            x[is_frame] += sum(self.code_predictor.model.codec_embedding[k - 1](frames[:, k])
+                               for k in range(1, self.num_codebooks))
+        return x
+
+    def forward(self, inputs, positions, meta: AttentionMetadata, kv_caches) -> torch.Tensor:
+        x = self.embed(inputs)
+        for layer, kv in zip(self.model.layers, kv_caches, strict=True):
+            x = layer(x, positions, self.model.rotary, meta, kv)
+        return self.model.norm(x)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = self.codec_head(hidden).float()
+        return logits.masked_fill(self.never_drawn, float("-inf"))
+
+
+class QwenFrameBuilder:
+    def __init__(self, codec_eos: int) -> None:
+        self._eos = codec_eos
+
+    def push(self, frame: tuple[int, ...]) -> tuple[int, ...] | None:
+        return None if frame[0] == self._eos else frame
+
+
+class QwenTextStream:
+    """Text of one request arriving in pieces -> text ids, each given out once it can no longer change.
+
+    The text is tokenized whole each time, as the reference tokenizes the whole input; ids inside the last two
+    pre-tokenizer pieces (a word still being typed, the space before it) are held back until more text or the
+    end comes. The end adds the rest and tts_eos."""
+
+    def __init__(self, model: Qwen3TtsModel) -> None:
+        self._model = model
+        self._text = ""
+        self._given = 0
+        self.is_complete = False
+
+    def feed(self, text: str, is_final: bool) -> list[int]:
+        if self.is_complete:
+            raise ValueError("the text of this request is already complete")
+        self._text += text
+        self.is_complete = is_final
+        ids, stable = self._model.text_ids(self._text, is_final)
+        new = ids[self._given : stable]
+        self._given = max(self._given, stable)
+        return new + [self._model.ids.tts_eos] if is_final else new
+
+
+class Qwen3TtsModel(SpeechModel):
+    family = "qwen3-tts"
+    # the publisher's defaults: top-k 50, temperature 0.9 (talker and code predictor), repetition penalty 1.05
+    default_sampling = SamplingParams(temperature=0.9, top_k=50, repetition_penalty=1.05, max_tokens=2048)
+    chunking = Chunking(first_chunk_frames=1, frames_per_chunk=1, lookahead_frames=0, is_stateful=True)
+    min_steps = MIN_STEPS
+
+    def __init__(self, config: dict, talker: QwenTalker, tokenizer: Tokenizer, codec: Qwen12HzCodec) -> None:
+        self.ids = QwenTtsIds.from_config(config)
+        talker_config = config["talker_config"]
+        self.backbone = talker
+        self.tokenizer = tokenizer
+        self.tokenizer.encode_special_tokens = False  # the chat template's markers are special tokens
+        self.codec = codec
+        self.num_codebooks = talker.num_codebooks
+        if codec.num_codebooks != self.num_codebooks:
+            raise ValueError(f"the speech tokenizer has {codec.num_codebooks} codebooks, the talker "
+                             f"{self.num_codebooks}")
+        self.speakers = {name.lower(): spk for name, spk in (talker_config.get("spk_id") or {}).items()}
+        self.dialects = {name.lower(): d for name, d in (talker_config.get("spk_is_dialect") or {}).items()}
+        self.languages = {name.lower(): i for name, i in (talker_config.get("codec_language_id") or {}).items()}
+        self.voices = tuple(self.speakers)
+        self.default_voice = self.voices[0] if self.voices else None
+        self.stop_token_ids = frozenset({self.ids.codec_eos})
+        self.timing = TimingFacts(codec.sample_rate, codec.samples_per_frame, lm_steps_per_frame=1)
+        self.is_random_weights = bool(config.get("streamvox_random_weights", False))
+        self.role_ids = self.tokenizer.encode(ROLE, add_special_tokens=False).ids
+        if len(self.role_ids) != NUM_ROLE_TOKENS:
+            raise ValueError(f"the tokenizer splits {ROLE!r} into {len(self.role_ids)} tokens, not "
+                             f"{NUM_ROLE_TOKENS}: it is not the Qwen tokenizer this prompt format expects")
+
+    @classmethod
+    def from_parts(cls, config: dict, state_dict: dict, tokenizer_path: Path, codec_dir: Path,
+                   dtype) -> Qwen3TtsModel:
+        talker_config = config["talker_config"]
+        rope = talker_config.get("rope_scaling") or {}
+        if rope.get("rope_type", rope.get("type", "default")) != "default":
+            raise ValueError(f"Qwen3-TTS rope_scaling {rope} is not supported (default RoPE, with or without "
+                             "M-RoPE sections, is)")
+        # M-RoPE sections all see the same position for text and codec tokens: it is plain RoPE here
+        talker_llama = LlamaConfig.from_fields(talker_config, "Qwen3-TTS talker", rope_scaling=None, qk_norm=True)
+        predictor = talker_config.get("code_predictor_config") or {}
+        predictor_llama = LlamaConfig.from_fields(predictor, "Qwen3-TTS code predictor", rope_scaling=None,
+                                                  qk_norm=True)
+        talker = QwenTalker(talker_llama, predictor_llama, talker_config.get("num_code_groups", 16),
+                            talker_config["text_vocab_size"], talker_config["text_hidden_size"],
+                            talker_config["codec_eos_token_id"])
+        _load_talker(talker, state_dict)
+        talker.to(dtype).eval()
+        codec = Qwen12HzCodec.load(codec_dir)
+        return cls(config, talker, load_tokenizer(tokenizer_path.parent), codec)
+
+    # -- prompt and text ---------------------------------------------------------------------------------
+
+    def resolve_voice(self, voice: str | None) -> str | None:
+        return super().resolve_voice(voice.lower() if voice else voice)
+
+    def text_ids(self, text: str, is_final: bool) -> tuple[list[int], int]:
+        """The ids of `text` in the chat template (role and end markers cut off) and how many of them are
+        final: all when the text is complete, else those before its last two pre-tokenizer pieces."""
+        if is_final:
+            ids = self.tokenizer.encode(ROLE + text + END, add_special_tokens=False).ids
+            return ids[NUM_ROLE_TOKENS:-NUM_END_TOKENS], len(ids) - NUM_ROLE_TOKENS - NUM_END_TOKENS
+        encoding = self.tokenizer.encode(ROLE + text, add_special_tokens=False)
+        pieces = self.tokenizer.pre_tokenizer.pre_tokenize_str(self.tokenizer.normalizer.normalize_str(text))
+        cut = len(ROLE) + (pieces[-2][1][0] if len(pieces) >= 2 else 0)  # where the unsettled text starts
+        stable = sum(1 for start, end in encoding.offsets[NUM_ROLE_TOKENS:] if end <= cut)
+        return encoding.ids[NUM_ROLE_TOKENS:], stable
+
+    def open_text_stream(self) -> QwenTextStream:
+        return QwenTextStream(self)
+
+    def prompt_for(self, first_text_id: int, voice: str | None) -> list[StepToken]:
+        """The prompt rows up to and including the first text token (see the module docstring)."""
+        voice = self.resolve_voice(voice)
+        ids, blank = self.ids, (-1,) * self.num_codebooks
+        language = self.languages.get(self.dialects.get(voice) or "") if voice else None
+        prefix = ([ids.think, ids.think_bos, language, ids.think_eos] if language is not None
+                  else [ids.nothink, ids.think_bos, ids.think_eos])
+        if voice is not None:
+            prefix.append(self.speakers[voice])
+        prefix.append(ids.codec_pad)
+        rows: list[StepToken] = [(*blank, token) for token in self.role_ids]
+        for i, codec_id in enumerate(prefix):
+            text = ids.tts_bos if i == len(prefix) - 1 else ids.tts_pad
+            rows.append((codec_id, *blank[1:], text))
+        rows.append((ids.codec_bos, *blank[1:], first_text_id))
+        return rows
+
+    def prepare_request(self, text: str, voice: str | None) -> tuple[list[StepToken], list[int]]:
+        stream = self.open_text_stream()
+        text_ids = stream.feed(text, True)
+        if len(text_ids) < 2:
+            raise ValueError("text is empty; give at least one word to speak")
+        return self.prompt_for(text_ids[0], voice), text_ids[1:]
+
+    def prepare(self, text: str, voice: str | None) -> list[StepToken]:
+        return self.prepare_request(text, voice)[0]
+
+    # -- steps and audio ---------------------------------------------------------------------------------
+
+    def complete_step(self, hidden: torch.Tensor, tokens: list[int], sample: ExtraSampler) -> list[StepToken]:
+        first = torch.tensor(tokens, dtype=torch.int64)
+        predictor = self.backbone.code_predictor
+        codes = predictor.generate(hidden, first, sample, predictor.config.vocab_size)
+        return [tuple(frame) for frame in codes.tolist()]
+
+    def next_input(self, token: StepToken, text_id: int | None) -> StepToken:
+        return (*token, self.ids.tts_pad if text_id is None else text_id)
+
+    def is_stop(self, token: StepToken) -> bool:
+        return token[0] == self.ids.codec_eos
+
+    def new_frame_builder(self) -> QwenFrameBuilder:
+        return QwenFrameBuilder(self.ids.codec_eos)
+
+    def new_codec_state(self):
+        return self.codec.new_state()
+
+    def decode_chunks(self, jobs: list[ChunkJob]) -> list[torch.Tensor]:
+        codes = [job.frames[job.start_frame : job.end_frame].clamp(0, self.codec.codebook_size - 1) for job in jobs]
+        return self.codec.decode(codes, [job.state for job in jobs])
+
+
+def _load_talker(talker: QwenTalker, state_dict: dict) -> None:
+    tensors = {k[len("talker.") :]: v for k, v in state_dict.items() if k.startswith("talker.")}
+    own = talker.state_dict()
+    missing, unexpected = set(own) - set(tensors), set(tensors) - set(own)
+    if missing or unexpected:
+        raise ValueError(f"checkpoint does not match the Qwen3-TTS config: missing {sorted(missing)[:5]}, "
+                         f"unexpected {sorted(unexpected)[:5]}")
+    for name, tensor in tensors.items():
+        if own[name].shape != tensor.shape:
+            raise ValueError(f"talker.{name}: checkpoint shape {tuple(tensor.shape)} != config shape "
+                             f"{tuple(own[name].shape)}")
+    talker.load_state_dict(tensors)
+
+
+# -- tiny random-weight checkpoint in the publisher's layout --------------------------------------------------
+
+TINY_TEXT_VOCAB = 512
+TINY_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|tts_pad|>", "<|tts_text_bos|>",
+                 "<|tts_text_eod|>"]
+TINY_SPEAKERS = {"vivian": 3066, "ryan": 3061, "dylan": 3063}
+TINY_NOTE = (
+    "Random-weight tiny Qwen3-TTS made by `streamvox make-tiny qwen3-tts`: same architecture and file layout as "
+    "Qwen/Qwen3-TTS-12Hz-0.6B-CustomVoice (speech_tokenizer/ included), but it produces noise, not speech. For "
+    "real speech serve a real checkpoint: `streamvox serve --model /path/to/Qwen3-TTS-12Hz-0.6B-CustomVoice`."
+)
+
+
+def write_tiny(path: str | Path, seed: int = 0, num_shards: int = 1) -> Path:
+    """Write a deterministic tiny Qwen3-TTS CustomVoice checkpoint (talker, code predictor, tokenizer files,
+    speech tokenizer) to `path`."""
+    return write_atomically(path, lambda tmp: _write_tiny_files(tmp, seed, num_shards))
+
+
+def tiny_config() -> dict:
+    first_special = TINY_TEXT_VOCAB
+    special = {name: first_special + i for i, name in enumerate(TINY_SPECIALS)}
+    predictor = {
+        "vocab_size": 2048, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "hidden_act": "silu",
+        "max_position_embeddings": 65536, "rms_norm_eps": 1e-6, "rope_theta": 1000000, "num_code_groups": 16,
+        "use_sliding_window": False, "attention_bias": False, "model_type": "qwen3_tts_talker_code_predictor",
+    }
+    talker = {
+        "model_type": "qwen3_tts_talker", "vocab_size": 3072, "hidden_size": 128, "intermediate_size": 256,
+        "num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32,
+        "hidden_act": "silu", "max_position_embeddings": 32768, "rms_norm_eps": 1e-6, "rope_theta": 1000000,
+        "rope_scaling": {"interleaved": True, "mrope_section": [6, 5, 5], "rope_type": "default"},
+        "attention_bias": False, "use_sliding_window": False, "num_code_groups": 16,
+        "text_hidden_size": 96, "text_vocab_size": TINY_TEXT_VOCAB + len(TINY_SPECIALS),
+        "codec_eos_token_id": 2150, "codec_think_id": 2154, "codec_nothink_id": 2155, "codec_think_bos_id": 2156,
+        "codec_think_eos_id": 2157, "codec_pad_id": 2148, "codec_bos_id": 2149,
+        "codec_language_id": {"english": 2050, "chinese": 2055, "beijing_dialect": 2074},
+        "spk_id": TINY_SPEAKERS, "spk_is_dialect": {"vivian": False, "ryan": False, "dylan": "beijing_dialect"},
+        "code_predictor_config": predictor,
+    }
+    return {
+        "architectures": ["Qwen3TTSForConditionalGeneration"], "model_type": "qwen3_tts",
+        "tokenizer_type": "qwen3_tts_tokenizer_12hz", "tts_model_size": "0b6", "tts_model_type": "custom_voice",
+        "im_start_token_id": special["<|im_start|>"], "im_end_token_id": special["<|im_end|>"],
+        "tts_pad_token_id": special["<|tts_pad|>"], "tts_bos_token_id": special["<|tts_text_bos|>"],
+        "tts_eos_token_id": special["<|tts_text_eod|>"], "talker_config": talker,
+        "speaker_encoder_config": {"enc_dim": 128, "sample_rate": 24000}, "torch_dtype": "float32",
+        "streamvox_random_weights": True, "streamvox_note": TINY_NOTE,
+    }
+
+
+def _write_tiny_files(path: Path, seed: int, num_shards: int) -> None:
+    config = tiny_config()
+    talker_config = config["talker_config"]
+    _write_tiny_tokenizer(path)
+    (path / "config.json").write_text(json.dumps(config, indent=2))
+    talker_llama = LlamaConfig.from_fields(talker_config, rope_scaling=None, qk_norm=True)
+    predictor_llama = LlamaConfig.from_fields(talker_config["code_predictor_config"], rope_scaling=None,
+                                              qk_norm=True)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        talker = QwenTalker(talker_llama, predictor_llama, 16, talker_config["text_vocab_size"],
+                            talker_config["text_hidden_size"], talker_config["codec_eos_token_id"])
+        tensors = talker.state_dict()
+        for name, tensor in tensors.items():
+            if "norm" not in name:
+                torch.nn.init.normal_(tensor, std=0.1 if "embed" in name else tensor.shape[-1] ** -0.5)
+    save_tensors(path, {"talker." + k: v for k, v in tensors.items()}, num_shards)
+    codec_dir = path / CODEC_SUBDIR
+    codec_dir.mkdir()
+    (codec_dir / "config.json").write_text(json.dumps(TINY_CODEC_CONFIG, indent=2))
+    save_tensors(codec_dir, tiny_codec_tensors(TINY_CODEC_CONFIG, seed))
+    (path / "generation_config.json").write_text(json.dumps({
+        "do_sample": True, "top_k": 50, "top_p": 1.0, "temperature": 0.9, "repetition_penalty": 1.05,
+        "subtalker_dosample": True, "subtalker_top_k": 50, "subtalker_top_p": 1.0, "subtalker_temperature": 0.9,
+        "max_new_tokens": 2048}, indent=2))
+    (path / "README.md").write_text(TINY_NOTE + "\n")
+
+
+def _write_tiny_tokenizer(path: Path) -> None:
+    """vocab.json + merges.txt + tokenizer_config.json, as the publisher ships its Qwen2 tokenizer."""
+    # byte-level BPE (Qwen2's pre-tokenizer on load) in which "assistant", like in Qwen's vocabulary, is one token
+    train_tiny_bpe(TINY_TEXT_VOCAB, ("assistant " * 50,)).model.save(str(path))
+    added = {str(TINY_TEXT_VOCAB + i): {"content": name, "lstrip": False, "normalized": False, "rstrip": False,
+                                        "single_word": False, "special": True}
+             for i, name in enumerate(TINY_SPECIALS)}
+    (path / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "Qwen2Tokenizer", "added_tokens_decoder": added, "bos_token": None,
+        "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "unk_token": None, "model_max_length": 32768,
+        "clean_up_tokenization_spaces": False, "errors": "replace", "split_special_tokens": False}, indent=2))
