@@ -19,21 +19,27 @@ def tiny_model(tiny_dir):
 
 
 @pytest.fixture
-def make_engine(tiny_model):
+def engine_for():
+    """engine_for(model, ...) -> an in-process Engine (fcfs unless told), closed when the test ends."""
     engines = []
 
-    def make(num_blocks=512, block_size=16, max_num_seqs=64, max_num_batched_tokens=512, policy="fcfs"):
+    def make(model, num_blocks=512, block_size=16, max_num_seqs=64, max_num_batched_tokens=512, policy="fcfs"):
         config = EngineConfig(
             cache=CacheConfig(block_size=block_size, num_blocks=num_blocks),
             scheduler=SchedulerConfig(policy=policy, max_num_seqs=max_num_seqs, max_queue_len=1000,
                                       max_num_batched_tokens=max_num_batched_tokens),
         )
-        engines.append(Engine(tiny_model, config))
+        engines.append(Engine(model, config))
         return engines[-1]
 
     yield make
     for engine in engines:
         engine.close()
+
+
+@pytest.fixture
+def make_engine(tiny_model, engine_for):
+    return lambda **options: engine_for(tiny_model, **options)
 
 
 

@@ -28,7 +28,7 @@ from streamvox.codecs.streaming import (
     CausalConvTranspose1d,
     LayerScale,
     StateBatch,
-    StreamState,
+    StreamingCodec,
     WindowedAttention,
     random_tensors,
 )
@@ -132,8 +132,10 @@ class _DecoderHalf(nn.Module):
         self.decoder = SeanetDecoder(config, slots)
 
 
-class MimiCodec:
+class MimiCodec(StreamingCodec):
     """Mimi codes -> 24 kHz PCM, batched across requests, each request's chunks continuing its own state."""
+
+    name = "Mimi"
 
     def __init__(self, config: dict, state_dict: dict[str, torch.Tensor]) -> None:
         _check_streamable(config)
@@ -175,32 +177,6 @@ class MimiCodec:
         for file in files:
             tensors.update({k[len(prefix) :]: v for k, v in load_file(str(file)).items() if k.startswith(prefix)})
         return cls(config, tensors)
-
-    def new_state(self) -> StreamState:
-        return StreamState()
-
-    def decode(self, codes: list[torch.Tensor], states: list[StreamState]) -> list[torch.Tensor]:
-        """Decode the next chunk of each request: codes [num_frames, num_codebooks] per request, each with its
-        own state (a request appears at most once) -> float32 PCM [num_frames * 1920] per request.
-
-        Chunks of the same length run as one batch."""
-        if len(codes) != len(states) or len({id(state) for state in states}) != len(states):
-            raise ValueError("decode needs one distinct state per chunk: a request's chunks go one call at a time")
-        out: list[torch.Tensor | None] = [None] * len(codes)
-        by_length: dict[int, list[int]] = {}
-        for index, chunk in enumerate(codes):
-            if chunk.dim() != 2 or chunk.shape[1] != self.num_codebooks:
-                raise ValueError(f"Mimi codes must be [num_frames, {self.num_codebooks}], got {list(chunk.shape)}")
-            by_length.setdefault(chunk.shape[0], []).append(index)
-        for num_frames, indices in by_length.items():
-            if num_frames == 0:
-                for index in indices:
-                    out[index] = torch.zeros(0)
-                continue
-            pcm = self._decode_batch(torch.stack([codes[i] for i in indices]), StateBatch([states[i] for i in indices]))
-            for row, index in enumerate(indices):
-                out[index] = pcm[row]
-        return out
 
     @torch.inference_mode()
     def _decode_batch(self, codes: torch.Tensor, batch: StateBatch) -> torch.Tensor:  # [B, T, K] -> [B, T * 1920]

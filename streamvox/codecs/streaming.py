@@ -191,3 +191,40 @@ def random_tensors(shapes: dict[str, tuple[int, ...]], generator: torch.Generato
         else:
             tensors[name] = torch.randn(shape, generator=generator) * math.prod(shape[1:]) ** -0.5
     return tensors
+
+
+class StreamingCodec:
+    """Decodes the next chunk of many requests at once, each continuing its own `StreamState`. A subclass sets
+    `num_codebooks` and `name`, and decodes one batch of equal-length chunks in `_decode_batch`."""
+
+    name: str
+    num_codebooks: int
+
+    def new_state(self) -> StreamState:
+        return StreamState()
+
+    def decode(self, codes: list[torch.Tensor], states: list[StreamState]) -> list[torch.Tensor]:
+        """codes [num_frames, num_codebooks] per request, each with its own state (a request appears at most
+        once) -> float32 PCM per request. Chunks of the same length run as one batch."""
+        if len(codes) != len(states) or len({id(state) for state in states}) != len(states):
+            raise ValueError("decode needs one distinct state per chunk: a request's chunks go one call at a time")
+        out: list[torch.Tensor | None] = [None] * len(codes)
+        by_length: dict[int, list[int]] = {}
+        for index, chunk in enumerate(codes):
+            if chunk.dim() != 2 or chunk.shape[1] != self.num_codebooks:
+                raise ValueError(f"{self.name} codes must be [num_frames, {self.num_codebooks}], got "
+                                 f"{list(chunk.shape)}")
+            by_length.setdefault(chunk.shape[0], []).append(index)
+        for num_frames, indices in by_length.items():
+            if num_frames == 0:
+                for index in indices:
+                    out[index] = torch.zeros(0)
+                continue
+            pcm = self._decode_batch(torch.stack([codes[i] for i in indices]), StateBatch([states[i] for i in indices]))
+            for row, index in enumerate(indices):
+                out[index] = pcm[row]
+        return out
+
+    def _decode_batch(self, codes: torch.Tensor, batch: StateBatch) -> torch.Tensor:
+        """[B, T, num_codebooks] -> [B, T * samples_per_frame]; commits the batch's states at the end."""
+        raise NotImplementedError

@@ -337,6 +337,8 @@ class _TextStream:
     voice: str | None
     sampling: SamplingParams
     num_chars: int = 0
+    has_words: bool = False  # some text that is not whitespace has come
+    held: list[int] = field(default_factory=list)  # settled text ids before the request is queued
     is_added: bool = False  # its prompt is known and the request queued
 
 
@@ -390,15 +392,18 @@ class Engine(EngineCore):
                 raise KeyError(f"no request {request_id!r} whose text is streamed in")
             text_ids = state.stream.feed(text, is_final)
             state.num_chars += len(text)
+            state.has_words |= bool(text.strip())
             if is_final:
                 del self._text_streams[request_id]
             if state.is_added:
                 self.scheduler.add_text(request_id, text_ids, is_final)
-            elif len(text_ids) >= 2 or (text_ids and not is_final):  # the first text id makes the prompt
-                state.is_added = True
-                prompt = self.model.prompt_for(text_ids[0], state.voice)
+                return
+            state.held += text_ids
+            if state.has_words and (len(state.held) >= 2 or (state.held and not is_final)):
+                state.is_added = True  # the first text id makes the prompt
+                prompt = self.model.prompt_for(state.held[0], state.voice)
                 expected = self.expected_tokens("x" * max(state.num_chars, 40))
-                self.add_request(request_id, prompt, state.sampling, expected, text_ids[1:], is_final)
+                self.add_request(request_id, prompt, state.sampling, expected, state.held[1:], is_final)
             elif is_final:
                 self._outputs.pop(request_id, None)
                 raise ValueError("text is empty; give at least one word to speak")

@@ -7,8 +7,7 @@ import pytest
 import torch
 
 from streamvox.batch import NewRequest, ScheduledRow, StepBatch
-from streamvox.config import CacheConfig, EngineConfig, SamplingParams, SchedulerConfig
-from streamvox.engine.core import Engine
+from streamvox.config import SamplingParams
 from streamvox.models.csm import Segment, write_tiny
 from streamvox.runner.weights import load_model
 
@@ -36,18 +35,8 @@ def reference(csm_dir):
 
 
 @pytest.fixture
-def make_engine(csm_model):
-    engines = []
-
-    def make(max_num_batched_tokens=512):
-        config = EngineConfig(cache=CacheConfig(block_size=16, num_blocks=256),
-                              scheduler=SchedulerConfig(policy="fcfs", max_num_batched_tokens=max_num_batched_tokens))
-        engines.append(Engine(csm_model, config))
-        return engines[-1]
-
-    yield make
-    for engine in engines:
-        engine.close()
+def make_engine(csm_model, engine_for):
+    return lambda **options: engine_for(csm_model, num_blocks=256, **options)
 
 
 def greedy(num_frames, seed=0):

@@ -7,10 +7,10 @@ import wave
 import httpx
 import pytest
 
-from streamvox.models import csm
+from streamvox.models import csm, qwen3_tts
 from streamvox.runner.weights import load_model
 
-FAMILIES = {"csm": csm.write_tiny}
+FAMILIES = {"csm": csm.write_tiny, "qwen3-tts": qwen3_tts.write_tiny}
 FRAMES = 20  # frames per request: 1.6 s of 12.5 Hz audio
 
 
