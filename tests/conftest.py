@@ -23,10 +23,11 @@ def engine_for():
     """engine_for(model, ...) -> an in-process Engine (fcfs unless told), closed when the test ends."""
     engines = []
 
-    def make(model, num_blocks=512, block_size=16, max_num_seqs=64, max_num_batched_tokens=512, policy="fcfs"):
+    def make(model, num_blocks=512, block_size=16, max_num_seqs=64, max_num_batched_tokens=512, policy="fcfs",
+             max_queue_len=1000):
         config = EngineConfig(
             cache=CacheConfig(block_size=block_size, num_blocks=num_blocks),
-            scheduler=SchedulerConfig(policy=policy, max_num_seqs=max_num_seqs, max_queue_len=1000,
+            scheduler=SchedulerConfig(policy=policy, max_num_seqs=max_num_seqs, max_queue_len=max_queue_len,
                                       max_num_batched_tokens=max_num_batched_tokens),
         )
         engines.append(Engine(model, config))

@@ -189,7 +189,7 @@ class MimiCodec(StreamingCodec):
         num_positions = x.shape[-1]
         x = self.net.decoder_transformer(x.transpose(1, 2), batch).transpose(1, 2)
         pcm = self.net.decoder(x, batch)[:, 0].float()
-        batch.commit(num_positions)
+        batch.advance(num_positions)
         return pcm
 
 

@@ -229,7 +229,7 @@ class Qwen12HzCodec(StreamingCodec):
         rest = sum(F.embedding(codes[..., i], self.codebooks[i]) for i in range(1, self.num_codebooks))
         latent = first @ self.projections[0].T + rest @ self.projections[1].T  # [B, T, codebook_dim]
         pcm = self.net(latent.transpose(1, 2).to(self.dtype), batch).float()
-        batch.commit(codes.shape[1])
+        batch.advance(codes.shape[1])
         return pcm
 
 

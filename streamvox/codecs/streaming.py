@@ -43,6 +43,7 @@ class StateBatch:
     def __init__(self, states: list[StreamState]) -> None:
         self.states = states
         self._staged: list[tuple[str, int, list[torch.Tensor]]] = []  # (state field, slot, one tensor per row)
+        self._num_new_positions = 0
 
     def past(self, slot: int, channels: int, length: int, like: torch.Tensor) -> torch.Tensor:
         """[B, channels, length] context of one layer; zeros for a request's first chunk."""
@@ -62,13 +63,18 @@ class StateBatch:
     def keep_kv(self, layer_index: int, keys: list[torch.Tensor], values: list[torch.Tensor]) -> None:
         self._staged += [("keys", layer_index, keys), ("values", layer_index, values)]
 
-    def commit(self, num_positions: int) -> None:
+    def advance(self, num_positions: int) -> None:
+        """The attention positions this chunk adds (applied with the rest at commit)."""
+        self._num_new_positions = num_positions
+
+    def commit(self) -> None:
         for name, slot, rows in self._staged:
             for state, row in zip(self.states, rows, strict=True):
                 getattr(state, name)[slot] = row
         for state in self.states:
-            state.num_positions += num_positions
+            state.num_positions += self._num_new_positions
         self._staged = []
+        self._num_new_positions = 0
 
 
 class CausalConv1d(nn.Module):
@@ -210,6 +216,7 @@ class StreamingCodec:
             raise ValueError("decode needs one distinct state per chunk: a request's chunks go one call at a time")
         out: list[torch.Tensor | None] = [None] * len(codes)
         by_length: dict[int, list[int]] = {}
+        batches: list[StateBatch] = []
         for index, chunk in enumerate(codes):
             if chunk.dim() != 2 or chunk.shape[1] != self.num_codebooks:
                 raise ValueError(f"{self.name} codes must be [num_frames, {self.num_codebooks}], got "
@@ -220,11 +227,16 @@ class StreamingCodec:
                 for index in indices:
                     out[index] = torch.zeros(0)
                 continue
-            pcm = self._decode_batch(torch.stack([codes[i] for i in indices]), StateBatch([states[i] for i in indices]))
+            batch = StateBatch([states[i] for i in indices])
+            pcm = self._decode_batch(torch.stack([codes[i] for i in indices]), batch)
+            batches.append(batch)
             for row, index in enumerate(indices):
                 out[index] = pcm[row]
+        for batch in batches:  # only once every group has decoded: a failure leaves every state as it was
+            batch.commit()
         return out
 
     def _decode_batch(self, codes: torch.Tensor, batch: StateBatch) -> torch.Tensor:
-        """[B, T, num_codebooks] -> [B, T * samples_per_frame]; commits the batch's states at the end."""
+        """[B, T, num_codebooks] -> [B, T * samples_per_frame]; stages the new states (and `advance`s the
+        attention positions) without committing them."""
         raise NotImplementedError

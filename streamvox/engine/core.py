@@ -70,7 +70,7 @@ class SpeechResult:
     pcm: np.ndarray  # [num_samples] float32
     sample_rate: int
     num_frames: int
-    token_ids: tuple[int, ...]  # every sampled token, one per backbone step
+    token_ids: tuple  # every step's output: a token id (Orpheus), or a frame of codes (CSM, Qwen3-TTS)
     finish_reason: str
 
 
@@ -349,6 +349,7 @@ class Engine(EngineCore):
         super().__init__(model, config, **kwargs)
         self._outputs: dict[str, _Output] = {}
         self._text_streams: dict[str, _TextStream] = {}  # requests whose text is still coming
+        self._text_arrived = threading.Condition(self._lock)
 
     @classmethod
     def from_pretrained(cls, model: str = "tiny-orpheus", **overrides) -> Engine:
@@ -370,43 +371,55 @@ class Engine(EngineCore):
     def submit_text_stream(self, text: str, voice: str | None = None, sampling: SamplingParams | None = None,
                            request_id: str | None = None) -> str:
         """Start a request whose text comes in pieces: `text` is the first, `append_text` adds the rest. It
-        speaks what it has and pauses, holding its place, when it runs out of text before the last piece.
-        ValueError for a family that needs the whole text first."""
+        speaks what it has and pauses, holding its place, when it runs out of text before the last piece
+        (`stream` and `result` then wait for another thread to add text). ValueError for a family that needs the
+        whole text first."""
         stream = self.model.open_text_stream()
         if stream is None:
             raise ValueError(f"the {self.model.family} family needs the whole text at once")
-        sampling = self.check_request(text or "-", voice, sampling)  # the first piece may be partial, even empty
+        sampling = self.check_request(text if text.strip() else "-", voice, sampling)  # a first piece may be blank
         with self._lock:
             request_id = self._new_id(request_id)
             self._outputs[request_id] = _Output()
             self._text_streams[request_id] = _TextStream(stream, voice, sampling)
-        self.append_text(request_id, text, is_final=False)
+            self.append_text(request_id, text, is_final=False)
         return request_id
 
     def append_text(self, request_id: str, text: str, is_final: bool = False) -> None:
-        """The next piece of a streamed text (`is_final` with the last). KeyError for an unknown request;
-        ValueError after the final piece, or when the whole text turns out empty."""
+        """The next piece of a streamed text (`is_final` with the last). KeyError for a request that is not
+        waiting for text (unknown, finished, or its text already complete). If the text turns out empty, or the
+        request cannot be queued, the request is dropped and the error raised."""
         with self._lock:
             state = self._text_streams.get(request_id)
             if state is None:
                 raise KeyError(f"no request {request_id!r} whose text is streamed in")
-            text_ids = state.stream.feed(text, is_final)
-            state.num_chars += len(text)
-            state.has_words |= bool(text.strip())
-            if is_final:
-                del self._text_streams[request_id]
-            if state.is_added:
-                self.scheduler.add_text(request_id, text_ids, is_final)
-                return
-            state.held += text_ids
-            if state.has_words and (len(state.held) >= 2 or (state.held and not is_final)):
-                state.is_added = True  # the first text id makes the prompt
-                prompt = self.model.prompt_for(state.held[0], state.voice)
-                expected = self.expected_tokens("x" * max(state.num_chars, 40))
-                self.add_request(request_id, prompt, state.sampling, expected, state.held[1:], is_final)
-            elif is_final:
+            try:
+                self._take_text(request_id, state, text, is_final)
+            except Exception:
+                self._text_streams.pop(request_id, None)
                 self._outputs.pop(request_id, None)
-                raise ValueError("text is empty; give at least one word to speak")
+                if state.is_added:
+                    EngineCore.cancel(self, request_id)
+                raise
+            self._text_arrived.notify_all()
+
+    def _take_text(self, request_id: str, state: _TextStream, text: str, is_final: bool) -> None:
+        text_ids = state.stream.feed(text, is_final)
+        state.num_chars += len(text)
+        state.has_words |= bool(text.strip())
+        if is_final:
+            del self._text_streams[request_id]
+        if state.is_added:
+            self.scheduler.add_text(request_id, text_ids, is_final)
+            return
+        state.held += text_ids
+        if state.has_words and (len(state.held) >= 2 or (state.held and not is_final)):
+            prompt = self.model.prompt_for(state.held[0], state.voice)  # the first text id makes the prompt
+            expected = self.expected_tokens("x" * max(state.num_chars, 40))
+            self.add_request(request_id, prompt, state.sampling, expected, state.held[1:], is_final)
+            state.is_added = True
+        elif is_final:
+            raise ValueError("text is empty; give at least one word to speak")
 
     def _new_id(self, request_id: str | None) -> str:
         request_id = request_id or f"req-{secrets.token_hex(8)}"
@@ -439,6 +452,8 @@ class Engine(EngineCore):
             for failure in events.failures:
                 if (output := self._outputs.get(failure.request_id)) is not None:
                     output.error = failure.message
+            for request_id in [*events.finish_reasons, *(f.request_id for f in events.failures)]:
+                self._text_streams.pop(request_id, None)  # it ended on its own: more text has nowhere to go
             return events
 
     def stream(self, request_id: str) -> Iterator[AudioChunk]:
@@ -461,7 +476,10 @@ class Engine(EngineCore):
                 if chunk is not None and chunk.is_last:
                     del self._outputs[request_id]
             if chunk is None:
-                self.step()
+                events = self.step()
+                if not (events.num_rows or events.chunks or events.failures or self._codec_batches):
+                    with self._lock:  # nothing can move until text comes (from another thread): wait for it
+                        self._text_arrived.wait(timeout=0.05)
                 continue
             yield chunk
             if chunk.is_last:
@@ -480,6 +498,4 @@ class Engine(EngineCore):
                  sampling: SamplingParams | None = None) -> list[SpeechResult]:
         """Synthesize many texts as one continuous batch."""
         request_ids = [self.submit(text, voice, sampling) for text in texts]
-        while self.has_unfinished():
-            self.step()
-        return [self.result(request_id) for request_id in request_ids]
+        return [self.result(request_id) for request_id in request_ids]  # each steps the whole batch

@@ -44,9 +44,8 @@ CODEC_SUBDIR = "speech_tokenizer"
 CODEC_HUB_ID = "Qwen/Qwen3-TTS-Tokenizer-12Hz"
 PRETOKENIZE = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
                r"""|\s*[\r\n]+|\s+(?!\S)|\s+""")
-ROLE = "<|im_start|>assistant\n"
-END = "<|im_end|>\n<|im_start|>assistant\n"
-NUM_ROLE_TOKENS, NUM_END_TOKENS = 3, 5
+HEAD = "assistant\n"  # after <|im_start|>: the role tokens the prompt starts with
+NUM_ROLE_TOKENS = 3
 SPECIAL_SPAN = 1024  # the talker's top ids are control ids, never drawn (codec_eos aside)
 MIN_STEPS = 2  # codec_eos is not drawn before this many frames
 
@@ -241,7 +240,7 @@ class Qwen3TtsModel(SpeechModel):
         talker_config = config["talker_config"]
         self.backbone = talker
         self.tokenizer = tokenizer
-        self.tokenizer.encode_special_tokens = False  # the chat template's markers are special tokens
+        self.tokenizer.encode_special_tokens = True  # user text that spells a control token stays text
         self.codec = codec
         self.num_codebooks = talker.num_codebooks
         if codec.num_codebooks != self.num_codebooks:
@@ -255,10 +254,12 @@ class Qwen3TtsModel(SpeechModel):
         self.stop_token_ids = frozenset({self.ids.codec_eos})
         self.timing = TimingFacts(codec.sample_rate, codec.samples_per_frame, lm_steps_per_frame=1)
         self.is_random_weights = bool(config.get("streamvox_random_weights", False))
-        self.role_ids = self.tokenizer.encode(ROLE, add_special_tokens=False).ids
-        if len(self.role_ids) != NUM_ROLE_TOKENS:
-            raise ValueError(f"the tokenizer splits {ROLE!r} into {len(self.role_ids)} tokens, not "
-                             f"{NUM_ROLE_TOKENS}: it is not the Qwen tokenizer this prompt format expects")
+        im_start = self.tokenizer.token_to_id("<|im_start|>")
+        self.num_head_ids = len(self.tokenizer.encode(HEAD, add_special_tokens=False).ids)
+        if im_start is None or 1 + self.num_head_ids != NUM_ROLE_TOKENS:
+            raise ValueError("the tokenizer does not make <|im_start|>assistant\\n 3 tokens: it is not the Qwen "
+                             "tokenizer this prompt format expects")
+        self.role_ids = [im_start, *self.tokenizer.encode(HEAD, add_special_tokens=False).ids]
 
     @classmethod
     def from_parts(cls, config: dict, state_dict: dict, tokenizer_path: Path, codec_dir: Path,
@@ -287,16 +288,17 @@ class Qwen3TtsModel(SpeechModel):
         return super().resolve_voice(voice.lower() if voice else voice)
 
     def text_ids(self, text: str, is_final: bool) -> tuple[list[int], int]:
-        """The ids of `text` in the chat template (role and end markers cut off) and how many of them are
-        final: all when the text is complete, else those before its last two pre-tokenizer pieces."""
+        """The ids of `text` in the chat template, as the publisher cuts them out of
+        `<|im_start|>assistant\\n{text}<|im_end|>...` (the template's markers split the text, so tokenizing
+        `assistant\\n{text}` alone gives the same ids), and how many are final: all when the text is complete,
+        else those before its last two pre-tokenizer pieces. Control tokens spelled in the text stay text."""
+        encoding = self.tokenizer.encode(HEAD + text, add_special_tokens=False)
+        ids = encoding.ids[self.num_head_ids :]
         if is_final:
-            ids = self.tokenizer.encode(ROLE + text + END, add_special_tokens=False).ids
-            return ids[NUM_ROLE_TOKENS:-NUM_END_TOKENS], len(ids) - NUM_ROLE_TOKENS - NUM_END_TOKENS
-        encoding = self.tokenizer.encode(ROLE + text, add_special_tokens=False)
+            return ids, len(ids)
         pieces = self.tokenizer.pre_tokenizer.pre_tokenize_str(self.tokenizer.normalizer.normalize_str(text))
-        cut = len(ROLE) + (pieces[-2][1][0] if len(pieces) >= 2 else 0)  # where the unsettled text starts
-        stable = sum(1 for start, end in encoding.offsets[NUM_ROLE_TOKENS:] if end <= cut)
-        return encoding.ids[NUM_ROLE_TOKENS:], stable
+        cut = len(HEAD) + (pieces[-2][1][0] if len(pieces) >= 2 else 0)  # where the unsettled text starts
+        return ids, sum(1 for start, end in encoding.offsets[self.num_head_ids :] if end <= cut)
 
     def open_text_stream(self) -> QwenTextStream:
         return QwenTextStream(self)

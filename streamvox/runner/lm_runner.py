@@ -79,8 +79,14 @@ class LMRunner:
         early = [i for i, state in enumerate(states) if len(state.history) < self.model.min_steps]
         if early and self.model.stop_token_ids:
             logits[torch.tensor(early)[:, None], torch.tensor(sorted(self.model.stop_token_ids))] = float("-inf")
-        tokens = self.model.complete_step(last_hidden, sample(logits, states),
-                                          lambda extra_logits, index: sample_extra(extra_logits, states, index))
+        lengths = [len(state.history) for state in states]
+        try:
+            tokens = self.model.complete_step(last_hidden, sample(logits, states),
+                                              lambda extra_logits, index: sample_extra(extra_logits, states, index))
+        except Exception:
+            for state, length in zip(states, lengths, strict=True):  # the row-by-row retry samples afresh
+                del state.history[length:]
+            raise
         is_stop = []
         for request, token in zip(requests, tokens, strict=True):
             request.unfed.append(token)

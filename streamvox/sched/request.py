@@ -62,7 +62,8 @@ class Request:
 
     @property
     def num_pending_tokens(self) -> int:
-        return self.num_tokens - self.num_computed_tokens
+        """Positions whose KV can be computed now: a paused request's last output has no input yet."""
+        return self.num_tokens - self.num_computed_tokens - (1 if self.is_waiting_for_text else 0)
 
     @property
     def is_finished(self) -> bool:

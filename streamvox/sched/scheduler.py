@@ -97,15 +97,16 @@ class Scheduler:
         """The next step's work, or None when there is nothing to do."""
         policy = self.policy
         policy.begin_step()
-        cap_s = policy.step_cap_s(self.running, now)
+        active = [r for r in self.running if not r.is_waiting_for_text]  # a paused request is nobody's deadline
+        cap_s = policy.step_cap_s(active, now)
         budget = self.config.max_num_batched_tokens
         rows: list[ScheduledRow] = []
         new_requests: list[NewRequest] = []
         is_preempted = False
 
-        for request in policy.rank(self.running, now):
-            if request not in self.running or request.is_waiting_for_text:  # preempted earlier in this loop, or
-                continue  # paused until its text arrives
+        for request in policy.rank(active, now):
+            if request not in self.running:  # preempted earlier in this loop
+                continue
             if len(rows) >= self.config.max_num_seqs or budget == 0:
                 break
             num_tokens = self._fit(request, budget, self._batch_tokens(rows), cap_s, now)
@@ -119,7 +120,7 @@ class Scheduler:
 
         while self.waiting and budget > 0 and not is_preempted and len(self.running) < self.config.max_num_seqs:
             request = self.waiting[0]
-            if self.running and not policy.can_admit(request, len(self.running), now):
+            if active and not policy.can_admit(request, len(active), now):
                 break
             reserved = min(self.pool.blocks_for(policy.reserved_tokens(request)), self.pool.num_blocks)
             num_tokens = self._fit(request, budget, self._batch_tokens(rows), cap_s, now, is_new=True)
@@ -132,6 +133,7 @@ class Scheduler:
             request.status = RequestStatus.RUNNING
             request.num_reserved_blocks = reserved
             self.running.append(request)
+            active.append(request)
             policy.on_admit()
             self._grow(request, num_tokens, now, set())  # never preempts: the blocks were committed above
             if not request.is_known_to_runner:
@@ -213,7 +215,8 @@ class Scheduler:
                 self._finish(request, FinishReason.CAPACITY)
                 return False
             candidates = [r for r in self.running if r.request_id not in scheduled_ids and r is not request]
-            victim = self.policy.victim(candidates, now) if candidates else request
+            paused = [r for r in candidates if r.is_waiting_for_text]  # cheapest to evict: nothing to play soon
+            victim = paused[-1] if paused else self.policy.victim(candidates, now) if candidates else request
             self._preempt(victim)
             if victim is request:
                 return False

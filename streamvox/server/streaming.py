@@ -30,8 +30,10 @@ class StreamFailedError(Exception):
         self.status = status
 
 
-def check_speech_input(request: Request, text: str, voice: str | None, sampling: protocol.SamplingOverrides) -> None:
-    """ApiError (400) naming what to change for text, voice or sampling values the model cannot take."""
+def check_speech_input(request: Request, text: str, voice: str | None,
+                       sampling: protocol.SamplingOverrides) -> str | None:
+    """The voice as the model names it (matched without regard to case); ApiError (400) naming what to change
+    for text, voice or sampling values the model cannot take."""
     config = request.app.state.config
     if not text.strip():
         raise ApiError(400, "input is empty; give the text to speak", "input")
@@ -45,12 +47,16 @@ def check_speech_input(request: Request, text: str, voice: str | None, sampling:
                        "text into several requests", "input")
     info = request.app.state.engine.info
     if info is not None and voice is not None and voice not in info.voices:
-        raise ApiError(400, f"unknown voice {voice!r}; choose one of: {', '.join(info.voices)} "
-                       "(GET /v1/audio/voices lists them)", "voice")
+        matches = [name for name in info.voices if name.casefold() == voice.casefold()]
+        if len(matches) != 1:
+            raise ApiError(400, f"unknown voice {voice!r}; choose one of: {', '.join(info.voices)} "
+                           "(GET /v1/audio/voices lists them)", "voice")
+        voice = matches[0]
     try:
         SamplingParams(**{k: v for k, v in msgspec.structs.asdict(sampling).items() if v is not None}).validate()
     except (TypeError, ValueError) as error:
         raise ApiError(400, str(error)) from None
+    return voice
 
 
 class SpeechStream:
@@ -69,7 +75,7 @@ class SpeechStream:
     async def open(cls, http_request: Request, text: str, voice: str | None,
                    sampling: protocol.SamplingOverrides) -> SpeechStream:
         """Send the request and wait for its first event. ApiError if it is refused or fails before audio."""
-        check_speech_input(http_request, text, voice, sampling)
+        voice = check_speech_input(http_request, text, voice, sampling)
         client: EngineClient = http_request.app.state.engine
         request_id = f"speech-{secrets.token_hex(8)}"
         speech = cls(client, http_request, client.open(request_id, text, voice, sampling))

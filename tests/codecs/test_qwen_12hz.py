@@ -90,3 +90,25 @@ def test_bad_input_is_refused(codec, tmp_path):
     (tmp_path / "model.safetensors").write_bytes(b"")
     with pytest.raises(ValueError, match="qwen3_tts_tokenizer_12hz"):
         Qwen12HzCodec.load(tmp_path)
+
+
+def test_a_call_failing_in_its_second_group_commits_no_state(codec, monkeypatch):
+    """Chunks of different lengths decode as separate groups; when a later group fails, the earlier group's
+    requests must not have moved on, or the engine's chunk-by-chunk retry would decode them twice."""
+    short, long = _codes(2, seed=20), _codes(5, seed=21)
+    states = [codec.new_state(), codec.new_state()]
+    real, calls = codec._decode_batch, []
+
+    def second_fails(codes, batch):
+        calls.append(codes.shape)
+        if len(calls) == 2:
+            raise RuntimeError("injected")
+        return real(codes, batch)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(codec, "_decode_batch", second_fails)
+        with pytest.raises(RuntimeError, match="injected"):
+            codec.decode([short, long], states)
+    assert len(calls) == 2 and all(state.num_positions == 0 and not state.tensors for state in states)
+    retried = codec.decode([short], [states[0]])[0]
+    assert torch.equal(retried, codec.decode([short], [codec.new_state()])[0])

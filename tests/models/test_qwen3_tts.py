@@ -6,6 +6,7 @@ import torch
 
 from streamvox.batch import NewRequest, ScheduledRow, StepBatch
 from streamvox.config import SamplingParams
+from streamvox.engine.core import QueueFullError
 from streamvox.models.qwen3_tts import write_tiny
 from streamvox.runner.weights import load_model
 
@@ -65,9 +66,13 @@ def _reference_generate(model, tokenizer, text, speaker, num_frames, **sampling)
                                   "Café naïve – déjà vu…"])
 def test_tokenizer_matches_the_reference(qwen_model, reference, text):
     _, tokenizer, _ = reference
-    ours = qwen_model.tokenizer.encode(f"<|im_start|>assistant\n{text}<|im_end|>\n<|im_start|>assistant\n",
-                                       add_special_tokens=False).ids
-    assert ours == _chat_ids(tokenizer, text)
+    expected = _chat_ids(tokenizer, text)
+    assert qwen_model.role_ids + qwen_model.text_ids(text, True)[0] == expected[:-5]
+
+
+def test_control_tokens_spelled_in_the_text_stay_text(qwen_model):
+    ids, _ = qwen_model.text_ids("say <|im_end|> and <|tts_text_eod|> aloud", True)
+    assert qwen_model.tokenizer.token_to_id("<|im_end|>") not in ids and qwen_model.ids.tts_eos not in ids
 
 
 def test_talker_logits_match_the_reference(qwen_model, reference, make_engine):
@@ -226,3 +231,33 @@ def _step_until_idle(engine, request_id, limit=400):
     chunks = list(output.chunks)
     output.chunks.clear()
     return chunks
+
+
+def test_a_paused_request_that_is_preempted_resumes_and_speaks_as_if_never_paused(qwen_model, engine_for):
+    """A paused request holds KV blocks nobody uses: it is the first to be preempted when another request needs
+    them, and when its text comes it recomputes its positions and goes on, its frames those of an unpaused run."""
+    text, tail = "Hello there friend", " and welcome back to the show."
+    alone = engine_for(qwen_model, num_blocks=64)
+    expected = alone.result(alone.submit(text + tail, "ryan", greedy(30)))
+    engine = engine_for(qwen_model, num_blocks=4)  # 64 positions: not enough for both requests
+    paused = engine.submit_text_stream(text, "ryan", greedy(30))
+    heard = _step_until_idle(engine, paused)
+    assert engine.scheduler.requests[paused].is_waiting_for_text
+    other = engine.submit("A second request that is long enough", "ryan", greedy(50))
+    while engine.scheduler.requests[paused].status.value == "running":
+        assert not engine.step().failures
+    engine.append_text(paused, tail, is_final=True)
+    result = engine.result(paused)
+    assert result.token_ids == expected.token_ids
+    assert np.abs(np.concatenate([c.pcm for c in heard] + [result.pcm]) - expected.pcm).max() <= 1e-5
+    assert len(engine.result(other).token_ids) == 50
+
+
+def test_a_request_that_cannot_be_queued_leaves_nothing_behind(qwen_model, engine_for):
+    engine = engine_for(qwen_model, max_queue_len=1)
+    first = engine.submit("The queue holds this one.", "ryan", greedy(3))
+    for _ in range(2):  # the second time shows the id was freed
+        with pytest.raises(QueueFullError):
+            engine.submit_text_stream("Hello there friend, how are you", "ryan", greedy(5), request_id="r")
+        assert set(engine._outputs) == {first} and not engine._text_streams
+    assert len(engine.result(first).token_ids) == 3 and not engine.has_unfinished()

@@ -153,3 +153,32 @@ def test_cancel_frees_blocks_immediately_and_reports_once():
 def test_limits_below_one_are_rejected():
     with pytest.raises(ValueError, match=">= 1 request"):
         make_scheduler(BlockPool(4, 4), max_num_batched_tokens=0)
+
+
+def test_a_paused_request_neither_runs_nor_holds_back_the_others():
+    """A request waiting for its text is no deadline to meet: its client running dry must not cap the step
+    time or block admission (streaming policy), it gets no row, and it resumes when the text comes."""
+    pool = BlockPool(num_blocks=64, block_size=16)
+    scheduler = make_scheduler(pool, policy="streaming", max_num_seqs=8, max_num_batched_tokens=64)
+    scheduler.timer.period_s = lambda num_tokens: 0.001 + 0.0005 * num_tokens  # a step slows with its size
+    busy, paused = make_request("busy", 8, 400), make_request("paused", 8, 400)
+    paused.is_text_complete, paused.text_ids = False, [1, 2]
+    now = 0.0
+    for request in (busy, paused):
+        scheduler.add_request(request, now)
+    for _ in range(6):
+        batch = scheduler.schedule(now)
+        scheduler.update(batch, fake_execute(batch))
+        scheduler.timer.observe_step(batch.num_tokens, scheduler.timer.period_s(batch.num_tokens))
+        now += 0.01
+    assert paused.is_waiting_for_text and paused.num_output_tokens == 3 and busy.num_output_tokens == 6
+    scheduler.playback.on_chunk("busy", 60.0, now)  # busy's client has a minute of audio in hand
+    now += 5.0  # the paused client ran dry long ago
+    late = make_request("late", 8, 10)
+    scheduler.add_request(late, now)
+    batch = scheduler.schedule(now)
+    assert {row.request_id for row in batch.rows} == {"busy", "late"}  # no row dropped for the paused one's sake
+    scheduler.update(batch, fake_execute(batch))
+    assert scheduler.add_text("paused", [3, 4], is_final=True)
+    batch = scheduler.schedule(now)
+    assert "paused" in {row.request_id for row in batch.rows} and batch.text_updates == (("paused", (3, 4), True),)
