@@ -27,12 +27,21 @@ class SamplingOverrides(msgspec.Struct, frozen=True, omit_defaults=True):
 
 
 class Submit(msgspec.Struct, tag=True, frozen=True):
-    """Start speaking `text`."""
+    """Start speaking `text` (with `text_complete` false: its first piece, AppendText brings the rest)."""
 
     request_id: str
     text: str
     voice: str | None
     sampling: SamplingOverrides
+    text_complete: bool = True
+
+
+class AppendText(msgspec.Struct, tag=True, frozen=True):
+    """The next piece of a request's text (`is_final` with the last)."""
+
+    request_id: str
+    text: str
+    is_final: bool
 
 
 class Cancel(msgspec.Struct, tag=True, frozen=True):
@@ -110,7 +119,7 @@ class EngineFailed(msgspec.Struct, tag=True, frozen=True):
     message: str
 
 
-ToEngine = Submit | Cancel | Shutdown
+ToEngine = Submit | AppendText | Cancel | Shutdown
 FromEngine = EngineReady | StepReport | EngineFailed
 
 _encoder = msgspec.msgpack.Encoder()

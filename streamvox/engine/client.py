@@ -85,16 +85,22 @@ class EngineClient:
 
     # -- requests ------------------------------------------------------------------------------------------
 
-    def open(self, request_id: str, text: str, voice: str | None,
-             sampling: protocol.SamplingOverrides) -> RequestStream:
-        """Send a request to the engine; its messages arrive on the returned stream's queue."""
+    def open(self, request_id: str, text: str, voice: str | None, sampling: protocol.SamplingOverrides,
+             text_complete: bool = True) -> RequestStream:
+        """Send a request to the engine (with `text_complete` false, `text` is its first piece and `append_text`
+        sends the rest); its messages arrive on the returned stream's queue."""
         if not self.is_ready or self._push is None:
             raise EngineUnavailableError(f"the engine is {self.status}; retry shortly")
-        message = protocol.encode(protocol.Submit(request_id, text, voice, sampling))
+        message = protocol.encode(protocol.Submit(request_id, text, voice, sampling, text_complete))
         stream = RequestStream(request_id)
         self._streams[request_id] = stream
         self._push.send(message)
         return stream
+
+    def append_text(self, request_id: str, text: str, is_final: bool) -> None:
+        """The next piece of an open request's text (nothing happens once its stream is closed)."""
+        if request_id in self._streams and self._push is not None and self.is_ready:
+            self._push.send(protocol.encode(protocol.AppendText(request_id, text, is_final)))
 
     def close(self, request_id: str, cancel: bool) -> None:
         """Stop routing a request; with `cancel`, also tell the engine to drop it (client gone)."""

@@ -111,6 +111,17 @@ def check_request(model: SpeechModel, text: str, voice: str | None,
     return sampling
 
 
+@dataclass
+class _TextStream:
+    stream: TextStream
+    voice: str | None
+    sampling: SamplingParams
+    num_chars: int = 0
+    has_words: bool = False  # some text that is not whitespace has come
+    held: list[int] = field(default_factory=list)  # settled text ids before the request is queued
+    is_added: bool = False  # its prompt is known and the request queued
+
+
 class EngineCore:
     def __init__(self, model: SpeechModel, config: EngineConfig | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
@@ -138,6 +149,7 @@ class EngineCore:
         self._last_step: tuple[float, float] | None = None  # (perf_counter at its start, its LM seconds)
         self._last_dispatch: tuple[float, float] | None = None  # (perf_counter, codec_busy_s) at the last dispatch
         self._lock = threading.RLock()
+        self._text_streams: dict[str, _TextStream] = {}  # requests whose text is still coming
         self.lm_busy_s = 0.0  # totals since start: LM step time, and codec time (on its own thread)
         self.codec_busy_s = 0.0
 
@@ -167,11 +179,61 @@ class EngineCore:
             self.scheduler.add_request(request, self.clock())
             self.codec_runner.add(request_id, codec_seed)
 
+    # -- text that streams in ------------------------------------------------------------------------------
+
+    def open_text_stream(self, request_id: str, text: str, voice: str | None, sampling: SamplingParams) -> None:
+        """Start a request (`sampling` checked) whose text comes in pieces: `text` is the first. It is queued
+        once its first text id is settled, speaks what it has, and pauses while the next text id has not come.
+        ValueError for a family that needs the whole text; QueueFullError at the queue bound."""
+        stream = self.model.open_text_stream()
+        if stream is None:
+            raise ValueError(f"the {self.model.family} family needs the whole text at once")
+        with self._lock:
+            if request_id in self._text_streams or request_id in self.scheduler.requests:
+                raise ValueError(f"request id {request_id!r} is still in use; pick another")
+            self._text_streams[request_id] = _TextStream(stream, voice, sampling)
+            self.append_text(request_id, text, is_final=False)
+
+    def append_text(self, request_id: str, text: str, is_final: bool = False) -> None:
+        """The next piece of a streamed text (`is_final` with the last). KeyError for a request that takes no
+        more text (unknown, ended, or its text complete). ValueError if the whole text turns out empty, and
+        QueueFullError when it cannot be queued: the request is dropped then."""
+        with self._lock:
+            state = self._text_streams.get(request_id)
+            if state is None:
+                raise KeyError(f"request {request_id!r} takes no more text (unknown, ended, or its text complete)")
+            try:
+                self._take_text(request_id, state, text, is_final)
+            except Exception:
+                self._text_streams.pop(request_id, None)
+                if state.is_added:
+                    EngineCore.cancel(self, request_id)
+                raise
+
+    def _take_text(self, request_id: str, state: _TextStream, text: str, is_final: bool) -> None:
+        text_ids = state.stream.feed(text, is_final)
+        state.num_chars += len(text)
+        state.has_words |= bool(text.strip())
+        if is_final:
+            del self._text_streams[request_id]
+        if state.is_added:
+            self.scheduler.add_text(request_id, text_ids, is_final)
+            return
+        state.held += text_ids
+        if state.has_words and (len(state.held) >= 2 or (state.held and not is_final)):
+            prompt = self.model.prompt_for(state.held[0], state.voice)  # the first text id makes the prompt
+            expected = self.expected_tokens("x" * max(state.num_chars, 40))
+            self.add_request(request_id, prompt, state.sampling, expected, state.held[1:], is_final)
+            state.is_added = True
+        elif is_final:
+            raise ValueError("text is empty; give at least one word to speak")
+
     def cancel(self, request_id: str) -> bool:
         """Stop a request now: its KV blocks return to the pool at once and its codec state is dropped.
         False for ids the engine does not hold."""
         with self._lock:
             is_known = self.scheduler.cancel(request_id) | (request_id in self.codec_runner.requests)
+            is_known |= self._text_streams.pop(request_id, None) is not None
             self.codec_runner.drop(request_id)
             self.playback.drop(request_id)
             return is_known
@@ -212,6 +274,8 @@ class EngineCore:
             if (batch is None or not batch.rows) and self._codec_batches and not events.chunks:
                 self._collect_codec(events, wait=True)
                 self._dispatch_codec()
+            for request_id in events.finish_reasons:
+                self._text_streams.pop(request_id, None)  # it ended on its own: more text has nowhere to go
             return events
 
     def _run_lm(self, batch: StepBatch, events: StepEvents) -> None:
@@ -331,24 +395,12 @@ class _Output:
     error: str | None = None
 
 
-@dataclass
-class _TextStream:
-    stream: TextStream
-    voice: str | None
-    sampling: SamplingParams
-    num_chars: int = 0
-    has_words: bool = False  # some text that is not whitespace has come
-    held: list[int] = field(default_factory=list)  # settled text ids before the request is queued
-    is_added: bool = False  # its prompt is known and the request queued
-
-
 class Engine(EngineCore):
     """In-process use: submit texts, then iterate each request's chunks or wait for its whole result."""
 
     def __init__(self, model: SpeechModel, config: EngineConfig | None = None, **kwargs) -> None:
         super().__init__(model, config, **kwargs)
         self._outputs: dict[str, _Output] = {}
-        self._text_streams: dict[str, _TextStream] = {}  # requests whose text is still coming
         self._text_arrived = threading.Condition(self._lock)
 
     @classmethod
@@ -373,53 +425,27 @@ class Engine(EngineCore):
         """Start a request whose text comes in pieces: `text` is the first, `append_text` adds the rest. It
         speaks what it has and pauses, holding its place, when it runs out of text before the last piece
         (`stream` and `result` then wait for another thread to add text). ValueError for a family that needs the
-        whole text first."""
-        stream = self.model.open_text_stream()
-        if stream is None:
-            raise ValueError(f"the {self.model.family} family needs the whole text at once")
+        whole text first; QueueFullError at the queue bound."""
         sampling = self.check_request(text if text.strip() else "-", voice, sampling)  # a first piece may be blank
         with self._lock:
             request_id = self._new_id(request_id)
             self._outputs[request_id] = _Output()
-            self._text_streams[request_id] = _TextStream(stream, voice, sampling)
-            self.append_text(request_id, text, is_final=False)
+            try:
+                self.open_text_stream(request_id, text, voice, sampling)
+            except Exception:
+                self._outputs.pop(request_id, None)
+                raise
         return request_id
 
     def append_text(self, request_id: str, text: str, is_final: bool = False) -> None:
-        """The next piece of a streamed text (`is_final` with the last). KeyError for a request that is not
-        waiting for text (unknown, finished, or its text already complete). If the text turns out empty, or the
-        request cannot be queued, the request is dropped and the error raised."""
         with self._lock:
-            state = self._text_streams.get(request_id)
-            if state is None:
-                raise KeyError(f"no request {request_id!r} whose text is streamed in")
             try:
-                self._take_text(request_id, state, text, is_final)
-            except Exception:
-                self._text_streams.pop(request_id, None)
+                super().append_text(request_id, text, is_final)
+            except (ValueError, QueueFullError):  # the request was dropped
                 self._outputs.pop(request_id, None)
-                if state.is_added:
-                    EngineCore.cancel(self, request_id)
                 raise
-            self._text_arrived.notify_all()
-
-    def _take_text(self, request_id: str, state: _TextStream, text: str, is_final: bool) -> None:
-        text_ids = state.stream.feed(text, is_final)
-        state.num_chars += len(text)
-        state.has_words |= bool(text.strip())
-        if is_final:
-            del self._text_streams[request_id]
-        if state.is_added:
-            self.scheduler.add_text(request_id, text_ids, is_final)
-            return
-        state.held += text_ids
-        if state.has_words and (len(state.held) >= 2 or (state.held and not is_final)):
-            prompt = self.model.prompt_for(state.held[0], state.voice)  # the first text id makes the prompt
-            expected = self.expected_tokens("x" * max(state.num_chars, 40))
-            self.add_request(request_id, prompt, state.sampling, expected, state.held[1:], is_final)
-            state.is_added = True
-        elif is_final:
-            raise ValueError("text is empty; give at least one word to speak")
+            finally:
+                self._text_arrived.notify_all()
 
     def _new_id(self, request_id: str | None) -> str:
         request_id = request_id or f"req-{secrets.token_hex(8)}"
@@ -431,7 +457,6 @@ class Engine(EngineCore):
         """Also releases a finished request's unconsumed output."""
         with self._lock:
             is_known = super().cancel(request_id)
-            self._text_streams.pop(request_id, None)
             output = self._outputs.pop(request_id, None)
             if output is not None and output.finish_reason is None:
                 output.finish_reason = FinishReason.CANCELLED
@@ -452,8 +477,6 @@ class Engine(EngineCore):
             for failure in events.failures:
                 if (output := self._outputs.get(failure.request_id)) is not None:
                     output.error = failure.message
-            for request_id in [*events.finish_reasons, *(f.request_id for f in events.failures)]:
-                self._text_streams.pop(request_id, None)  # it ended on its own: more text has nowhere to go
             return events
 
     def stream(self, request_id: str) -> Iterator[AudioChunk]:

@@ -88,10 +88,16 @@ class EngineLoop:
             self._admit_prepared()
             events = self.engine.step() if self.engine.has_unfinished() else StepEvents()
             if not (events.num_rows or events.chunks) and is_busy:
-                time.sleep(0.001)  # only preparation or held work is under way: do not spin
+                if self._preparing:
+                    time.sleep(0.001)  # only preparation is under way: do not spin
+                else:
+                    self.pull.poll(10)  # requests wait for text (or frames are held): wake on the next message
             self._report(events)
 
-    def _handle(self, message: protocol.Submit | protocol.Cancel) -> None:
+    def _handle(self, message: protocol.Submit | protocol.AppendText | protocol.Cancel) -> None:
+        if isinstance(message, protocol.AppendText):
+            self._append_text(message)
+            return
         if isinstance(message, protocol.Cancel):
             preparing = self._preparing.get(message.request_id)
             if preparing is not None:
@@ -104,14 +110,34 @@ class EngineLoop:
             self._failed.append(protocol.Failed(message.request_id, 429, f"the server is at capacity ({queued} "
                                                 "requests are waiting); retry shortly"))
             return
+        text = message.text if message.text_complete or message.text.strip() else "-"  # a first piece may be blank
         try:
-            sampling = self.engine.check_request(message.text, message.voice,
-                                                 msgspec.structs.asdict(message.sampling))
+            sampling = self.engine.check_request(text, message.voice, msgspec.structs.asdict(message.sampling))
+            if not message.text_complete:  # its pieces are small: tokenized here, in order with the rest
+                self.engine.open_text_stream(message.request_id, message.text, message.voice, sampling)
+                return
+        except QueueFullError as error:
+            self._failed.append(protocol.Failed(message.request_id, 429, f"the server is at capacity ({error})"))
+            return
         except ValueError as error:
             self._failed.append(protocol.Failed(message.request_id, 400, str(error)))
             return
         future = self._pool.submit(self._prepare, message.text, message.voice)
         self._preparing[message.request_id] = _Preparing(future, message.text, sampling)
+
+    def _append_text(self, message: protocol.AppendText) -> None:
+        try:
+            self.engine.append_text(message.request_id, message.text, message.is_final)
+        except KeyError:
+            if message.request_id in self.engine.scheduler.requests or message.request_id in \
+                    self.engine.codec_runner.requests:
+                self._failed.append(protocol.Failed(message.request_id, 409, "the text of this request is already "
+                                                    "complete; no more can be added"))
+            # else it ended or was cancelled: its stream is closed already, the text has nowhere to go
+        except QueueFullError as error:
+            self._failed.append(protocol.Failed(message.request_id, 429, f"the server is at capacity ({error})"))
+        except ValueError as error:
+            self._failed.append(protocol.Failed(message.request_id, 400, str(error)))
 
     def _prepare(self, text: str, voice: str | None):
         if self.faults.prepare_mark and self.faults.prepare_mark in text:

@@ -19,7 +19,7 @@ from starlette.requests import ClientDisconnect
 
 from streamvox.config import EngineConfig, ServerConfig
 from streamvox.engine.client import EngineClient, EngineUnavailableError
-from streamvox.server import openai, voxserve
+from streamvox.server import openai, realtime, voxserve
 from streamvox.server.errors import ApiError, error_body
 
 logger = logging.getLogger("streamvox.server")
@@ -41,6 +41,7 @@ def create_app(engine_config: EngineConfig, server_config: ServerConfig) -> Fast
     app.state.model_aliases = {app.state.model_name, engine_config.model}
     app.include_router(openai.router)
     app.include_router(voxserve.router)
+    app.include_router(realtime.router)
 
     app.add_middleware(BodySizeLimit, limit_bytes=int(server_config.max_upload_mb * 2**20) + 64 * 1024)
 
