@@ -34,6 +34,8 @@ class Submit(msgspec.Struct, tag=True, frozen=True):
     voice: str | None
     sampling: SamplingOverrides
     text_complete: bool = True
+    reference_pcm: bytes | None = None  # a clip of the voice to speak in: int16 mono at the model's sample rate
+    reference_text: str | None = None  # what is said in it
 
 
 class AppendText(msgspec.Struct, tag=True, frozen=True):
@@ -65,6 +67,7 @@ class EngineReady(msgspec.Struct, tag=True, frozen=True):
     is_random_weights: bool
     policy: str
     pid: int
+    takes_reference_audio: bool = False  # a voice clip with its transcript can steer the voice (/generate audio)
 
 
 class Audio(msgspec.Struct, frozen=True):

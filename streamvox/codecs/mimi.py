@@ -163,20 +163,13 @@ class MimiCodec(StreamingCodec):
         """A directory in the layout of kyutai/mimi (config.json + model.safetensors), or a CSM checkpoint with
         `prefix="codec_model."` and its `codec_config`."""
         path = Path(path)
-        weights = path / "model.safetensors"
         if config is None:
             config_path = path / "config.json"
             if not config_path.is_file():
                 raise FileNotFoundError(f"Mimi codec file {config_path} is missing (a kyutai/mimi directory holds "
                                         "config.json and model.safetensors)")
             config = json.loads(config_path.read_text())
-        files = sorted(path.glob("model-*.safetensors")) or [weights]
-        if not all(file.is_file() for file in files):
-            raise FileNotFoundError(f"Mimi codec weights {weights} are missing")
-        tensors: dict[str, torch.Tensor] = {}
-        for file in files:
-            tensors.update({k[len(prefix) :]: v for k, v in load_file(str(file)).items() if k.startswith(prefix)})
-        return cls(config, tensors)
+        return cls(config, read_tensors(path, prefix))
 
     @torch.inference_mode()
     def _decode_batch(self, codes: torch.Tensor, batch: StateBatch) -> torch.Tensor:  # [B, T, K] -> [B, T * 1920]
@@ -191,6 +184,18 @@ class MimiCodec(StreamingCodec):
         pcm = self.net.decoder(x, batch)[:, 0].float()
         batch.advance(num_positions)
         return pcm
+
+
+def read_tensors(path: Path, prefix: str = "") -> dict[str, torch.Tensor]:
+    """The tensors under `prefix` (prefix removed) of model.safetensors, or of model-*.safetensors shards."""
+    weights = path / "model.safetensors"
+    files = sorted(path.glob("model-*.safetensors")) or [weights]
+    if not all(file.is_file() for file in files):
+        raise FileNotFoundError(f"Mimi codec weights {weights} are missing")
+    tensors: dict[str, torch.Tensor] = {}
+    for file in files:
+        tensors.update({k[len(prefix) :]: v for k, v in load_file(str(file)).items() if k.startswith(prefix)})
+    return tensors
 
 
 def _quantizer_tables(state_dict: dict, num_codebooks: int, num_semantic: int):

@@ -21,12 +21,15 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import msgspec
+import numpy as np
+import torch
 import zmq
 
 from streamvox import protocol
 from streamvox.audio import to_int16
 from streamvox.config import EngineConfig, SamplingParams
 from streamvox.engine.core import EngineCore, QueueFullError, StepEvents
+from streamvox.models.base import Reference
 from streamvox.runner.weights import load_model
 
 logger = logging.getLogger("streamvox.engine")
@@ -110,6 +113,10 @@ class EngineLoop:
             self._failed.append(protocol.Failed(message.request_id, 429, f"the server is at capacity ({queued} "
                                                 "requests are waiting); retry shortly"))
             return
+        if message.reference_pcm is not None and not message.text_complete:
+            self._failed.append(protocol.Failed(message.request_id, 400, "reference audio cannot be combined with "
+                                                "text that streams in; send the whole text"))
+            return
         text = message.text if message.text_complete or message.text.strip() else "-"  # a first piece may be blank
         try:
             sampling = self.engine.check_request(text, message.voice, msgspec.structs.asdict(message.sampling))
@@ -122,7 +129,8 @@ class EngineLoop:
         except ValueError as error:
             self._failed.append(protocol.Failed(message.request_id, 400, str(error)))
             return
-        future = self._pool.submit(self._prepare, message.text, message.voice)
+        future = self._pool.submit(self._prepare, message.text, message.voice, message.reference_pcm,
+                                   message.reference_text)
         self._preparing[message.request_id] = _Preparing(future, message.text, sampling)
 
     def _append_text(self, message: protocol.AppendText) -> None:
@@ -139,10 +147,14 @@ class EngineLoop:
         except ValueError as error:
             self._failed.append(protocol.Failed(message.request_id, 400, str(error)))
 
-    def _prepare(self, text: str, voice: str | None):
+    def _prepare(self, text: str, voice: str | None, reference_pcm: bytes | None, reference_text: str | None):
         if self.faults.prepare_mark and self.faults.prepare_mark in text:
             raise RuntimeError("injected prepare failure (STREAMVOX_FAULT_INJECTION)")
-        return self.engine.model.prepare_request(text, voice)
+        reference = None
+        if reference_pcm is not None:
+            pcm = torch.from_numpy(np.frombuffer(reference_pcm, dtype=np.int16).astype(np.float32) / 32768.0)
+            reference = Reference(reference_text or "", pcm)
+        return self.engine.model.prepare_request(text, voice, reference)
 
     def _admit_prepared(self) -> None:
         for request_id, preparing in list(self._preparing.items()):
@@ -231,6 +243,7 @@ def main(argv: list[str] | None = None) -> None:
         push.send(protocol.encode(protocol.EngineReady(
             config.model, model.family, model.timing.sample_rate, list(model.voices), model.default_voice,
             model.is_random_weights, "naive" if config.engine == "naive" else config.scheduler.policy, os.getpid(),
+            model.takes_reference_audio and config.engine != "naive",
         )))
         if config.engine == "naive":
             NaiveLoop(engine, config, pull, push, args.output, context).run()

@@ -65,6 +65,14 @@ class FrameBuilder(Protocol):
         """Take one step's output; return a completed frame's codes, or None."""
 
 
+@dataclass(frozen=True)
+class Reference:
+    """A clip of the voice to speak in and what is said in it."""
+
+    text: str
+    pcm: torch.Tensor  # float32 mono at the model's sample rate
+
+
 class TextStream(Protocol):
     """One request's text arriving in pieces."""
 
@@ -91,6 +99,7 @@ class SpeechModel(ABC):
     backbone: torch.nn.Module  # forward(inputs [T] or [T, C], positions [T], meta, kv_caches) -> [T, H]; compute_logits
     is_random_weights: bool  # a tiny test checkpoint: its audio is noise
     min_steps: int = 0  # the stop tokens are not drawn before this many steps
+    takes_reference_audio: bool = False  # prepare_request accepts a Reference
 
     @classmethod
     @abstractmethod
@@ -101,9 +110,13 @@ class SpeechModel(ABC):
     def prepare(self, text: str, voice: str | None) -> list[StepToken]:
         """Prompt inputs (one per position) for `text` spoken by `voice` (None = the default voice). CPU only."""
 
-    def prepare_request(self, text: str, voice: str | None) -> tuple[list[StepToken], list[int]]:
+    def prepare_request(self, text: str, voice: str | None,
+                        reference: Reference | None = None) -> tuple[list[StepToken], list[int]]:
         """Prompt inputs, and the text ids that ride along with the generated steps (families that take text
-        during generation; empty for the others)."""
+        during generation; empty for the others). `reference`: audio of the voice to speak in, with its
+        transcript, for families that take one (ValueError for the others)."""
+        if reference is not None:
+            raise ValueError(f"the {self.family} family does not take reference audio; leave it out")
         return self.prepare(text, voice), []
 
     def open_text_stream(self) -> TextStream | None:

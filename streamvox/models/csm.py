@@ -24,14 +24,15 @@ from tokenizers import Tokenizer
 from torch import nn
 
 from streamvox.codecs.mimi import TINY_CONFIG as TINY_MIMI_CONFIG
-from streamvox.codecs.mimi import MimiCodec
+from streamvox.codecs.mimi import MimiCodec, read_tensors
 from streamvox.codecs.mimi import tiny_tensors as tiny_mimi_tensors
+from streamvox.codecs.mimi_encoder import ENCODER_PREFIXES, MimiEncoder
 from streamvox.config import SamplingParams
 from streamvox.layers.attention import AttentionMetadata
 from streamvox.layers.linear import Linear
 from streamvox.layers.norm import RMSNorm
 from streamvox.layers.rotary import RotaryEmbedding
-from streamvox.models.base import Chunking, ChunkJob, ExtraSampler, SpeechModel, StepToken, TimingFacts
+from streamvox.models.base import Chunking, ChunkJob, ExtraSampler, Reference, SpeechModel, StepToken, TimingFacts
 from streamvox.models.depth import DepthDecoder
 from streamvox.models.llama import LlamaConfig, LlamaDecoderLayer
 from streamvox.models.tiny import build_tiny_tokenizer, save_tensors, write_atomically
@@ -179,13 +180,15 @@ class CsmModel(SpeechModel):
     stop_token_ids = frozenset()
 
     def __init__(self, config: dict, backbone: CsmBackbone, depth: CsmDepthDecoder, tokenizer: Tokenizer,
-                 codec: MimiCodec) -> None:
+                 codec: MimiCodec, encoder: MimiEncoder | None = None) -> None:
         self.ids = CsmIds.from_config(config, tokenizer)
         self.backbone = backbone
         self.depth = depth
         self.tokenizer = tokenizer
         self.tokenizer.encode_special_tokens = True  # text that spells a control token stays text
         self.codec = codec
+        self.encoder = encoder  # reference audio -> codes; None when the checkpoint lacks the encoder half
+        self.takes_reference_audio = encoder is not None
         if codec.num_codebooks != self.ids.num_codebooks:
             raise ValueError(f"the Mimi codec has {codec.num_codebooks} codebooks, the model {self.ids.num_codebooks}")
         self.num_codes = min(codec.codebook_size, self.ids.audio_vocab_size)  # ids the codec can decode
@@ -203,11 +206,25 @@ class CsmModel(SpeechModel):
         _load_csm_weights(backbone, depth, state_dict, config.get("tie_codebooks_embeddings", True))
         backbone.to(dtype).eval()
         depth.to(dtype).eval()
-        codec = _load_codec(config, state_dict, codec_dir)
-        return cls(config, backbone, depth, Tokenizer.from_file(str(tokenizer_path)), codec)
+        codec, encoder = _load_codec(config, state_dict, codec_dir)
+        return cls(config, backbone, depth, Tokenizer.from_file(str(tokenizer_path)), codec, encoder)
 
     def prepare(self, text: str, voice: str | None) -> list[StepToken]:
         return self.prepare_conversation([], text, voice)
+
+    def prepare_request(self, text: str, voice: str | None,
+                        reference: Reference | None = None) -> tuple[list[StepToken], list[int]]:
+        """With a reference, its clip (Mimi-encoded) and transcript are a context turn of the same speaker, so the
+        text is spoken in that voice."""
+        if reference is None:
+            return self.prepare(text, voice), []
+        if self.encoder is None:
+            raise ValueError("this checkpoint has no Mimi encoder, so it cannot take reference audio")
+        if not reference.text.strip():
+            raise ValueError("reference audio needs its transcript (what is said in it)")
+        codes = self.encoder.encode(reference.pcm)
+        speaker = self.resolve_voice(voice)
+        return self.prepare_conversation([Segment(speaker, reference.text, codes)], text, speaker), []
 
     def prepare_conversation(self, context: list[Segment], text: str, voice: str | None) -> list[StepToken]:
         """Prompt rows for `text` spoken by `voice`, after the context segments (oldest first)."""
@@ -273,16 +290,22 @@ def _load_csm_weights(backbone: CsmBackbone, depth: CsmDepthDecoder, state_dict:
     depth.load_state_dict({k[len("depth_decoder.") :]: v for k, v in tensors.items() if k.startswith("depth_decoder.")})
 
 
-def _load_codec(config: dict, state_dict: dict, codec_dir: Path) -> MimiCodec:
-    """The Mimi inside the checkpoint (codec_model. tensors), or a separate kyutai/mimi directory."""
+def _load_codec(config: dict, state_dict: dict, codec_dir: Path) -> tuple[MimiCodec, MimiEncoder | None]:
+    """The Mimi inside the checkpoint (codec_model. tensors), or a separate kyutai/mimi directory; its encoder
+    half too when the weights have it."""
     config_path = codec_dir / "config.json"
     if config_path.is_file() and json.loads(config_path.read_text()).get("model_type") == "mimi":
-        return MimiCodec.load(codec_dir)
-    codec_tensors = {k[len(CODEC_PREFIX) :]: v for k, v in state_dict.items() if k.startswith(CODEC_PREFIX)}
-    if not codec_tensors or "codec_config" not in config:
+        codec_config = json.loads(config_path.read_text())
+        codec_tensors = read_tensors(codec_dir)
+    else:
+        codec_config = config.get("codec_config")
+        codec_tensors = {k[len(CODEC_PREFIX) :]: v for k, v in state_dict.items() if k.startswith(CODEC_PREFIX)}
+    if not codec_tensors or codec_config is None:
         raise FileNotFoundError(f"{codec_dir} holds no Mimi codec (neither codec_model. tensors with a codec_config, "
                                 "nor a kyutai/mimi directory); pass --codec with a Mimi directory")
-    return MimiCodec(config["codec_config"], codec_tensors)
+    has_encoder = any(k.startswith(ENCODER_PREFIXES) for k in codec_tensors)
+    return (MimiCodec(codec_config, codec_tensors),
+            MimiEncoder(codec_config, codec_tensors) if has_encoder else None)
 
 
 # -- tiny random-weight checkpoint in the publisher's layout --------------------------------------------------

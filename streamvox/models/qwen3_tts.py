@@ -35,7 +35,15 @@ from streamvox.layers.attention import AttentionMetadata
 from streamvox.layers.linear import Linear
 from streamvox.layers.norm import RMSNorm
 from streamvox.layers.rotary import RotaryEmbedding
-from streamvox.models.base import Chunking, ChunkJob, ExtraSampler, SpeechModel, StepToken, TimingFacts
+from streamvox.models.base import (
+    Chunking,
+    ChunkJob,
+    ExtraSampler,
+    Reference,
+    SpeechModel,
+    StepToken,
+    TimingFacts,
+)
 from streamvox.models.depth import DepthDecoder
 from streamvox.models.llama import LlamaConfig, LlamaDecoderLayer
 from streamvox.models.tiny import save_tensors, train_tiny_bpe, write_atomically
@@ -320,7 +328,11 @@ class Qwen3TtsModel(SpeechModel):
         rows.append((ids.codec_bos, *blank[1:], first_text_id))
         return rows
 
-    def prepare_request(self, text: str, voice: str | None) -> tuple[list[StepToken], list[int]]:
+    def prepare_request(self, text: str, voice: str | None,
+                        reference: Reference | None = None) -> tuple[list[StepToken], list[int]]:
+        if reference is not None:
+            raise ValueError("voice cloning from reference audio is not supported for Qwen3-TTS yet; choose a "
+                             "speaker")
         stream = self.open_text_stream()
         text_ids = stream.feed(text, True)
         if len(text_ids) < 2:

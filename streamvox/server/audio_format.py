@@ -253,3 +253,30 @@ def _check_pcm(pcm: bytes) -> None:
             f"pcm must be whole int16 samples (an even number of bytes), got {len(pcm)} bytes; "
             "pass int16 arrays as array.tobytes()"
         )
+
+
+def decode_upload(data: bytes, sample_rate: int, max_seconds: float) -> bytes:
+    """An uploaded clip in any container ffmpeg reads -> int16 mono PCM at `sample_rate`. ValueError saying
+    what is wrong for unreadable, silent-empty or too long audio."""
+    pieces = []
+    num_samples, limit = 0, int(max_seconds * sample_rate)
+    try:
+        with av.open(io.BytesIO(data)) as container:
+            if not container.streams.audio:
+                raise ValueError("the upload holds no audio stream")
+            resampler = av.AudioResampler(format="s16", layout="mono", rate=sample_rate)
+            for frame in container.decode(audio=0):
+                for out in [*resampler.resample(frame)]:
+                    samples = out.to_ndarray().reshape(-1)
+                    num_samples += samples.size
+                    if num_samples > limit:
+                        raise ValueError(f"the reference audio is longer than {max_seconds:g} s; send a shorter clip")
+                    pieces.append(samples.astype("<i2").tobytes())
+            for out in resampler.resample(None):
+                pieces.append(out.to_ndarray().reshape(-1).astype("<i2").tobytes())
+    except av.FFmpegError as error:
+        raise ValueError(f"the reference audio could not be decoded ({error}); send wav, flac, mp3 or ogg") from None
+    pcm = b"".join(pieces)
+    if not pcm:
+        raise ValueError("the reference audio holds no samples")
+    return pcm

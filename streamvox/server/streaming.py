@@ -72,13 +72,13 @@ class SpeechStream:
         self._is_done = False
 
     @classmethod
-    async def open(cls, http_request: Request, text: str, voice: str | None,
-                   sampling: protocol.SamplingOverrides) -> SpeechStream:
+    async def open(cls, http_request: Request, text: str, voice: str | None, sampling: protocol.SamplingOverrides,
+                   reference: tuple[bytes, str] | None = None) -> SpeechStream:
         """Send the request and wait for its first event. ApiError if it is refused or fails before audio."""
         voice = check_speech_input(http_request, text, voice, sampling)
         client: EngineClient = http_request.app.state.engine
         request_id = f"speech-{secrets.token_hex(8)}"
-        speech = cls(client, http_request, client.open(request_id, text, voice, sampling))
+        speech = cls(client, http_request, client.open(request_id, text, voice, sampling, reference=reference))
         try:
             while True:  # until audio or a failure: a Finished can come first, and commits to nothing
                 try:

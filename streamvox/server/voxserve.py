@@ -6,32 +6,32 @@ chunk is produced, so VoxServe's clients and benchmark scripts work unchanged; o
 
 from __future__ import annotations
 
+import asyncio
 from typing import Annotated
 
 from fastapi import APIRouter, File, Form, Request, UploadFile
 from fastapi.responses import Response, StreamingResponse
 
 from streamvox import protocol
-from streamvox.server.audio_format import encode_whole, wav_header
+from streamvox.server.audio_format import decode_upload, encode_whole, wav_header
 from streamvox.server.errors import ApiError
 from streamvox.server.streaming import SpeechStream, StreamFailedError
 
 router = APIRouter()
+MAX_REFERENCE_S = 30.0  # a voice prompt; longer clips fill the context without helping
 
 
 @router.post("/generate")
 async def generate(request: Request, text: Annotated[str, Form()], audio: Annotated[UploadFile | None, File()] = None,
+                   audio_text: Annotated[str | None, Form()] = None,
                    streaming: Annotated[bool, Form()] = True, speaker: Annotated[str | None, Form()] = None,
                    seed: Annotated[int | None, Form()] = None, max_tokens: Annotated[int | None, Form()] = None,
                    ignore_eos: Annotated[bool | None, Form()] = None):
+    reference = None
     if audio is not None:
-        limit = int(request.app.state.config.max_upload_mb * 2**20)
-        data = await audio.read(limit + 1)
-        if len(data) > limit:
-            raise ApiError(413, f"audio upload is larger than {limit} bytes; send a shorter clip", "audio")
-        raise ApiError(400, "this model does not take reference audio; leave out the `audio` field", "audio")
+        reference = await _reference(request, audio, audio_text)
     sampling = protocol.SamplingOverrides(seed=seed, max_tokens=max_tokens, ignore_eos=ignore_eos)
-    speech_stream = await SpeechStream.open(request, text, speaker, sampling)
+    speech_stream = await SpeechStream.open(request, text, speaker, sampling, reference)
     sample_rate = request.app.state.engine.info.sample_rate
     if streaming:
         async def body():
@@ -46,3 +46,22 @@ async def generate(request: Request, text: Annotated[str, Form()], audio: Annota
     except StreamFailedError as error:
         raise ApiError(error.status, str(error)) from None
     return Response(encode_whole("wav", sample_rate, pcm), media_type="audio/wav")
+
+
+async def _reference(request: Request, audio: UploadFile, audio_text: str | None) -> tuple[bytes, str]:
+    """The uploaded voice clip as int16 PCM at the model's rate, and its transcript (`audio_text`)."""
+    limit = int(request.app.state.config.max_upload_mb * 2**20)
+    data = await audio.read(limit + 1)
+    if len(data) > limit:
+        raise ApiError(413, f"audio upload is larger than {limit} bytes; send a shorter clip", "audio")
+    info = request.app.state.engine.info
+    if info is not None and not info.takes_reference_audio:
+        raise ApiError(400, f"this {info.family} model does not take reference audio; leave out the `audio` field",
+                       "audio")
+    if not audio_text or not audio_text.strip():
+        raise ApiError(400, "reference audio needs `audio_text`, the transcript of what is said in it", "audio_text")
+    try:
+        pcm = await asyncio.to_thread(decode_upload, data, info.sample_rate if info else 24000, MAX_REFERENCE_S)
+    except ValueError as error:
+        raise ApiError(400, str(error), "audio") from None
+    return pcm, audio_text

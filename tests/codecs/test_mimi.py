@@ -133,3 +133,20 @@ def test_a_config_that_cannot_stream_is_refused(tiny_dir):
     config = json.loads((tiny_dir / "config.json").read_text()) | {"use_causal_conv": False}
     with pytest.raises(ValueError, match="use_causal_conv"):
         MimiCodec.load(tiny_dir, config=config)
+
+
+@pytest.mark.parametrize("num_samples", [24000, 31111, 1920 * 5])
+def test_encoder_codes_equal_the_reference(tiny_dir, reference, num_samples):
+    """Reference audio for CSM's context: our encoder half gives transformers' codes exactly (any length, the
+    last frame padded as the publisher pads it)."""
+    from safetensors.torch import load_file
+
+    from streamvox.codecs.mimi_encoder import MimiEncoder
+
+    encoder = MimiEncoder(json.loads((tiny_dir / "config.json").read_text()),
+                          load_file(str(tiny_dir / "model.safetensors")))
+    pcm = torch.randn(num_samples, generator=torch.Generator().manual_seed(num_samples)) * 0.3
+    with torch.no_grad():
+        expected = reference.encode(pcm[None, None]).audio_codes[0].T  # [frames, 32]
+    ours = encoder.encode(pcm)
+    assert ours.shape == expected.shape == (-(-num_samples // SPF), K) and torch.equal(ours, expected)

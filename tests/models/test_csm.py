@@ -174,3 +174,27 @@ def test_bad_context_codes_are_refused(csm_model):
         csm_model.prepare_conversation([Segment("0", "hi", torch.zeros(3, 8, dtype=torch.long))], "text", None)
     with pytest.raises(ValueError, match="unknown voice"):
         csm_model.prepare("text", "7")
+
+
+def test_reference_audio_is_encoded_and_placed_as_transformers_places_it(csm_model, reference, make_engine):
+    """A voice clip with its transcript becomes a context turn of the same speaker: our prompt's logits equal
+    transformers' own audio path (its Mimi encoder, <|AUDIO|> and <|audio_eos|> placeholders)."""
+    from streamvox.models.base import Reference
+
+    clip = torch.randn(30000, generator=torch.Generator().manual_seed(5)) * 0.3
+    prompt, _ = csm_model.prepare_request(TEXT, "1", Reference("What the clip says.", clip))
+    frames = -(-30000 // 1920)
+    assert sum(1 for row in prompt if row[-1] < 0) == frames + 1  # the clip's frames and the audio end frame
+    tokenizer, config = csm_model.tokenizer, reference.config
+
+    def turn(text):
+        return [512, *tokenizer.encode(f"[1]{text}", add_special_tokens=False).ids, 513]
+
+    ids = turn("What the clip says.") + [config.audio_token_id] * frames + [config.audio_eos_token_id] + turn(TEXT)
+    with torch.no_grad():
+        expected = reference(input_ids=torch.tensor([ids]), input_values=clip[None, None],
+                             input_values_cutoffs=torch.tensor([[30000]])).logits[0, -1]
+    ours, _ = _our_logits(make_engine(), prompt, tuple(range(32)))
+    assert _relative(ours[:64], expected[:64]) <= 1e-4
+    with pytest.raises(ValueError, match="transcript"):
+        csm_model.prepare_request(TEXT, "1", Reference("  ", clip))

@@ -5,6 +5,7 @@ import io
 import wave
 
 import httpx
+import numpy as np
 import pytest
 
 from streamvox.models import csm, qwen3_tts
@@ -76,3 +77,38 @@ def test_eight_concurrent_streams_in_wav_and_pcm_get_their_whole_audio(family, f
         assert len(pcm) == FRAMES * 1920 * 2, f"stream {i} ({fmt}): {len(pcm) // 2} samples"
         assert same_audio(pcm, family_reference(texts[i], 10 + i, FRAMES, voices[i % len(voices)])), i
         assert pieces >= 2, "audio must arrive as it is made"
+
+
+def _wav_bytes(seconds: float, sample_rate: int = 16000) -> bytes:
+    """A noise clip as a 16 kHz WAV file: the server must resample it to the model's rate."""
+    samples = (np.random.default_rng(0).standard_normal(int(seconds * sample_rate)) * 3000).astype("<i2")
+    out = io.BytesIO()
+    with wave.open(out, "wb") as wav:
+        wav.setnchannels(1)
+        wav.setsampwidth(2)
+        wav.setframerate(sample_rate)
+        wav.writeframes(samples.tobytes())
+    return out.getvalue()
+
+
+def test_reference_audio_steers_csm_and_is_refused_by_others(family, family_server):
+    name, _ = family
+    url = f"{family_server.url}/generate"
+    form = {"text": "Say it in this voice.", "seed": "4", "max_tokens": "6", "streaming": "false"}
+    clip = {"audio": ("clip.wav", _wav_bytes(1.2))}
+    with_clip = httpx.post(url, data={**form, "audio_text": "Some words."}, files=clip, timeout=120)
+    if name != "csm":
+        assert with_clip.status_code == 400 and "reference audio" in with_clip.json()["error"]["message"]
+        return
+    assert with_clip.status_code == 200, with_clip.text
+    plain = httpx.post(url, data=form, timeout=120)
+    voiced, unvoiced = (_pcm_bytes("wav", r.content) for r in (with_clip, plain))
+    assert len(voiced) == len(unvoiced) == 6 * 1920 * 2 and voiced != unvoiced  # the clip changed the voice
+    refused = [httpx.post(url, data=form, files=clip, timeout=60),  # no transcript
+               httpx.post(url, data={**form, "audio_text": "x"}, files={"audio": ("a.wav", b"RIFF" * 10)},
+                          timeout=60),
+               httpx.post(url, data={**form, "audio_text": "x"}, files={"audio": ("a.wav", _wav_bytes(31))},
+                          timeout=60)]
+    messages = [r.json()["error"]["message"] for r in refused]
+    assert [r.status_code for r in refused] == [400] * 3
+    assert "audio_text" in messages[0] and "could not be decoded" in messages[1] and "longer than 30" in messages[2]
