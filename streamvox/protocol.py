@@ -68,6 +68,7 @@ class EngineReady(msgspec.Struct, tag=True, frozen=True):
     policy: str
     pid: int
     takes_reference_audio: bool = False  # a voice clip with its transcript can steer the voice (/generate audio)
+    takes_text_stream: bool = False  # text may arrive in pieces (WS /v1/audio/speech/stream)
 
 
 class Audio(msgspec.Struct, frozen=True):

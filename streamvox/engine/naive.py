@@ -204,8 +204,10 @@ class NaiveLoop:
                     self.queue.current.is_cancelled = True
                 self.queue.lock.notify()
 
-    def _handle(self, message: protocol.Submit | protocol.Cancel) -> None:
+    def _handle(self, message: protocol.Submit | protocol.AppendText | protocol.Cancel) -> None:
         queue = self.queue
+        if isinstance(message, protocol.AppendText):
+            return  # its Submit was refused: text streams are not taken here
         if isinstance(message, protocol.Cancel):
             with queue.lock:
                 if queue.current is not None and queue.current.request_id == message.request_id:
@@ -214,6 +216,8 @@ class NaiveLoop:
             return
         failed = None
         try:
+            if not message.text_complete or message.reference_pcm is not None:
+                raise ValueError("the naive baseline takes whole texts only, without reference audio")
             sampling = check_request(self.engine.model, message.text, message.voice,
                                      msgspec.structs.asdict(message.sampling))
             prompt = self.engine.model.prepare(message.text, message.voice)

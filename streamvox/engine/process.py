@@ -33,6 +33,7 @@ from streamvox.models.base import Reference
 from streamvox.runner.weights import load_model
 
 logger = logging.getLogger("streamvox.engine")
+MESSAGES_PER_PASS = 64
 
 
 @dataclass(frozen=True)
@@ -81,7 +82,9 @@ class EngineLoop:
         while True:
             is_busy = self.engine.has_unfinished() or bool(self._preparing)
             if self.pull.poll(0 if is_busy else int(protocol.HEARTBEAT_S * 1000)):
-                while self.pull.poll(0):
+                for _ in range(MESSAGES_PER_PASS):  # then a step and a report, however busy the socket
+                    if not self.pull.poll(0):
+                        break
                     message = protocol.decode_to_engine(self.pull.recv())
                     if isinstance(message, protocol.Shutdown):
                         return
@@ -91,10 +94,11 @@ class EngineLoop:
             self._admit_prepared()
             events = self.engine.step() if self.engine.has_unfinished() else StepEvents()
             if not (events.num_rows or events.chunks) and is_busy:
-                if self._preparing:
-                    time.sleep(0.001)  # only preparation is under way: do not spin
+                running = self.engine.scheduler.running
+                if running and not self._preparing and all(r.is_waiting_for_text for r in running):
+                    self.pull.poll(10)  # every request waits for text: wake on the next message
                 else:
-                    self.pull.poll(10)  # requests wait for text (or frames are held): wake on the next message
+                    time.sleep(0.001)  # preparation or held frames: do not spin
             self._report(events)
 
     def _handle(self, message: protocol.Submit | protocol.AppendText | protocol.Cancel) -> None:
@@ -137,11 +141,7 @@ class EngineLoop:
         try:
             self.engine.append_text(message.request_id, message.text, message.is_final)
         except KeyError:
-            if message.request_id in self.engine.scheduler.requests or message.request_id in \
-                    self.engine.codec_runner.requests:
-                self._failed.append(protocol.Failed(message.request_id, 409, "the text of this request is already "
-                                                    "complete; no more can be added"))
-            # else it ended or was cancelled: its stream is closed already, the text has nowhere to go
+            pass  # it ended, or was cancelled, or its text is complete (the server refuses text after the end)
         except QueueFullError as error:
             self._failed.append(protocol.Failed(message.request_id, 429, f"the server is at capacity ({error})"))
         except ValueError as error:
@@ -244,6 +244,7 @@ def main(argv: list[str] | None = None) -> None:
             config.model, model.family, model.timing.sample_rate, list(model.voices), model.default_voice,
             model.is_random_weights, "naive" if config.engine == "naive" else config.scheduler.policy, os.getpid(),
             model.takes_reference_audio and config.engine != "naive",
+            model.open_text_stream() is not None and config.engine != "naive",
         )))
         if config.engine == "naive":
             NaiveLoop(engine, config, pull, push, args.output, context).run()

@@ -118,8 +118,11 @@ class Scheduler:
             rows.append(self._row(request, num_tokens))
             budget -= num_tokens
 
-        while self.waiting and budget > 0 and not is_preempted and len(self.running) < self.config.max_num_seqs:
-            request = self.waiting[0]
+        for request in list(self.waiting):
+            if budget <= 0 or is_preempted or len(active) >= self.config.max_num_seqs:
+                break
+            if request.is_waiting_for_text:
+                continue  # an evicted paused request comes back once its text has
             if active and not policy.can_admit(request, len(active), now):
                 break
             reserved = min(self.pool.blocks_for(policy.reserved_tokens(request)), self.pool.num_blocks)
@@ -127,9 +130,12 @@ class Scheduler:
             if num_tokens == 0:
                 break
             needed = max(reserved, self.pool.blocks_for(num_tokens))
+            while self.num_committed_blocks + needed > self.pool.num_blocks and (
+                    paused := [r for r in self.running if r.is_waiting_for_text]):
+                self._preempt(paused[-1], requeue_at=self.waiting.index(request) + 1)  # idle KV makes room
             if self.num_committed_blocks + needed > self.pool.num_blocks:
                 break  # the head of the queue waits for blocks; later requests wait behind it
-            self.waiting.popleft()
+            self.waiting.remove(request)
             request.status = RequestStatus.RUNNING
             request.num_reserved_blocks = reserved
             self.running.append(request)
@@ -223,14 +229,14 @@ class Scheduler:
         request.block_ids.extend(self.pool.allocate(needed) or [])
         return True
 
-    def _preempt(self, request: Request) -> None:
+    def _preempt(self, request: Request, requeue_at: int = 0) -> None:
         self.running.remove(request)
         self.pool.free(request.block_ids)
         request.block_ids = []
         request.num_reserved_blocks = 0
         request.num_computed_tokens = 0
         request.status = RequestStatus.WAITING
-        self.waiting.appendleft(request)
+        self.waiting.insert(requeue_at, request)
 
     def _finish(self, request: Request, reason: FinishReason) -> None:
         self.pool.free(request.block_ids)

@@ -30,6 +30,7 @@ from streamvox.server.openai import SpeechRequest, check_model
 from streamvox.server.streaming import check_speech_input
 
 router = APIRouter()
+TEXT_IDLE_TIMEOUT_S = 120.0  # a stream whose text stops coming (before final) is ended, freeing its KV
 
 
 class StreamStart(SpeechRequest):
@@ -54,6 +55,10 @@ async def speech_stream(websocket: WebSocket) -> None:
     try:
         start = await _receive(websocket, StreamStart)
         encoder = _check_start(websocket, start)
+        info = client.info
+        if info is not None and not info.takes_text_stream:
+            raise ApiError(400, f"the {info.family} family needs the whole text at once; use POST "
+                                "/v1/audio/speech")
         voice = check_speech_input(websocket, start.input if start.input.strip() else "-", start.voice,
                                    start.sampling())
         stream = client.open(request_id, start.input, voice, start.sampling(), text_complete=False)
@@ -65,7 +70,8 @@ async def speech_stream(websocket: WebSocket) -> None:
         return
     except WebSocketDisconnect:
         return
-    reader = asyncio.create_task(_forward_text(websocket, client, request_id))
+    limit = websocket.app.state.config.max_input_chars
+    reader = asyncio.create_task(_forward_text(websocket, client, request_id, len(start.input), limit))
     try:
         await _send_audio(websocket, stream, encoder, reader)
     except WebSocketDisconnect:
@@ -105,19 +111,27 @@ async def _receive(websocket: WebSocket, model: type[BaseModel]) -> BaseModel:
         raise ApiError(400, f"invalid message: {problems}") from None
 
 
-async def _forward_text(websocket: WebSocket, client, request_id: str) -> None:
-    """Client text pieces -> the engine, until the final one; a bad message ends the request with a 400."""
+async def _forward_text(websocket: WebSocket, client, request_id: str, num_chars: int,
+                        limit: int) -> ApiError | None:
+    """Client text pieces -> the engine until the final one (then None); an ApiError for a bad message, a text
+    over the length limit, or silence past TEXT_IDLE_TIMEOUT_S. Only the audio side sends and closes."""
     is_final = False
     while True:
         try:
-            piece = await _receive(websocket, TextPiece)
+            if is_final:
+                piece = await _receive(websocket, TextPiece)
+            else:
+                piece = await asyncio.wait_for(_receive(websocket, TextPiece), TEXT_IDLE_TIMEOUT_S)
         except ApiError as error:
-            await _close_with_error(websocket, error.status, str(error))
-            return
+            return error
+        except TimeoutError:
+            return ApiError(408, f"no text came for {TEXT_IDLE_TIMEOUT_S:g} s; send the rest, or final")
         if is_final:
-            await _close_with_error(websocket, 400, "the text was already complete (final was sent); send "
-                                                    "nothing more")
-            return
+            return ApiError(400, "the text was already complete (final was sent); send nothing more")
+        num_chars += len(piece.text)
+        if num_chars > limit:
+            return ApiError(400, f"the text is over {limit} characters; the limit is {limit}: split it into "
+                                 "several requests")
         is_final = piece.final
         client.append_text(request_id, piece.text, piece.final)
 
@@ -127,10 +141,14 @@ async def _send_audio(websocket: WebSocket, stream, encoder: StreamEncoder, read
     while True:
         getter = asyncio.ensure_future(stream.queue.get())
         done, _ = await asyncio.wait({getter, reader}, return_when=asyncio.FIRST_COMPLETED)
-        if getter not in done:  # the client's side ended: an error was sent, or it went away
+        if getter not in done:  # the client's side ended: a bad message, or it went away
             getter.cancel()
-            reader.result()  # raises WebSocketDisconnect if it went away
-            return
+            error = reader.result()  # raises WebSocketDisconnect if it went away
+            if error is not None:
+                await _close_with_error(websocket, error.status, str(error))
+                return
+            reader = asyncio.get_running_loop().create_future()  # the text is complete: only audio remains
+            continue
         event = getter.result()
         if isinstance(event, protocol.Failed):
             await _close_with_error(websocket, event.status, event.message)

@@ -30,6 +30,9 @@ async def generate(request: Request, text: Annotated[str, Form()], audio: Annota
     reference = None
     if audio is not None:
         reference = await _reference(request, audio, audio_text)
+    elif audio_text is not None:
+        raise ApiError(400, "audio_text is the transcript of a reference clip: send the clip as `audio` too, or "
+                            "leave audio_text out", "audio_text")
     sampling = protocol.SamplingOverrides(seed=seed, max_tokens=max_tokens, ignore_eos=ignore_eos)
     speech_stream = await SpeechStream.open(request, text, speaker, sampling, reference)
     sample_rate = request.app.state.engine.info.sample_rate
@@ -60,6 +63,9 @@ async def _reference(request: Request, audio: UploadFile, audio_text: str | None
                        "audio")
     if not audio_text or not audio_text.strip():
         raise ApiError(400, "reference audio needs `audio_text`, the transcript of what is said in it", "audio_text")
+    limit_chars = request.app.state.config.max_input_chars
+    if len(audio_text) > limit_chars:
+        raise ApiError(400, f"audio_text is {len(audio_text)} characters; the limit is {limit_chars}", "audio_text")
     try:
         pcm = await asyncio.to_thread(decode_upload, data, info.sample_rate if info else 24000, MAX_REFERENCE_S)
     except ValueError as error:

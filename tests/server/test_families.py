@@ -108,7 +108,10 @@ def test_reference_audio_steers_csm_and_is_refused_by_others(family, family_serv
                httpx.post(url, data={**form, "audio_text": "x"}, files={"audio": ("a.wav", b"RIFF" * 10)},
                           timeout=60),
                httpx.post(url, data={**form, "audio_text": "x"}, files={"audio": ("a.wav", _wav_bytes(31))},
-                          timeout=60)]
+                          timeout=60),
+               httpx.post(url, data={**form, "audio_text": "a transcript but no clip"}, timeout=60),
+               httpx.post(url, data={**form, "audio_text": "x" * 5000}, files=clip, timeout=60)]
     messages = [r.json()["error"]["message"] for r in refused]
-    assert [r.status_code for r in refused] == [400] * 3
+    assert [r.status_code for r in refused] == [400] * 5
     assert "audio_text" in messages[0] and "could not be decoded" in messages[1] and "longer than 30" in messages[2]
+    assert "send the clip" in messages[3] and "the limit is 4096" in messages[4]

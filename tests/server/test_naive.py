@@ -1,10 +1,12 @@
 """The naive baseline (`streamvox serve --engine naive`) behind the same HTTP API: one request at a time."""
 
 import asyncio
+import json
 import time
 
 import httpx
 import pytest
+from websockets.sync.client import connect
 
 pytest.importorskip("transformers")
 
@@ -47,3 +49,14 @@ def test_naive_engine_rejects_bad_input_like_the_engine(naive_server):
     response = httpx.post(f"{naive_server.url}/v1/audio/speech", timeout=30,
                           json={"model": "tiny-orpheus", "input": "hi", "voice": "alloy"})
     assert response.status_code == 400 and "unknown voice" in response.json()["error"]["message"]
+
+
+def test_naive_engine_refuses_text_streams_and_reference_audio(naive_server):
+    with connect(naive_server.url.replace("http://", "ws://") + "/v1/audio/speech/stream", open_timeout=10) as ws:
+        ws.send(json.dumps({"model": "tiny-orpheus", "input": "Hi"}))
+        error = json.loads(ws.recv(timeout=30))
+    assert error["error"]["code"] == 400 and "whole text" in error["error"]["message"]
+    response = httpx.post(f"{naive_server.url}/generate", data={"text": "Hi", "audio_text": "x"},
+                          files={"audio": ("a.wav", b"RIFF" * 10)})
+    assert response.status_code == 400 and "reference audio" in response.json()["error"]["message"]
+    assert naive_server.ready()["restarts"] == 0

@@ -97,7 +97,8 @@ def test_a_bad_start_is_an_error_message_and_a_1008_close(qwen_server, start, sa
 
 def test_bad_pieces_and_text_after_the_end_are_refused_and_free_the_request(qwen_server):
     after_the_end = [json.dumps({"text": " more", "final": True}), json.dumps({"text": "too late"})]
-    for bad in (["not json"], [json.dumps({"text": 5})], [json.dumps({"words": "x"})], after_the_end):
+    too_long = [json.dumps({"text": "word " * 1000})] * 2  # 10 000 characters in all, over the 4096 limit
+    for bad in (["not json"], [json.dumps({"text": 5})], [json.dumps({"words": "x"})], after_the_end, too_long):
         with connect(_ws_url(qwen_server), open_timeout=10) as ws:
             ws.send(json.dumps({"model": "tiny-qwen3-tts", "input": "Hello there my", "max_tokens": 400}))
             for message in bad:

@@ -182,3 +182,33 @@ def test_a_paused_request_neither_runs_nor_holds_back_the_others():
     assert scheduler.add_text("paused", [3, 4], is_final=True)
     batch = scheduler.schedule(now)
     assert "paused" in {row.request_id for row in batch.rows} and batch.text_updates == (("paused", (3, 4), True),)
+
+
+def test_paused_requests_give_way_to_new_ones_and_come_back_with_their_text():
+    """Requests waiting for text hold KV nobody uses: a new request that needs those blocks evicts them, and
+    they are admitted again (recomputing their positions) only once their text has come."""
+    pool = BlockPool(num_blocks=6, block_size=4)
+    scheduler = make_scheduler(pool, max_num_seqs=2, max_num_batched_tokens=64)
+    paused = [make_request(f"p{i}", 4, 4) for i in range(2)]  # 2 blocks each, with their reservation
+    for request in paused:
+        request.is_text_complete, request.text_ids = False, [1]
+        scheduler.add_request(request, 0.0)
+    for _ in range(2):
+        batch = scheduler.schedule(0.0)
+        scheduler.update(batch, fake_execute(batch))
+    assert scheduler.schedule(0.0) is None  # both wait for text: nothing to run
+    assert all(r.is_waiting_for_text and r in scheduler.running for r in paused)
+    new = make_request("new", 10, 5)  # 4 blocks: only 2 are free
+    scheduler.add_request(new, 0.0)
+    batch = scheduler.schedule(0.0)
+    assert [row.request_id for row in batch.rows] == ["new"] and new in scheduler.running
+    assert paused[1] in scheduler.waiting and paused[0] in scheduler.running  # one evicted (not failed): room enough
+    check_blocks(scheduler, pool)
+    scheduler.update(batch, fake_execute(batch))
+    scheduler.add_text("p0", [2, 3], is_final=True)
+    while scheduler.has_unfinished() and not paused[0].is_finished:
+        batch = scheduler.schedule(0.0)
+        assert "p1" not in {row.request_id for row in batch.rows}  # still no text: stays out
+        scheduler.update(batch, fake_execute(batch))
+        check_blocks(scheduler, pool)
+    assert paused[0].finish_reason is FinishReason.LENGTH and paused[0].num_output_tokens == 4
