@@ -26,10 +26,9 @@ from torch.nn import functional as F
 from streamvox.codecs.streaming import (
     CausalConv1d,
     CausalConvTranspose1d,
-    LayerScale,
+    ScaledTransformerLayer,
     StateBatch,
     StreamingCodec,
-    WindowedAttention,
     random_tensors,
 )
 from streamvox.layers.rotary import RotaryEmbedding
@@ -90,26 +89,13 @@ class MLP(nn.Module):
         return self.fc2(F.gelu(self.fc1(x)))
 
 
-class TransformerLayer(nn.Module):
-    def __init__(self, config: dict, layer_index: int) -> None:
-        super().__init__()
-        hidden, eps = config["hidden_size"], config.get("norm_eps", 1e-5)
-        self.self_attn = WindowedAttention(config, layer_index)
-        self.mlp = MLP(config)
-        self.input_layernorm = nn.LayerNorm(hidden, eps=eps)
-        self.post_attention_layernorm = nn.LayerNorm(hidden, eps=eps)
-        self.self_attn_layer_scale = LayerScale(hidden)
-        self.mlp_layer_scale = LayerScale(hidden)
-
-    def forward(self, x: torch.Tensor, rotary: RotaryEmbedding, batch: StateBatch) -> torch.Tensor:
-        x = x + self.self_attn_layer_scale(self.self_attn(self.input_layernorm(x), rotary, batch))
-        return x + self.mlp_layer_scale(self.mlp(self.post_attention_layernorm(x)))
-
-
 class Transformer(nn.Module):
     def __init__(self, config: dict) -> None:
         super().__init__()
-        self.layers = nn.ModuleList([TransformerLayer(config, i) for i in range(config["num_hidden_layers"])])
+        eps = config.get("norm_eps", 1e-5)
+        self.layers = nn.ModuleList([
+            ScaledTransformerLayer(config, i, lambda n: nn.LayerNorm(n, eps=eps), MLP(config))
+            for i in range(config["num_hidden_layers"])])
         head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
         self.rotary = RotaryEmbedding(head_dim, config.get("rope_theta", 10000.0), None)
 

@@ -25,10 +25,9 @@ from streamvox.codecs import mimi
 from streamvox.codecs.streaming import (
     CausalConv1d,
     CausalConvTranspose1d,
-    LayerScale,
+    ScaledTransformerLayer,
     StateBatch,
     StreamingCodec,
-    WindowedAttention,
     random_tensors,
 )
 from streamvox.layers.mlp import GatedMLP
@@ -93,30 +92,17 @@ class DecoderBlock(nn.Module):
         return x
 
 
-class TransformerLayer(nn.Module):
-    def __init__(self, config: dict, layer_index: int) -> None:
-        super().__init__()
-        hidden, eps = config["hidden_size"], config.get("rms_norm_eps", 1e-5)
-        self.self_attn = WindowedAttention(config, layer_index)
-        self.mlp = GatedMLP(hidden, config["intermediate_size"])
-        self.input_layernorm = RMSNorm(hidden, eps)
-        self.post_attention_layernorm = RMSNorm(hidden, eps)
-        self.self_attn_layer_scale = LayerScale(hidden)
-        self.mlp_layer_scale = LayerScale(hidden)
-
-    def forward(self, x: torch.Tensor, rotary: RotaryEmbedding, batch: StateBatch) -> torch.Tensor:
-        x = x + self.self_attn_layer_scale(self.self_attn(self.input_layernorm(x), rotary, batch))
-        return x + self.mlp_layer_scale(self.mlp(self.post_attention_layernorm(x)))
-
-
 class Transformer(nn.Module):
     def __init__(self, config: dict) -> None:
         super().__init__()
         hidden = config["hidden_size"]
         self.input_proj = nn.Linear(config["latent_dim"], hidden)
         self.output_proj = nn.Linear(hidden, config["latent_dim"])
-        self.layers = nn.ModuleList(TransformerLayer(config, i) for i in range(config["num_hidden_layers"]))
-        self.norm = RMSNorm(hidden, config.get("rms_norm_eps", 1e-5))
+        eps = config.get("rms_norm_eps", 1e-5)
+        self.layers = nn.ModuleList(
+            ScaledTransformerLayer(config, i, lambda n: RMSNorm(n, eps), GatedMLP(hidden, config["intermediate_size"]))
+            for i in range(config["num_hidden_layers"]))
+        self.norm = RMSNorm(hidden, eps)
         head_dim = config.get("head_dim") or hidden // config["num_attention_heads"]
         self.rotary = RotaryEmbedding(head_dim, config.get("rope_theta", 10000.0), None)
 

@@ -16,6 +16,7 @@ state and stage the new context, committed only once the whole batch has decoded
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -125,6 +126,25 @@ class LayerScale(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.scale * x
+
+
+class ScaledTransformerLayer(nn.Module):
+    """Pre-norm transformer layer over windowed attention, each branch scaled per channel; the codec picks its
+    norm and feed-forward."""
+
+    def __init__(self, config: dict, layer_index: int, norm: Callable[[int], nn.Module], mlp: nn.Module) -> None:
+        super().__init__()
+        hidden = config["hidden_size"]
+        self.self_attn = WindowedAttention(config, layer_index)
+        self.mlp = mlp
+        self.input_layernorm = norm(hidden)
+        self.post_attention_layernorm = norm(hidden)
+        self.self_attn_layer_scale = LayerScale(hidden)
+        self.mlp_layer_scale = LayerScale(hidden)
+
+    def forward(self, x: torch.Tensor, rotary: RotaryEmbedding, batch: StateBatch) -> torch.Tensor:
+        x = x + self.self_attn_layer_scale(self.self_attn(self.input_layernorm(x), rotary, batch))
+        return x + self.mlp_layer_scale(self.mlp(self.post_attention_layernorm(x)))
 
 
 class WindowedAttention(nn.Module):
