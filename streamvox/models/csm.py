@@ -34,7 +34,7 @@ from streamvox.layers.norm import RMSNorm
 from streamvox.layers.rotary import RotaryEmbedding
 from streamvox.models.base import Chunking, ChunkJob, ExtraSampler, Reference, SpeechModel, StepToken, TimingFacts
 from streamvox.models.depth import DepthDecoder
-from streamvox.models.llama import LlamaConfig, LlamaDecoderLayer
+from streamvox.models.llama import LlamaConfig, LlamaDecoderLayer, load_checked
 from streamvox.models.tiny import build_tiny_tokenizer, save_tensors, write_atomically
 
 CODEC_PREFIX = "codec_model."
@@ -278,16 +278,9 @@ def _load_csm_weights(backbone: CsmBackbone, depth: CsmDepthDecoder, state_dict:
         shared = tensors.get(audio_key, tensors.get(depth_key))
         if shared is not None:
             tensors[audio_key] = tensors[depth_key] = shared
-    own = {**backbone.state_dict(), **{"depth_decoder." + k: v for k, v in depth.state_dict().items()}}
-    missing, unexpected = set(own) - set(tensors), set(tensors) - set(own)
-    if missing or unexpected:
-        raise ValueError(f"checkpoint does not match the CSM config: missing {sorted(missing)[:5]}, "
-                         f"unexpected {sorted(unexpected)[:5]}")
-    for name, tensor in tensors.items():
-        if own[name].shape != tensor.shape:
-            raise ValueError(f"{name}: checkpoint shape {tuple(tensor.shape)} != config shape {tuple(own[name].shape)}")
-    backbone.load_state_dict({k: v for k, v in tensors.items() if not k.startswith("depth_decoder.")})
-    depth.load_state_dict({k[len("depth_decoder.") :]: v for k, v in tensors.items() if k.startswith("depth_decoder.")})
+    load_checked(backbone, {k: v for k, v in tensors.items() if not k.startswith("depth_decoder.")}, "the CSM config")
+    load_checked(depth, {k[len("depth_decoder.") :]: v for k, v in tensors.items() if k.startswith("depth_decoder.")},
+                 "the CSM depth decoder config")
 
 
 def _load_codec(config: dict, state_dict: dict, codec_dir: Path) -> tuple[MimiCodec, MimiEncoder | None]:

@@ -65,6 +65,20 @@ class LlamaConfig:
         return cls(**{**fields, **overrides})
 
 
+def load_checked(module: nn.Module, tensors: dict[str, torch.Tensor], what: str) -> None:
+    """Load `tensors` into `module`; ValueError naming missing or unexpected tensors, or a shape that differs
+    from `what` (the config they should match)."""
+    own = module.state_dict()
+    missing, unexpected = set(own) - set(tensors), set(tensors) - set(own)
+    if missing or unexpected:
+        raise ValueError(f"checkpoint does not match {what}: missing {sorted(missing)[:5]}, "
+                         f"unexpected {sorted(unexpected)[:5]}")
+    for name, tensor in tensors.items():
+        if own[name].shape != tensor.shape:
+            raise ValueError(f"{name}: checkpoint shape {tuple(tensor.shape)} != config shape {tuple(own[name].shape)}")
+    module.load_state_dict(tensors)
+
+
 class LlamaAttention(nn.Module):
     def __init__(self, config: LlamaConfig) -> None:
         super().__init__()
@@ -143,19 +157,8 @@ class LlamaForCausalLM(nn.Module):
     def load_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
         """Load a Hugging Face LlamaForCausalLM state dict; errors name the missing or unexpected tensors."""
         state_dict = {k: v for k, v in state_dict.items() if "rotary_emb" not in k}
-        if self.config.tie_word_embeddings:
+        if self.config.tie_word_embeddings:  # one tensor under both names
             state_dict.pop("lm_head.weight", None)
-        expected = set(self.state_dict())
-        if self.config.tie_word_embeddings:
-            expected.discard("lm_head.weight")
-        missing, unexpected = expected - set(state_dict), set(state_dict) - expected
-        if missing or unexpected:
-            raise ValueError(
-                f"checkpoint does not match the Llama config: missing {sorted(missing)[:5]}, "
-                f"unexpected {sorted(unexpected)[:5]}"
-            )
-        for name, tensor in state_dict.items():
-            own = self.get_parameter(name)
-            if own.shape != tensor.shape:
-                raise ValueError(f"{name}: checkpoint shape {tuple(tensor.shape)} != config shape {tuple(own.shape)}")
-        self.load_state_dict(state_dict, strict=False)
+            if "model.embed_tokens.weight" in state_dict:
+                state_dict["lm_head.weight"] = state_dict["model.embed_tokens.weight"]
+        load_checked(self, state_dict, "the Llama config")

@@ -45,7 +45,7 @@ from streamvox.models.base import (
     TimingFacts,
 )
 from streamvox.models.depth import DepthDecoder
-from streamvox.models.llama import LlamaConfig, LlamaDecoderLayer
+from streamvox.models.llama import LlamaConfig, LlamaDecoderLayer, load_checked
 from streamvox.models.tiny import save_tensors, train_tiny_bpe, write_atomically
 
 CODEC_SUBDIR = "speech_tokenizer"
@@ -369,16 +369,7 @@ class Qwen3TtsModel(SpeechModel):
 
 def _load_talker(talker: QwenTalker, state_dict: dict) -> None:
     tensors = {k[len("talker.") :]: v for k, v in state_dict.items() if k.startswith("talker.")}
-    own = talker.state_dict()
-    missing, unexpected = set(own) - set(tensors), set(tensors) - set(own)
-    if missing or unexpected:
-        raise ValueError(f"checkpoint does not match the Qwen3-TTS config: missing {sorted(missing)[:5]}, "
-                         f"unexpected {sorted(unexpected)[:5]}")
-    for name, tensor in tensors.items():
-        if own[name].shape != tensor.shape:
-            raise ValueError(f"talker.{name}: checkpoint shape {tuple(tensor.shape)} != config shape "
-                             f"{tuple(own[name].shape)}")
-    talker.load_state_dict(tensors)
+    load_checked(talker, tensors, "the Qwen3-TTS talker config")
 
 
 # -- tiny random-weight checkpoint in the publisher's layout --------------------------------------------------
