@@ -181,13 +181,16 @@ class EngineCore:
 
     # -- text that streams in ------------------------------------------------------------------------------
 
-    def open_text_stream(self, request_id: str, text: str, voice: str | None, sampling: SamplingParams) -> None:
-        """Start a request (`sampling` checked) whose text comes in pieces: `text` is the first. It is queued
-        once its first text id is settled, speaks what it has, and pauses while the next text id has not come.
-        ValueError for a family that needs the whole text; QueueFullError at the queue bound."""
+    def open_text_stream(self, request_id: str, text: str, voice: str | None,
+                         sampling: SamplingParams | dict | None) -> None:
+        """Start a request whose text comes in pieces: `text` is the first (it may be blank). It is queued once
+        its first text id is settled, speaks what it has, and pauses while the next text id has not come.
+        `sampling` as for `check_request`. ValueError for bad input or a family that needs the whole text;
+        QueueFullError at the queue bound."""
         stream = self.model.open_text_stream()
         if stream is None:
             raise ValueError(f"the {self.model.family} family needs the whole text at once")
+        sampling = self.check_request(text if text.strip() else "-", voice, sampling)
         with self._lock:
             if request_id in self._text_streams or request_id in self.scheduler.requests:
                 raise ValueError(f"request id {request_id!r} is still in use; pick another")
@@ -426,7 +429,6 @@ class Engine(EngineCore):
         speaks what it has and pauses, holding its place, when it runs out of text before the last piece
         (`stream` and `result` then wait for another thread to add text). ValueError for a family that needs the
         whole text first; QueueFullError at the queue bound."""
-        sampling = self.check_request(text if text.strip() else "-", voice, sampling)  # a first piece may be blank
         with self._lock:
             request_id = self._new_id(request_id)
             self._outputs[request_id] = _Output()

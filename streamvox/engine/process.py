@@ -121,12 +121,12 @@ class EngineLoop:
             self._failed.append(protocol.Failed(message.request_id, 400, "reference audio cannot be combined with "
                                                 "text that streams in; send the whole text"))
             return
-        text = message.text if message.text_complete or message.text.strip() else "-"  # a first piece may be blank
+        overrides = msgspec.structs.asdict(message.sampling)
         try:
-            sampling = self.engine.check_request(text, message.voice, msgspec.structs.asdict(message.sampling))
             if not message.text_complete:  # its pieces are small: tokenized here, in order with the rest
-                self.engine.open_text_stream(message.request_id, message.text, message.voice, sampling)
+                self.engine.open_text_stream(message.request_id, message.text, message.voice, overrides)
                 return
+            sampling = self.engine.check_request(message.text, message.voice, overrides)
         except QueueFullError as error:
             self._failed.append(protocol.Failed(message.request_id, 429, f"the server is at capacity ({error})"))
             return
