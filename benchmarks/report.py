@@ -136,6 +136,8 @@ def _page(serve: dict, offline: dict, facts: dict, streams: dict | None) -> str:
         f"{os.cpu_count()} cores, Python {platform.python_version()}, torch {torch.__version__}, no GPU; model "
         f"`{meta['model']}` (random weights: the timings are real, the audio is noise).",
         "",
+        "GPU figures (`benchmarks/gpu.sh`, `streamvox bench gpu`) and how to reproduce them are in [GPU.md](GPU.md).",
+        "",
         "## Systems",
         "",
         "- **naive**: `streamvox serve --engine naive`: one request at a time, `transformers` `generate()` for the "

@@ -7,7 +7,7 @@ import dataclasses
 import sys
 import time
 
-from streamvox.config import CacheConfig, EngineConfig, SchedulerConfig, ServerConfig
+from streamvox.config import DEVICE_HELP, DTYPES, CacheConfig, EngineConfig, SchedulerConfig, ServerConfig
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -17,7 +17,7 @@ def main(argv: list[str] | None = None) -> int:
     serve = commands.add_parser("serve", help="serve the HTTP API (OpenAI /v1/audio/speech, VoxServe /generate)")
     serve.add_argument("--model", default="tiny-orpheus", help="checkpoint directory, hub id, or tiny-<family>")
     serve.add_argument("--codec", default=None, help="codec directory or hub id (default: the family's)")
-    serve.add_argument("--dtype", default="float32")
+    _add_device_flags(serve)
     serve.add_argument("--engine", choices=["streamvox", "naive"], default="streamvox",
                        help="naive: the one-request-at-a-time transformers + codec-package baseline, for benchmarks")
     serve.add_argument("--num-threads", type=int, default=0, help="torch CPU threads (default: half the cores)")
@@ -36,6 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     synth.add_argument("--top-k", type=int, default=None)
     synth.add_argument("--repetition-penalty", type=float, default=None)
     synth.add_argument("--max-tokens", type=int, default=None)
+    _add_device_flags(synth)
 
     batch = commands.add_parser("batch", help="speak every line of a JSONL file into audio files (resumable)")
     batch.add_argument("texts", help='JSONL, one object a line: {"id": "intro", "text": "Hello."} (id, voice, '
@@ -44,16 +45,23 @@ def main(argv: list[str] | None = None) -> int:
     batch.add_argument("--model", default="tiny-orpheus", help="checkpoint directory, hub id, or tiny-<family>")
     batch.add_argument("--format", default="wav", help="wav, flac, mp3, opus, aac or pcm")
     batch.add_argument("--max-num-seqs", type=int, default=32, help="requests generated at once")
+    _add_device_flags(batch)
 
     tiny = commands.add_parser("make-tiny", help="write a random-weight test checkpoint in the publisher layout")
     tiny.add_argument("family", choices=["orpheus", "csm", "qwen3-tts"])
     tiny.add_argument("directory")
     tiny.add_argument("--seed", type=int, default=0)
     tiny.add_argument("--shards", type=int, default=1, help="number of safetensors shards")
+    tiny.add_argument("--size", choices=["tiny", "full"], default="tiny",
+                      help="full: the real model's config and no weights (drawn on the device from the seed)")
 
     bench = commands.add_parser("bench", help="benchmarks (print a table, write JSON and a plot)")
-    bench.add_argument("name", choices=["serve", "offline", "streams"])
+    bench.add_argument("name", choices=["serve", "offline", "streams", "gpu"])
     bench.add_argument("--model", default="tiny-orpheus")
+    _add_device_flags(bench)
+    bench.add_argument("--size", choices=["full", "tiny"], default="full",
+                       help="gpu: full-size random-weight models (Orpheus-3B, CSM-1B, Qwen3-TTS-1.7B) or the tiny ones")
+    bench.add_argument("--time-budget", type=float, default=400.0, help="gpu: seconds for all phases together")
     bench.add_argument("--batch-sizes", default="1,8,32", help="offline: requests at once")
     bench.add_argument("--max-tokens", type=int, default=None, help="tokens per request (offline 280, streams 280)")
     bench.add_argument("--policies", default="streaming,fcfs", help="streams: scheduling policies to compare")
@@ -89,6 +97,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def _add_device_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default="auto", help=DEVICE_HELP)
+    parser.add_argument("--dtype", default="auto", choices=DTYPES,
+                        help="of the backbone and KV cache (auto: bfloat16 on CUDA, float32 on the CPU)")
+
+
 def _add_flags(parser: argparse.ArgumentParser, config_type: type) -> None:
     """One --flag per field of a config dataclass, typed and defaulted from the field."""
     for field in dataclasses.fields(config_type):
@@ -109,8 +123,8 @@ def _serve(args) -> int:
 
     scheduler = _from_flags(SchedulerConfig, args)
     scheduler.validate()
-    engine = EngineConfig(model=args.model, engine=args.engine, codec=args.codec, dtype=args.dtype,
-                          num_threads=args.num_threads,
+    engine = EngineConfig(model=args.model, engine=args.engine, codec=args.codec, device=args.device,
+                          dtype=args.dtype, num_threads=args.num_threads,
                           cache=_from_flags(CacheConfig, args), scheduler=scheduler)
     server = _from_flags(ServerConfig, args)
     if args.model.startswith("tiny-"):
@@ -126,7 +140,7 @@ def _synth(args) -> int:
     from streamvox.audio import write_wav
     from streamvox.engine.core import Engine
 
-    engine = Engine.from_pretrained(args.model, codec=args.codec)
+    engine = Engine.from_pretrained(args.model, codec=args.codec, device=args.device, dtype=args.dtype)
     if engine.model.is_random_weights:
         print(f"note: {args.model} has random weights and makes noise, not speech; pass --model DIR for a real "
               "checkpoint", file=sys.stderr)
@@ -148,11 +162,19 @@ def _synth(args) -> int:
 def _batch(args) -> int:
     from streamvox.jobs import run_batch
 
-    summary = run_batch(args.texts, args.out, args.model, args.format, args.max_num_seqs)
+    summary = run_batch(args.texts, args.out, args.model, args.format, args.max_num_seqs, device=args.device,
+                        dtype=args.dtype)
     return 1 if summary["failed"] else 0
 
 
 def _make_tiny(args) -> int:
+    if args.size == "full":
+        from streamvox.models.full_size import write_full
+
+        path = write_full(args.family, args.directory, seed=args.seed)
+        print(f"wrote a full-size {args.family} config without weights to {path}: they are drawn on the device from "
+              f"seed {args.seed} when it loads (it makes noise, not speech)")
+        return 0
     from streamvox.models.registry import TINY_WRITERS
 
     path = TINY_WRITERS[args.family](args.directory, seed=args.seed, num_shards=args.shards)
@@ -173,18 +195,24 @@ def _bench(args) -> int:
         spec = LoadSpec(tuple(float(rate) for rate in args.rates.split(",")), args.num_requests, args.min_requests,
                         args.window, args.burstiness, args.seed, args.slo, args.prebuffer, args.api,
                         args.tokens_per_second)
-        run_serve(spec, args.out, targets, systems, args.model)
+        run_serve(spec, args.out, targets, systems, args.model, ["--device", args.device, "--dtype", args.dtype])
+        return 0
+    if args.name == "gpu":
+        from streamvox.bench.gpu import run_gpu
+
+        run_gpu(args.out, args.device, args.dtype, args.size, args.time_budget)
         return 0
     if args.name == "streams":
         from streamvox.bench.streams import run_streams
 
         levels = [int(level) for level in args.streams.split(",")]
-        run_streams(args.model, args.policies.split(","), levels, args.rounds, args.max_tokens or 280, args.out)
+        run_streams(args.model, args.policies.split(","), levels, args.rounds, args.max_tokens or 280, args.out,
+                    ["--device", args.device, "--dtype", args.dtype])
         return 0
     from streamvox.bench.offline import run_offline
 
     sizes = [int(size) for size in args.batch_sizes.split(",")]
-    run_offline(args.model, sizes, args.max_tokens or 280, args.out)
+    run_offline(args.model, sizes, args.max_tokens or 280, args.out, args.device, args.dtype)
     return 0
 
 

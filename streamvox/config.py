@@ -60,10 +60,19 @@ class CacheConfig:
 
     block_size: int = 16  # tokens per KV block
     num_blocks: int = 0  # 0 = derive from kv_cache_mb
-    kv_cache_mb: int = 256  # memory budget used when num_blocks == 0
+    kv_cache_mb: int = 0  # KV budget when num_blocks == 0; 0 = 256 MB on the CPU, gpu_memory_utilization on CUDA
+    gpu_memory_utilization: float = 0.85  # CUDA: share of the GPU's memory the engine may fill (weights + KV + work)
+
+    def validate(self) -> None:
+        if self.block_size < 1 or self.num_blocks < 0 or self.kv_cache_mb < 0:
+            raise ValueError("block_size must be >= 1, num_blocks and kv_cache_mb >= 0")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError("gpu_memory_utilization must be in (0, 1]")
 
 
 POLICIES = ("streaming", "offline", "fcfs")
+DEVICE_HELP = "auto (CUDA when present), cpu, cuda or cuda:N"
+DTYPES = ("auto", "float32", "bfloat16", "float16")  # auto: bfloat16 on CUDA, float32 on the CPU
 
 
 @dataclass(frozen=True)
@@ -100,7 +109,8 @@ class EngineConfig:
     model: str = "tiny-orpheus"  # a directory, a hub id, or a tiny-* name
     engine: str = "streamvox"  # or "naive": the one-request-at-a-time baseline (streamvox/engine/naive.py)
     codec: str | None = None  # codec directory or hub id; None = the family's default
-    dtype: str = "float32"
+    device: str = "auto"  # auto (CUDA when present), cpu, cuda or cuda:N
+    dtype: str = "auto"  # of the backbone and KV cache: auto, float32, bfloat16 or float16 (codecs keep their own)
     num_threads: int = 0  # CPU threads for torch ops; 0 = half the cores (the codec thread runs beside the LM)
     cache: CacheConfig = CacheConfig()
     scheduler: SchedulerConfig = SchedulerConfig()

@@ -23,6 +23,7 @@ from pathlib import Path
 from streamvox.audio import to_int16
 from streamvox.config import CacheConfig, SchedulerConfig
 from streamvox.engine.core import Engine
+from streamvox.runner.device import resolve_device
 from streamvox.server.audio_format import available_formats, encode_whole
 
 EXTENSIONS = {"opus": "ogg"}
@@ -38,7 +39,7 @@ class Item:
 
 
 def run_batch(texts_path: str, out_dir: str, model: str = "tiny-orpheus", fmt: str = "wav",
-              max_num_seqs: int = 32, stream=sys.stderr) -> dict:
+              max_num_seqs: int = 32, stream=sys.stderr, device: str = "auto", dtype: str = "auto") -> dict:
     if fmt not in available_formats():
         raise ValueError(f"unknown or unavailable format {fmt!r}; use one of {', '.join(available_formats())}")
     out = Path(out_dir)
@@ -51,9 +52,10 @@ def run_batch(texts_path: str, out_dir: str, model: str = "tiny-orpheus", fmt: s
         print(f"resuming: {len(records) - len(todo_records)} of {len(records)} items are already done", file=stream)
     engine, todo = None, []
     if todo_records:  # nothing to do: no model to load
-        engine = Engine.from_pretrained(model, scheduler=SchedulerConfig(
+        is_cuda = resolve_device(device).type == "cuda"  # a GPU's KV cache takes its share of the memory
+        engine = Engine.from_pretrained(model, device=device, dtype=dtype, scheduler=SchedulerConfig(
             policy="offline", max_num_seqs=max_num_seqs, max_queue_len=1_000_000, max_num_batched_tokens=2048),
-            cache=CacheConfig(kv_cache_mb=1024))
+            cache=CacheConfig(kv_cache_mb=0 if is_cuda else 1024))
         for number, record in todo_records:
             try:
                 todo.append(_item(record, engine))

@@ -31,20 +31,21 @@ TEXT = "The quick brown fox jumps over the lazy dog while the radio plays a song
 NAIVE_REQUESTS = 3  # the baseline runs requests one by one: its rate does not depend on how many
 
 
-def run_offline(model_name: str, batch_sizes: list[int], max_tokens: int, out_dir: str) -> list[dict]:
+def run_offline(model_name: str, batch_sizes: list[int], max_tokens: int, out_dir: str, device: str = "auto",
+                dtype: str = "auto") -> list[dict]:
     from streamvox.engine.naive import FAMILIES as NAIVE_FAMILIES
 
-    model = load_model(model_name)
+    model = load_model(model_name, dtype=dtype, device=device)
     sampling = model.default_sampling.replace(max_tokens=max_tokens, ignore_eos=True)
     _print_header(model_name, max_tokens)
     rows = []
     naive = None
     if model.family in NAIVE_FAMILIES:
-        naive = _naive(model_name, sampling)
+        naive = _naive(model_name, sampling, device, dtype)
         rows.append(naive)
         _print_row(naive, naive)
     for batch_size in batch_sizes:
-        rows.append(_engine(model_name, model, sampling, batch_size))
+        rows.append(_engine(model_name, model, sampling, batch_size, device, dtype))
         _print_row(rows[-1], naive)
         rows.append(_raw(model, sampling, batch_size, rows[-1]))
         _print_row(rows[-1], naive)
@@ -53,8 +54,8 @@ def run_offline(model_name: str, batch_sizes: list[int], max_tokens: int, out_di
     return rows
 
 
-def _engine(model_name: str, model, sampling, batch_size: int) -> dict:
-    config = EngineConfig(model=model_name, cache=CacheConfig(kv_cache_mb=512),
+def _engine(model_name: str, model, sampling, batch_size: int, device: str, dtype: str) -> dict:
+    config = EngineConfig(model=model_name, device=device, dtype=dtype, cache=CacheConfig(kv_cache_mb=512),
                           scheduler=SchedulerConfig(policy="offline", max_num_seqs=batch_size,
                                                     max_num_batched_tokens=2048))
     engine = Engine(model, config)
@@ -69,11 +70,11 @@ def _engine(model_name: str, model, sampling, batch_size: int) -> dict:
                 lm_s=engine.lm_busy_s - lm_before, codec_s=engine.codec_busy_s - codec_before)
 
 
-def _naive(model_name: str, sampling) -> dict:
+def _naive(model_name: str, sampling, device: str, dtype: str) -> dict:
     from streamvox.engine.naive import NaiveEngine, _Job
     from streamvox.protocol import Audio
 
-    naive = NaiveEngine(EngineConfig(model=model_name, engine="naive"))
+    naive = NaiveEngine(EngineConfig(model=model_name, engine="naive", device=device, dtype=dtype))
     naive.warm_up()
     prompt = naive.model.prepare(TEXT, None)
     messages: list = []
@@ -91,7 +92,7 @@ def _raw(model, sampling, batch_size: int, engine_row: dict) -> dict:
     """LM steps and codec calls straight on the model, timed apart (see the module docstring)."""
     block_size, prompt = 16, tuple(model.prepare(TEXT, None))
     blocks_per_row = -(-(len(prompt) + sampling.max_tokens) // block_size)
-    runner = LMRunner(model, batch_size * blocks_per_row, block_size, torch.float32)
+    runner = LMRunner(model, batch_size * blocks_per_row, block_size, next(model.backbone.parameters()).dtype)
     tables = [tuple(range(i * blocks_per_row, (i + 1) * blocks_per_row)) for i in range(batch_size)]
     new = tuple(NewRequest(f"r{i}", prompt, sampling.replace(seed=i), 0) for i in range(batch_size))
     prefill = tuple(ScheduledRow(f"r{i}", 0, len(prompt), tables[i], True) for i in range(batch_size))

@@ -99,14 +99,15 @@ def schedule(spec: LoadSpec, rate: float) -> list[Planned]:
 
 
 def run_serve(spec: LoadSpec, out_dir: str, targets: dict[str, str] | None = None,
-              systems: dict[str, float] | None = None, model: str = "tiny-orpheus") -> dict:
+              systems: dict[str, float] | None = None, model: str = "tiny-orpheus",
+              extra_flags: list[str] | None = None) -> dict:
     """Sweep every target (name -> URL) and every named system (name -> lowest rate to run; a local server
     each, one at a time)."""
     results = {}
     for name, url in (targets or {}).items():
         results[name] = _sweep(name, url, spec)
     for name, min_rate in (systems or {}).items():
-        with LocalServer(model, SYSTEMS[name]) as url:
+        with LocalServer(model, [*SYSTEMS[name], *(extra_flags or [])]) as url:
             results[name] = _sweep(name, url, spec, min_rate)
     report = {"meta": {"model": model, **{k: v for k, v in spec.__dict__.items()}}, "systems": results}
     _report(report, Path(out_dir))

@@ -35,6 +35,7 @@ from streamvox.layers.norm import RMSNorm
 from streamvox.layers.rotary import RotaryEmbedding
 
 DECODER_PREFIX = "decoder."
+RANDOM_INIT_KEY = "streamvox_random_init"  # a full-size config without weights: draw them from this seed
 MODEL_TYPE = "qwen3_tts_tokenizer_12hz"
 
 
@@ -195,18 +196,22 @@ class Qwen12HzCodec(StreamingCodec):
 
     @classmethod
     def load(cls, path: str | Path) -> Qwen12HzCodec:
-        """A `speech_tokenizer/` directory: config.json (model_type qwen3_tts_tokenizer_12hz) + model.safetensors."""
+        """A `speech_tokenizer/` directory: config.json (model_type qwen3_tts_tokenizer_12hz) + model.safetensors.
+        A config with `streamvox_random_init` ({"seed": N}) has no weights file: they are drawn from the seed."""
         path = Path(path)
         config_path, weights = path / "config.json", path / "model.safetensors"
-        for file in (config_path, weights):
-            if not file.is_file():
-                raise FileNotFoundError(f"12 Hz speech tokenizer file {file} is missing")
+        if not config_path.is_file():
+            raise FileNotFoundError(f"12 Hz speech tokenizer file {config_path} is missing")
         config = json.loads(config_path.read_text())
         if config.get("model_type") != MODEL_TYPE:
             raise ValueError(f"{path} holds a {config.get('model_type')!r} tokenizer, not {MODEL_TYPE}")
-        tensors = {k[len(DECODER_PREFIX) :]: v for k, v in load_file(str(weights)).items()
-                   if k.startswith(DECODER_PREFIX)}
-        return cls(config, tensors)
+        if RANDOM_INIT_KEY in config:
+            tensors = tiny_tensors(config, int(config[RANDOM_INIT_KEY]["seed"]), with_encoder=False)
+        elif weights.is_file():
+            tensors = load_file(str(weights))
+        else:
+            raise FileNotFoundError(f"12 Hz speech tokenizer file {weights} is missing")
+        return cls(config, {k[len(DECODER_PREFIX) :]: v for k, v in tensors.items() if k.startswith(DECODER_PREFIX)})
 
     @torch.inference_mode()
     def _decode_batch(self, codes: torch.Tensor, batch: StateBatch) -> torch.Tensor:  # [B, T, 16] -> [B, T * 1920]
@@ -254,8 +259,9 @@ TINY_CONFIG = {
 }
 
 
-def tiny_tensors(config: dict, seed: int) -> dict[str, torch.Tensor]:
-    """Every tensor of a 12 Hz speech tokenizer (its Mimi-style encoder too), seeded random. Snake activations
+def tiny_tensors(config: dict, seed: int, with_encoder: bool = True) -> dict[str, torch.Tensor]:
+    """Every tensor of a 12 Hz speech tokenizer (its Mimi-style encoder too, unless not `with_encoder`), seeded
+    random. Snake activations
     and codebooks are random and layer scales 1, so every stage of the decoder shapes the PCM."""
     generator = torch.Generator().manual_seed(seed)
     decoder = config["decoder_config"]
@@ -278,6 +284,9 @@ def tiny_tensors(config: dict, seed: int) -> dict[str, torch.Tensor]:
             codebook = f"{base}vq.layers.{i}._codebook."
             tensors[codebook + "cluster_usage"] = torch.rand(size, generator=generator) * 1.5 + 0.5
             tensors[codebook + "embedding_sum"] = torch.randn(size, dim // 2, generator=generator)
+    decoder_tensors = {DECODER_PREFIX + k: v for k, v in tensors.items()}
+    if not with_encoder:
+        return decoder_tensors
     encoder = {k: v for k, v in mimi.tiny_tensors(config["encoder_config"], seed).items()
                if not k.startswith(mimi.DECODER_PREFIXES)}
-    return {**{DECODER_PREFIX + k: v for k, v in tensors.items()}, **{"encoder." + k: v for k, v in encoder.items()}}
+    return {**decoder_tensors, **{"encoder." + k: v for k, v in encoder.items()}}

@@ -19,6 +19,7 @@ from torch import nn
 SNAC_FRAME_CODES = 7  # codes in one frame: level0 x1, level1 x2, level2 x4
 SUPPORTED_VQ_STRIDES = [4, 2, 1]
 CONFIG_FILE = "config.json"
+RANDOM_INIT_KEY = "streamvox_random_init"  # a full-size config without weights: draw them from this seed
 WEIGHTS_FILE = "pytorch_model.bin"
 
 
@@ -80,24 +81,30 @@ class SnacCodec:
 
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device = "cpu", dtype=torch.float32) -> SnacCodec:
-        """Load a directory in the layout of hubertsiuzdak/snac_24khz (config.json + pytorch_model.bin)."""
+        """Load a directory in the layout of hubertsiuzdak/snac_24khz (config.json + pytorch_model.bin). A config
+        with `streamvox_random_init` ({"seed": N}) has no weights file: they are drawn from the seed."""
         path = Path(path)
-        for name in (CONFIG_FILE, WEIGHTS_FILE):
-            if not (path / name).is_file():
-                raise FileNotFoundError(
-                    f"SNAC codec file {path / name} is missing: a SNAC directory must contain {CONFIG_FILE} "
-                    f"(snac.SNAC kwargs) and {WEIGHTS_FILE} (its state dict), e.g. a download of "
-                    "hubertsiuzdak/snac_24khz"
-                )
+        if not (path / CONFIG_FILE).is_file():
+            raise FileNotFoundError(f"SNAC codec file {path / CONFIG_FILE} is missing: a SNAC directory must contain "
+                                    f"{CONFIG_FILE} (snac.SNAC kwargs) and {WEIGHTS_FILE} (its state dict), e.g. a "
+                                    "download of hubertsiuzdak/snac_24khz")
         config = json.loads((path / CONFIG_FILE).read_text())
+        random_init = config.pop(RANDOM_INIT_KEY, None)
         if list(config.get("vq_strides", [])) != SUPPORTED_VQ_STRIDES:
             raise ValueError(
                 f"{path / CONFIG_FILE} has vq_strides {config.get('vq_strides')}: only "
                 f"{SUPPORTED_VQ_STRIDES} (snac_24khz, as used by Orpheus) is supported"
             )
+        if random_init is not None:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(int(random_init["seed"]))
+                model = SNAC(**config)
+            return cls(model.to(device=device, dtype=dtype))
+        if not (path / WEIGHTS_FILE).is_file():
+            raise FileNotFoundError(f"SNAC codec file {path / WEIGHTS_FILE} is missing (its state dict)")
         model = SNAC(**config)
         # Old weight-norm names (weight_g / weight_v) are mapped by torch's weight_norm load hook.
-        state_dict = torch.load(path / WEIGHTS_FILE, map_location=device, weights_only=True)
+        state_dict = torch.load(path / WEIGHTS_FILE, map_location="cpu", weights_only=True)
         model.load_state_dict(state_dict, strict=True)
         return cls(model.to(device=device, dtype=dtype))
 

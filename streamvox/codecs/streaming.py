@@ -166,8 +166,9 @@ class WindowedAttention(nn.Module):
         q = self.q_proj(x).view(num_rows, num_new, self.num_heads, self.head_dim)
         k = self.k_proj(x).view(num_rows, num_new, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).view(num_rows, num_new, self.num_kv_heads, self.head_dim)
-        starts = torch.tensor([state.num_positions for state in batch.states])
-        positions = (starts[:, None] + torch.arange(num_new)[None, :]).reshape(-1)  # [B*T]
+        device = x.device
+        starts = torch.tensor([state.num_positions for state in batch.states]).to(device, non_blocking=True)
+        positions = (starts[:, None] + torch.arange(num_new, device=device)[None, :]).reshape(-1)  # [B*T]
         q, k = rotary(q.reshape(-1, self.num_heads, self.head_dim), k.reshape(-1, self.num_kv_heads, self.head_dim),
                       positions)
         q = q.view(num_rows, num_new, self.num_heads, self.head_dim).transpose(1, 2)  # [B, H, T, D]
@@ -181,9 +182,11 @@ class WindowedAttention(nn.Module):
             v = torch.cat([self._padded(batch, "values", kept, num_past, v), v], dim=2)
         # key column j sits (num_past + i - j) positions before query i; it is visible if that distance is in
         # [0, window) and the column holds a real key of this row
-        distance = num_past + torch.arange(num_new)[:, None] - torch.arange(num_past + num_new)[None, :]  # [T, K]
+        columns = torch.arange(num_past + num_new, device=device)
+        distance = num_past + torch.arange(num_new, device=device)[:, None] - columns[None, :]  # [T, K]
         visible = (distance >= 0) & (distance < self.window)
-        is_real = torch.arange(num_past + num_new)[None, :] >= num_past - torch.tensor(kept)[:, None]  # [B, K]
+        first_real = num_past - torch.tensor(kept).to(device, non_blocking=True)
+        is_real = columns[None, :] >= first_real[:, None]  # [B, K]
         mask = visible[None] & is_real[:, None, :]  # [B, T, K]
         repeat = self.num_heads // self.num_kv_heads
         keys, values = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
@@ -221,10 +224,22 @@ def random_tensors(shapes: dict[str, tuple[int, ...]], generator: torch.Generato
 
 class StreamingCodec:
     """Decodes the next chunk of many requests at once, each continuing its own `StreamState`. A subclass sets
-    `num_codebooks` and `name`, and decodes one batch of equal-length chunks in `_decode_batch`."""
+    `num_codebooks`, `name`, `net`, `codebooks` and `projections`, and decodes one batch of equal-length chunks
+    in `_decode_batch`. It runs in fp32 on its device; states live on that device too."""
 
     name: str
     num_codebooks: int
+    net: nn.Module
+    codebooks: list[torch.Tensor]
+    projections: list[torch.Tensor]
+    device = torch.device("cpu")
+
+    def to(self, device: torch.device | str) -> StreamingCodec:
+        self.device = torch.device(device)
+        self.net.to(self.device)
+        self.codebooks = [codebook.to(self.device) for codebook in self.codebooks]
+        self.projections = [projection.to(self.device) for projection in self.projections]
+        return self
 
     def new_state(self) -> StreamState:
         return StreamState()
@@ -245,10 +260,10 @@ class StreamingCodec:
         for num_frames, indices in by_length.items():
             if num_frames == 0:
                 for index in indices:
-                    out[index] = torch.zeros(0)
+                    out[index] = torch.zeros(0, device=self.device)
                 continue
             batch = StateBatch([states[i] for i in indices])
-            pcm = self._decode_batch(torch.stack([codes[i] for i in indices]), batch)
+            pcm = self._decode_batch(torch.stack([codes[i] for i in indices]).to(self.device), batch)
             batches.append(batch)
             for row, index in enumerate(indices):
                 out[index] = pcm[row]

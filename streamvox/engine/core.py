@@ -27,6 +27,7 @@ from streamvox.config import EngineConfig, SamplingParams
 from streamvox.models.base import SpeechModel, TextStream
 from streamvox.runner.codec_runner import AudioChunk, CodecRunner, PendingChunk
 from streamvox.runner.lm_runner import LMRunner
+from streamvox.runner.memory import cuda_kv_blocks
 from streamvox.runner.weights import load_model
 from streamvox.sched.kv_blocks import BlockPool
 from streamvox.sched.playback import AudioPlan, PlaybackTracker
@@ -38,6 +39,7 @@ __all__ = ["AudioChunk", "Engine", "EngineCore", "QueueFullError", "RequestFailu
 
 logger = logging.getLogger(__name__)
 CHARS_PER_SECOND = 14.0  # speaking rate used to size a request's KV reservation from its text
+CPU_KV_CACHE_MB = 256
 
 
 @dataclass(frozen=True)
@@ -89,6 +91,18 @@ def codec_seed_for(seed: int) -> int:
     return (seed * 6364136223846793005 + 1442695040888963407) % 2**63
 
 
+def kv_blocks(model: SpeechModel, config: EngineConfig, dtype: torch.dtype) -> int:
+    """KV blocks of the cache: as configured, else 256 MB on the CPU, else what the GPU's memory fraction leaves."""
+    cache = config.cache
+    cache.validate()
+    if cache.num_blocks:
+        return cache.num_blocks
+    per_block = LMRunner.kv_bytes_per_block(model, cache.block_size, dtype)
+    if cache.kv_cache_mb or model.device.type != "cuda":
+        return max(1, (cache.kv_cache_mb or CPU_KV_CACHE_MB) * 2**20 // per_block)
+    return cuda_kv_blocks(model, cache, config.scheduler, dtype)
+
+
 def audio_plan(model: SpeechModel) -> AudioPlan:
     timing, chunking = model.timing, model.chunking
     return AudioPlan(timing.lm_steps_per_frame, timing.samples_per_frame / timing.sample_rate,
@@ -132,11 +146,9 @@ class EngineCore:
         # LM steps and codec calls run at once on two threads: on a CPU, each gets its share of the cores
         # (measured on 2 cores: 2 shared threads made both ~1.5x slower than 1 thread each)
         torch.set_num_threads(config.num_threads or max(1, (os.cpu_count() or 2) // 2))
-        dtype = getattr(torch, config.dtype)
+        dtype = next(model.backbone.parameters()).dtype  # the KV cache holds what the backbone computes
+        num_blocks = kv_blocks(model, config, dtype)
         cache = config.cache
-        num_blocks = cache.num_blocks or max(
-            1, cache.kv_cache_mb * 2**20 // LMRunner.kv_bytes_per_block(model, cache.block_size, dtype)
-        )
         self.pool = BlockPool(num_blocks, cache.block_size)
         sched = config.scheduler
         self.playback = PlaybackTracker(audio_plan(model), sched.ttfa_target_s, sched.client_prebuffer_s)
@@ -410,7 +422,7 @@ class Engine(EngineCore):
     def from_pretrained(cls, model: str = "tiny-orpheus", **overrides) -> Engine:
         """Load `model` (directory, hub id or tiny-* name); `overrides` are EngineConfig fields."""
         config = EngineConfig(model=model, **overrides)
-        return cls(load_model(config.model, config.codec, config.dtype), config)
+        return cls(load_model(config.model, config.codec, config.dtype, config.device), config)
 
     def submit(self, text: str, voice: str | None = None, sampling: SamplingParams | None = None,
                request_id: str | None = None) -> str:

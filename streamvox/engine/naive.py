@@ -28,6 +28,7 @@ from streamvox.codecs.snac import split_levels
 from streamvox.config import EngineConfig, SamplingParams
 from streamvox.engine.core import check_request
 from streamvox.models.orpheus import decode_windows
+from streamvox.runner.device import resolve_device, resolve_dtype
 from streamvox.runner.weights import default_codec_dir, detect_family, read_config, resolve_checkpoint
 
 logger = logging.getLogger("streamvox.engine")
@@ -65,14 +66,15 @@ class NaiveEngine:
         family = detect_family(read_config(path), config.model)
         if family not in FAMILIES:
             raise ValueError(f"there is no naive baseline for the {family} family yet")
-        dtype = getattr(torch, config.dtype)
-        self.model = load_model(config.model, config.codec, config.dtype)  # prompt format, voices, frames
-        self.model.backbone = None  # the baseline generates with transformers; free our copy of the weights
-        self.lm = transformers.AutoModelForCausalLM.from_pretrained(path, torch_dtype=dtype).eval()
+        self.device = resolve_device(config.device)
+        dtype = resolve_dtype(config.dtype, self.device)
+        # the prompt format, voices and frames (its backbone stays on the meta device: no copy of the weights)
+        self.model = load_model(config.model, config.codec, config.dtype, "meta")
+        self.lm = transformers.AutoModelForCausalLM.from_pretrained(path, torch_dtype=dtype).to(self.device).eval()
         codec_dir = resolve_checkpoint(config.codec) if config.codec else default_codec_dir(path, family)
         self.codec = snac.SNAC.from_config(str(codec_dir / "config.json"))
         self.codec.load_state_dict(torch.load(codec_dir / "pytorch_model.bin", weights_only=True))
-        self.codec.to(dtype).eval()
+        self.codec.to(self.device).eval()  # fp32, as the publisher decodes
         if config.num_threads:
             torch.set_num_threads(config.num_threads)  # else torch's default: every core, nothing runs beside it
 
@@ -91,7 +93,8 @@ class NaiveEngine:
         stop_ids = sorted(self.model.stop_token_ids)
         with torch.inference_mode():
             output = self.lm.generate(
-                torch.tensor([job.prompt]), attention_mask=torch.ones(1, len(job.prompt), dtype=torch.long),
+                torch.tensor([job.prompt], device=self.device),
+                attention_mask=torch.ones(1, len(job.prompt), dtype=torch.long, device=self.device),
                 max_new_tokens=params.max_tokens, min_new_tokens=params.max_tokens if params.ignore_eos else None,
                 repetition_penalty=params.repetition_penalty, eos_token_id=stop_ids, pad_token_id=stop_ids[0],
                 streamer=streamer, stopping_criteria=[_Cancelled(job)], **sampling,
@@ -105,11 +108,11 @@ class NaiveEngine:
 
     def decode(self, frames: list[tuple[int, ...]], start: int, end: int) -> bytes:
         """PCM of frames [start, end), each from its own 4-frame window through the snac package."""
-        windows = decode_windows(torch.tensor(frames), start, end)
+        windows = decode_windows(torch.tensor(frames), start, end).to(self.device)
         spf = self.model.timing.samples_per_frame
         with torch.inference_mode():
             pcm = torch.cat([self.codec.decode(split_levels(w[None]))[0, 0, spf:2 * spf] for w in windows])
-        return to_int16(pcm.float().numpy()).tobytes()
+        return to_int16(pcm.float().cpu().numpy()).tobytes()
 
 
 class _Cancelled:

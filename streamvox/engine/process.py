@@ -30,6 +30,7 @@ from streamvox.audio import to_int16
 from streamvox.config import EngineConfig, SamplingParams
 from streamvox.engine.core import EngineCore, QueueFullError, StepEvents
 from streamvox.models.base import Reference
+from streamvox.runner.device import describe
 from streamvox.runner.weights import load_model
 
 logger = logging.getLogger("streamvox.engine")
@@ -237,7 +238,11 @@ def main(argv: list[str] | None = None) -> None:
 
             engine = NaiveEngine(config)
         else:
-            engine = EngineCore(load_model(config.model, config.codec, config.dtype), config)
+            engine = EngineCore(load_model(config.model, config.codec, config.dtype, config.device), config)
+            lm = engine.lm_runner
+            logger.info("engine on %s, %s, KV cache of %d blocks of %d positions (%.2f GiB)",
+                        describe(lm.device), str(lm.kv_cache.dtype).replace("torch.", ""), engine.pool.num_blocks,
+                        lm.block_size, lm.kv_cache.numel() * lm.kv_cache.element_size() / 2**30)
         engine.warm_up()
         model = engine.model
         push.send(protocol.encode(protocol.EngineReady(

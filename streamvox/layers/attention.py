@@ -4,10 +4,10 @@ The cache of one layer is a pair of tensors [num_blocks, block_size, num_kv_head
 flattened tokens; each new token's K/V is written to its slot (block * block_size + offset) and every query
 attends to its own request's positions 0..its own position, gathered through the request's block table.
 
-Decode rows are attended in groups planned once per step (`plan_decode`) and shared by every layer: rows of
-similar context length, few enough that a group's gathered K/V stays in the CPU cache between the gather and
-the attention that reads it. Each row gathers only the blocks its context covers, so a step costs about the
-sum of its rows' context lengths rather than batch size times the longest one.
+Decode rows are attended in groups planned once per step (`plan_decode`, on the host) and shared by every
+layer: rows of similar context length, on the CPU few enough that a group's gathered K/V stays in the CPU
+cache between the gather and the attention that reads it. Each row gathers only the blocks its context covers,
+so a step costs about the sum of its rows' context lengths rather than batch size times the longest one.
 """
 
 from __future__ import annotations
@@ -18,10 +18,11 @@ from dataclasses import dataclass
 import torch
 from torch.nn import functional as F
 
-# Bytes of K+V one decode group gathers (8192 positions of one 128-dim fp32 KV head): the copy must still be
-# in the CPU cache when attention reads it. Larger groups go to DRAM twice; much smaller ones leave SDPA too
-# few (row, KV head) pairs to spread over the intra-op threads.
-GROUP_BYTES = 8 * 2**20
+# Bytes of K+V one decode group gathers on the CPU (8192 positions of one 128-dim fp32 KV head): the copy must
+# still be in the CPU cache when attention reads it. Larger groups go to DRAM twice; much smaller ones leave SDPA
+# too few (row, KV head) pairs to spread over the intra-op threads. On a GPU, groups only bound the gather's size.
+CPU_GROUP_BYTES = 8 * 2**20
+GPU_GROUP_BYTES = 2**30
 
 
 @dataclass(frozen=True)
@@ -31,18 +32,40 @@ class PrefillSpan:
     token_start: int  # index of its first token in the batch
     num_tokens: int
     start_position: int  # position of its first token within the request
-    block_table: torch.Tensor  # [num_blocks_of_request] int64
+    block_table: torch.Tensor  # [num_blocks_of_request] int64, on the device
+
+
+@dataclass(frozen=True)
+class DecodePlan:
+    """Single-token rows to attend together over one padded gather of their contexts (host lists, staged for
+    the device by the runner)."""
+
+    token_index: list[int]  # batch index of each row
+    block_ids: list[int]  # each row's first num_blocks blocks, padded with block 0
+    num_blocks: int
+    context_len: int  # positions attended per row: the longest row's context (incl. itself)
+    context_lens: list[int] | None  # each row's context; None when all equal context_len
 
 
 @dataclass(frozen=True)
 class DecodeGroup:
-    """Single-token rows attended together over one padded gather of their contexts."""
+    """A DecodePlan on the device."""
 
-    token_index: torch.Tensor  # [R] int64: batch index of each row
-    block_ids: torch.Tensor  # [R * num_blocks] int64: each row's first num_blocks blocks, padded with block 0
+    token_index: torch.Tensor  # [R] int64
+    block_ids: torch.Tensor  # [R * num_blocks] int64
     num_blocks: int
-    context_len: int  # positions attended per row: the longest row's context (incl. itself)
+    context_len: int
     mask: torch.Tensor | None  # [R, 1, 1, context_len] fp32: 0 visible, -inf past a row's context; None: all see all
+
+    @classmethod
+    def on_device(cls, plan: DecodePlan, token_index: torch.Tensor, block_ids: torch.Tensor,
+                  context_lens: torch.Tensor) -> DecodeGroup:
+        """The group of `plan` from its staged arrays; the mask is built once a step, on the device."""
+        mask = None
+        if plan.context_lens is not None:
+            hidden = torch.arange(plan.context_len, device=context_lens.device)[None, :] >= context_lens[:, None]
+            mask = torch.zeros(hidden.shape, device=hidden.device).masked_fill_(hidden, float("-inf"))[:, None, None]
+        return cls(token_index, block_ids, plan.num_blocks, plan.context_len, mask)
 
 
 @dataclass(frozen=True)
@@ -55,13 +78,13 @@ class AttentionMetadata:
 
 
 def plan_decode(token_index: Sequence[int], block_tables: Sequence[Sequence[int]], context_lens: Sequence[int],
-                block_size: int, position_bytes: int) -> tuple[DecodeGroup, ...]:
-    """Group decode rows by context length, longest first, each group within GROUP_BYTES of padded K+V.
+                block_size: int, position_bytes: int, group_bytes: int = CPU_GROUP_BYTES) -> list[DecodePlan]:
+    """Group decode rows by context length, longest first, each group within `group_bytes` of padded K+V.
 
     `position_bytes` is the K+V of one position in one layer. A row starts a new group when it would overflow
     the budget or when its context is under half the group's longest, so a group pads at most 2x.
     """
-    max_positions = GROUP_BYTES // position_bytes
+    max_positions = group_bytes // position_bytes
     order = sorted(range(len(token_index)), key=lambda i: -context_lens[i])
     groups, start = [], 0
     for end in range(1, len(order) + 1):
@@ -70,27 +93,22 @@ def plan_decode(token_index: Sequence[int], block_tables: Sequence[Sequence[int]
             length = context_lens[order[end]]
             if (end - start + 1) * longest <= max_positions and 2 * length >= longest:
                 continue
-        groups.append(_decode_group([order[i] for i in range(start, end)], token_index, block_tables,
-                                    context_lens, block_size))
+        groups.append(_decode_plan([order[i] for i in range(start, end)], token_index, block_tables,
+                                   context_lens, block_size))
         start = end
-    return tuple(groups)
+    return groups
 
 
-def _decode_group(rows: list[int], token_index: Sequence[int], block_tables: Sequence[Sequence[int]],
-                  context_lens: Sequence[int], block_size: int) -> DecodeGroup:
+def _decode_plan(rows: list[int], token_index: Sequence[int], block_tables: Sequence[Sequence[int]],
+                 context_lens: Sequence[int], block_size: int) -> DecodePlan:
     context_len = context_lens[rows[0]]
     num_blocks = -(-context_len // block_size)
     block_ids = []
     for row in rows:
         table = list(block_tables[row][:num_blocks])
         block_ids.extend(table + [0] * (num_blocks - len(table)))
-    mask = None
-    if context_lens[rows[-1]] != context_len:
-        lens = torch.tensor([context_lens[row] for row in rows], dtype=torch.int64)
-        hidden = torch.arange(context_len)[None, :] >= lens[:, None]  # [R, context_len]
-        mask = torch.zeros(hidden.shape).masked_fill_(hidden, float("-inf"))[:, None, None, :]
-    return DecodeGroup(torch.tensor([token_index[row] for row in rows], dtype=torch.int64),
-                       torch.tensor(block_ids, dtype=torch.int64), num_blocks, context_len, mask)
+    lens = None if context_lens[rows[-1]] == context_len else [context_lens[row] for row in rows]
+    return DecodePlan([token_index[row] for row in rows], block_ids, num_blocks, context_len, lens)
 
 
 def paged_attention(
@@ -129,7 +147,7 @@ def _decode(q, k_cache, v_cache, group: DecodeGroup, scale: float) -> torch.Tens
     grouped = q.view(rows, num_kv_heads, num_heads // num_kv_heads, head_dim)  # [R, Hkv, Hq / Hkv, D]
     mask = None if group.mask is None else group.mask.to(q.dtype)  # SDPA wants a float mask in q's dtype
     out = F.scaled_dot_product_attention(grouped, keys, values, attn_mask=mask, scale=scale)
-    return out.view(rows, num_heads, head_dim)
+    return out.reshape(rows, num_heads, head_dim)  # SDPA may return it strided (CUDA)
 
 
 def _prefill(q, k_cache, v_cache, span: PrefillSpan, scale: float) -> torch.Tensor:
@@ -137,8 +155,8 @@ def _prefill(q, k_cache, v_cache, span: PrefillSpan, scale: float) -> torch.Tens
     num_blocks = -(-context_len // k_cache.shape[1])
     keys = _gather(k_cache, span.block_table[:num_blocks], 1)[:, :, :context_len]  # [1, Hkv, C, D]
     values = _gather(v_cache, span.block_table[:num_blocks], 1)[:, :, :context_len]
-    query_positions = torch.arange(span.start_position, context_len)
-    visible = torch.arange(context_len)[None, :] <= query_positions[:, None]  # [n, C]
+    query_positions = torch.arange(span.start_position, context_len, device=q.device)
+    visible = torch.arange(context_len, device=q.device)[None, :] <= query_positions[:, None]  # [n, C]
     out = F.scaled_dot_product_attention(
         q.transpose(0, 1)[None], keys, values, attn_mask=visible, scale=scale,
         enable_gqa=q.shape[1] != keys.shape[1],

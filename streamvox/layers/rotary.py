@@ -22,21 +22,36 @@ def llama3_scaled_inv_freq(inv_freq: torch.Tensor, scaling: dict) -> torch.Tenso
 
 
 class RotaryEmbedding(nn.Module):
+    """Rotates queries and keys by position. The frequency table stays fp32 whatever the module is cast to, and
+    angles are computed in fp32: a bf16 table would put angles off by radians a thousand positions in."""
+
     def __init__(self, head_dim: int, theta: float, scaling: dict | None) -> None:
         super().__init__()
-        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+        exponents = torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu").float() / head_dim
+        inv_freq = 1.0 / (theta**exponents)
         if scaling is not None:
             kind = scaling.get("rope_type", scaling.get("type"))
             if kind != "llama3":
                 raise ValueError(f"rope_scaling type {kind!r} is not supported (supported: llama3, or none)")
             inv_freq = llama3_scaled_inv_freq(inv_freq, scaling)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self._cached: tuple | None = None  # (positions, dtype, cos, sin) of the last call
+
+    def _apply(self, fn, recurse=True):
+        inv_freq = self.inv_freq
+        super()._apply(fn, recurse)
+        self.inv_freq = inv_freq.to(self.inv_freq.device)  # moved with the module, never cast
+        return self
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor):
-        """q: [T, Hq, D], k: [T, Hkv, D], positions: [T] -> rotated (q, k)."""
-        freqs = positions.float()[:, None] * self.inv_freq[None, :]  # [T, D/2]
-        angles = torch.cat((freqs, freqs), dim=-1)[:, None, :]  # [T, 1, D]
-        cos, sin = angles.cos().to(q.dtype), angles.sin().to(q.dtype)
+        """q: [T, Hq, D], k: [T, Hkv, D], positions: [T] -> rotated (q, k). Every layer of a forward passes the
+        same positions tensor: its angles are computed once."""
+        cached = self._cached
+        if cached is None or cached[0] is not positions or cached[1] != q.dtype:
+            freqs = positions.float()[:, None] * self.inv_freq[None, :]  # [T, D/2]
+            angles = torch.cat((freqs, freqs), dim=-1)[:, None, :]  # [T, 1, D]
+            cached = self._cached = (positions, q.dtype, angles.cos().to(q.dtype), angles.sin().to(q.dtype))
+        cos, sin = cached[2], cached[3]
         return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
 
 

@@ -81,9 +81,15 @@ class TextStream(Protocol):
         the final piece)."""
 
 
-# sample(logits [S, V], index) -> one token per row: draws a depth decoder's `index`-th codebook with each row's
-# own sampling parameters and random stream
-ExtraSampler = Callable[[torch.Tensor, int], list[int]]
+# sample(logits [S, V] fp32, index) -> token ids [S] int64 on the logits' device: draws a depth decoder's
+# `index`-th codebook with each row's own sampling parameters and random stream
+ExtraSampler = Callable[[torch.Tensor, int], torch.Tensor]
+RANDOM_INIT_KEY = "streamvox_random_init"  # config.json of a full-size model without weights: {"seed": N}
+
+
+def random_seed(config: dict) -> int:
+    """The seed a weightless full-size config asks its weights to be drawn from."""
+    return int(config[RANDOM_INIT_KEY]["seed"])
 
 
 class SpeechModel(ABC):
@@ -93,18 +99,23 @@ class SpeechModel(ABC):
     timing: TimingFacts
     chunking: Chunking
     default_sampling: SamplingParams
+    codes_per_frame: int  # codes in one codec frame
     voices: tuple[str, ...]
     default_voice: str | None
     stop_token_ids: frozenset[int]
     backbone: torch.nn.Module  # forward(inputs [T] or [T, C], positions [T], meta, kv_caches) -> [T, H]; compute_logits
     is_random_weights: bool  # a tiny test checkpoint: its audio is noise
+    device: torch.device  # where the backbone (and, but for encoders of reference audio, the codec) runs
     min_steps: int = 0  # the stop tokens are not drawn before this many steps
     takes_reference_audio: bool = False  # prepare_request accepts a Reference
 
     @classmethod
     @abstractmethod
-    def from_parts(cls, config: dict, state_dict: dict, tokenizer_path, codec_dir, dtype) -> SpeechModel:
-        """Build from a checkpoint's config.json, its tensors, its tokenizer.json and its codec directory."""
+    def from_parts(cls, config: dict, state_dict: dict | None, tokenizer_path, codec_dir, dtype: torch.dtype,
+                   device: torch.device) -> SpeechModel:
+        """Build from a checkpoint's config.json, its tensors, its tokenizer.json and its codec directory, the
+        backbone in `dtype` on `device`. `state_dict` None: the config asks for random weights
+        (RANDOM_INIT_KEY), drawn on the device."""
 
     @abstractmethod
     def prepare(self, text: str, voice: str | None) -> list[StepToken]:
@@ -139,10 +150,10 @@ class SpeechModel(ABC):
         A stateful codec never receives two jobs of the same request in one call.
         """
 
-    def complete_step(self, hidden: torch.Tensor, tokens: list[int], sample: ExtraSampler) -> list[StepToken]:
-        """What each sampled row produced, from its final hidden state [S, H] and the token the backbone's head
-        drew. Single-codebook families return the tokens; a depth decoder turns each into a whole frame here,
-        for all rows of the step at once."""
+    def complete_step(self, hidden: torch.Tensor, tokens: torch.Tensor, sample: ExtraSampler) -> torch.Tensor:
+        """What each sampled row produced, on the device: from its final hidden state [S, H] and the token the
+        backbone's head drew ([S] int64), token ids [S] (single-codebook families return `tokens`) or frames
+        [S, num_codebooks] (a depth decoder completes them here, for all rows of the step at once)."""
         return tokens
 
     def next_input(self, token: StepToken, text_id: int | None) -> StepToken:

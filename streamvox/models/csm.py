@@ -32,9 +32,19 @@ from streamvox.layers.attention import AttentionMetadata
 from streamvox.layers.linear import Linear
 from streamvox.layers.norm import RMSNorm
 from streamvox.layers.rotary import RotaryEmbedding
-from streamvox.models.base import Chunking, ChunkJob, ExtraSampler, Reference, SpeechModel, StepToken, TimingFacts
+from streamvox.models.base import (
+    Chunking,
+    ChunkJob,
+    ExtraSampler,
+    Reference,
+    SpeechModel,
+    StepToken,
+    TimingFacts,
+    random_seed,
+)
 from streamvox.models.depth import DepthDecoder
-from streamvox.models.llama import LlamaConfig, LlamaDecoderLayer, load_checked
+from streamvox.models.llama import LlamaConfig, LlamaDecoderLayer
+from streamvox.models.params import load_checked, on_meta, random_init
 from streamvox.models.tiny import build_tiny_tokenizer, save_tensors, write_atomically
 
 CODEC_PREFIX = "codec_model."
@@ -93,18 +103,18 @@ class CsmBackbone(nn.Module):
         self.backbone_model = _BackboneModel(config, num_codebooks)
         self.embed_text_tokens = nn.Embedding(text_vocab_size, config.hidden_size)
         self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
-        self.register_buffer("offsets", torch.arange(num_codebooks) * config.vocab_size, persistent=False)
+        self.register_buffer("offsets", torch.arange(num_codebooks, device="cpu") * config.vocab_size,
+                             persistent=False)
         self.num_codes = config.vocab_size  # ids at or past it are never drawn (set to the codec's codebook size)
 
     def embed(self, inputs: torch.Tensor) -> torch.Tensor:
         """inputs [T, 33] -> [T, hidden]: a text row's token embedding, or an audio row's summed code embeddings."""
         text = inputs[:, self.num_codebooks]
-        is_text = text >= 0
-        x = self.embed_text_tokens.weight.new_empty(inputs.shape[0], self.config.hidden_size)
-        x[is_text] = self.embed_text_tokens(text[is_text])
-        codes = inputs[~is_text, : self.num_codebooks]
-        x[~is_text] = self.backbone_model.embed_tokens.embed_audio_tokens(codes + self.offsets).sum(dim=1)
-        return x
+        is_text = (text >= 0)[:, None]
+        text_x = self.embed_text_tokens(text.clamp(min=0))
+        codes = inputs[:, : self.num_codebooks].clamp(min=0)  # a text row's -1 codes: any id, its sum is unused
+        audio_x = self.backbone_model.embed_tokens.embed_audio_tokens(codes + self.offsets).sum(dim=1)
+        return torch.where(is_text, text_x, audio_x)
 
     def forward(self, inputs, positions, meta: AttentionMetadata, kv_caches) -> torch.Tensor:
         x = self.embed(inputs)
@@ -187,27 +197,37 @@ class CsmModel(SpeechModel):
         self.tokenizer = tokenizer
         self.tokenizer.encode_special_tokens = True  # text that spells a control token stays text
         self.codec = codec
-        self.encoder = encoder  # reference audio -> codes; None when the checkpoint lacks the encoder half
+        self.device = backbone.lm_head.weight.device
+        # reference audio -> codes, on the CPU where prompts are prepared; None when the checkpoint lacks it
+        self.encoder = encoder
         self.takes_reference_audio = encoder is not None
         if codec.num_codebooks != self.ids.num_codebooks:
             raise ValueError(f"the Mimi codec has {codec.num_codebooks} codebooks, the model {self.ids.num_codebooks}")
+        self.codes_per_frame = self.ids.num_codebooks
         self.num_codes = min(codec.codebook_size, self.ids.audio_vocab_size)  # ids the codec can decode
         backbone.num_codes = self.num_codes
         self.timing = TimingFacts(codec.sample_rate, codec.samples_per_frame, lm_steps_per_frame=1)
         self.is_random_weights = bool(config.get("streamvox_random_weights", False))
 
     @classmethod
-    def from_parts(cls, config: dict, state_dict: dict, tokenizer_path: Path, codec_dir: Path, dtype) -> CsmModel:
+    def from_parts(cls, config: dict, state_dict: dict | None, tokenizer_path: Path, codec_dir: Path,
+                   dtype: torch.dtype, device: torch.device) -> CsmModel:
         num_codebooks = config.get("num_codebooks", 32)
         backbone_config = LlamaConfig.from_fields(config, "CSM")
         depth_config = LlamaConfig.from_fields(config.get("depth_decoder_config") or {}, "CSM depth decoder")
-        backbone = CsmBackbone(backbone_config, config["text_vocab_size"], num_codebooks)
-        depth = CsmDepthDecoder(depth_config, num_codebooks, backbone_config.hidden_size)
-        _load_csm_weights(backbone, depth, state_dict, config.get("tie_codebooks_embeddings", True))
-        backbone.to(dtype).eval()
-        depth.to(dtype).eval()
+        with on_meta():
+            backbone = CsmBackbone(backbone_config, config["text_vocab_size"], num_codebooks)
+            depth = CsmDepthDecoder(depth_config, num_codebooks, backbone_config.hidden_size)
+        if state_dict is None:
+            seed = random_seed(config)
+            random_init(backbone, seed, device, dtype)
+            random_init(depth, seed + 1, device, dtype, fan_in=_fan_in)
+            codec_tensors = tiny_mimi_tensors(config["codec_config"], seed)
+            state_dict = {CODEC_PREFIX + name: tensor for name, tensor in codec_tensors.items()}
+        else:
+            _load_csm_weights(backbone, depth, state_dict, config.get("tie_codebooks_embeddings", True), device, dtype)
         codec, encoder = _load_codec(config, state_dict, codec_dir)
-        return cls(config, backbone, depth, Tokenizer.from_file(str(tokenizer_path)), codec, encoder)
+        return cls(config, backbone, depth, Tokenizer.from_file(str(tokenizer_path)), codec.to(device), encoder)
 
     def prepare(self, text: str, voice: str | None) -> list[StepToken]:
         return self.prepare_conversation([], text, voice)
@@ -245,11 +265,9 @@ class CsmModel(SpeechModel):
         blank = (-1,) * self.ids.num_codebooks
         return [(*blank, token) for token in ids]
 
-    def complete_step(self, hidden: torch.Tensor, tokens: list[int], sample: ExtraSampler) -> list[StepToken]:
-        first = torch.tensor(tokens, dtype=torch.int64)
-        codes = self.depth.generate(hidden.to(self.depth.model.embed_tokens.weight.dtype), first, sample,
-                                    self.num_codes)
-        return [tuple(frame) for frame in codes.tolist()]
+    def complete_step(self, hidden: torch.Tensor, tokens: torch.Tensor, sample: ExtraSampler) -> torch.Tensor:
+        return self.depth.generate(hidden.to(self.depth.model.embed_tokens.weight.dtype), tokens, sample,
+                                   self.num_codes)
 
     def next_input(self, token: StepToken, text_id: int | None = None) -> StepToken:
         return (*token, -1)
@@ -268,7 +286,12 @@ class CsmModel(SpeechModel):
         return self.codec.decode(codes, [job.state for job in jobs])
 
 
-def _load_csm_weights(backbone: CsmBackbone, depth: CsmDepthDecoder, state_dict: dict, tie: bool) -> None:
+def _fan_in(name: str, shape: torch.Size) -> int:
+    return shape[-2] if "codebooks_head" in name else shape[-1]  # the head is [codebooks, hidden, vocab]
+
+
+def _load_csm_weights(backbone: CsmBackbone, depth: CsmDepthDecoder, state_dict: dict, tie: bool,
+                      device: torch.device, dtype: torch.dtype) -> None:
     """Load the backbone_model./embed_text_tokens./lm_head. and depth_decoder. tensors; tied codebook embeddings
     may be stored under either name."""
     audio_key = "backbone_model.embed_tokens.embed_audio_tokens.weight"
@@ -278,9 +301,10 @@ def _load_csm_weights(backbone: CsmBackbone, depth: CsmDepthDecoder, state_dict:
         shared = tensors.get(audio_key, tensors.get(depth_key))
         if shared is not None:
             tensors[audio_key] = tensors[depth_key] = shared
-    load_checked(backbone, {k: v for k, v in tensors.items() if not k.startswith("depth_decoder.")}, "the CSM config")
+    load_checked(backbone, {k: v for k, v in tensors.items() if not k.startswith("depth_decoder.")}, "the CSM config",
+                 device, dtype)
     load_checked(depth, {k[len("depth_decoder.") :]: v for k, v in tensors.items() if k.startswith("depth_decoder.")},
-                 "the CSM depth decoder config")
+                 "the CSM depth decoder config", device, dtype)
 
 
 def _load_codec(config: dict, state_dict: dict, codec_dir: Path) -> tuple[MimiCodec, MimiEncoder | None]:

@@ -38,8 +38,8 @@ class DepthDecoder(nn.Module):
 
     def generate(self, hidden: torch.Tensor, first: torch.Tensor, sample: ExtraSampler,
                  allowed: int) -> torch.Tensor:
-        """hidden [S, backbone_hidden], first (codebook 0) [S] -> codes [S, num_codebooks]. Codebook k is drawn by
-        sample(logits, k) among ids below `allowed`."""
+        """hidden [S, backbone_hidden], first (codebook 0) [S] -> codes [S, num_codebooks], all on the device (the
+        loop never waits for the host). Codebook k is drawn by sample(logits, k) among ids below `allowed`."""
         config, rows = self.config, hidden.shape[0]
         shape = (config.num_hidden_layers, rows, config.num_key_value_heads, self.num_codebooks, config.head_dim)
         keys, values = hidden.new_empty(shape), hidden.new_empty(shape)
@@ -49,7 +49,7 @@ class DepthDecoder(nn.Module):
             out = self._run(x, 0 if k == 1 else k, keys, values)[:, -1]  # [S, hidden] at position k
             logits = self.code_logits(k, out).float()
             logits[:, allowed:] = float("-inf")
-            codes.append(torch.tensor(sample(logits, k), dtype=torch.int64))
+            codes.append(sample(logits, k))
             if k + 1 < self.num_codebooks:
                 x = self.embed_code(k, codes[-1])[:, None]
         return torch.stack(codes, dim=1)
@@ -59,7 +59,7 @@ class DepthDecoder(nn.Module):
         model, config = self.model, self.config
         rows, num_new, _ = x.shape
         h = self.project(x.reshape(rows * num_new, -1))  # [S*T, hidden]
-        positions = torch.arange(start, start + num_new).repeat(rows)
+        positions = torch.arange(start, start + num_new, device=x.device).repeat(rows)
         end = start + num_new
         for index, layer in enumerate(model.layers):
             attn = layer.self_attn

@@ -12,6 +12,7 @@ from streamvox.layers.linear import Linear
 from streamvox.layers.mlp import GatedMLP
 from streamvox.layers.norm import RMSNorm
 from streamvox.layers.rotary import RotaryEmbedding
+from streamvox.models.params import load_checked
 
 
 @dataclass(frozen=True)
@@ -63,20 +64,6 @@ class LlamaConfig:
         except KeyError as missing:
             raise ValueError(f"config.json lacks the {what} field {missing}") from None
         return cls(**{**fields, **overrides})
-
-
-def load_checked(module: nn.Module, tensors: dict[str, torch.Tensor], what: str) -> None:
-    """Load `tensors` into `module`; ValueError naming missing or unexpected tensors, or a shape that differs
-    from `what` (the config they should match)."""
-    own = module.state_dict()
-    missing, unexpected = set(own) - set(tensors), set(tensors) - set(own)
-    if missing or unexpected:
-        raise ValueError(f"checkpoint does not match {what}: missing {sorted(missing)[:5]}, "
-                         f"unexpected {sorted(unexpected)[:5]}")
-    for name, tensor in tensors.items():
-        if own[name].shape != tensor.shape:
-            raise ValueError(f"{name}: checkpoint shape {tuple(tensor.shape)} != config shape {tuple(own[name].shape)}")
-    module.load_state_dict(tensors)
 
 
 class LlamaAttention(nn.Module):
@@ -154,11 +141,12 @@ class LlamaForCausalLM(nn.Module):
         """[N, hidden] -> [N, vocab] in fp32."""
         return self.lm_head(hidden).float()
 
-    def load_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
+    def load_weights(self, state_dict: dict[str, torch.Tensor], device: torch.device | str = "cpu",
+                     dtype: torch.dtype | None = None) -> None:
         """Load a Hugging Face LlamaForCausalLM state dict; errors name the missing or unexpected tensors."""
         state_dict = {k: v for k, v in state_dict.items() if "rotary_emb" not in k}
         if self.config.tie_word_embeddings:  # one tensor under both names
             state_dict.pop("lm_head.weight", None)
             if "model.embed_tokens.weight" in state_dict:
                 state_dict["lm_head.weight"] = state_dict["model.embed_tokens.weight"]
-        load_checked(self, state_dict, "the Llama config")
+        load_checked(self, state_dict, "the Llama config", device, dtype)

@@ -20,8 +20,9 @@ from tokenizers import Tokenizer
 
 from streamvox.codecs.snac import SnacCodec
 from streamvox.config import SamplingParams
-from streamvox.models.base import Chunking, ChunkJob, SpeechModel, TimingFacts
+from streamvox.models.base import Chunking, ChunkJob, SpeechModel, TimingFacts, random_seed
 from streamvox.models.llama import LlamaConfig, LlamaForCausalLM
+from streamvox.models.params import on_meta, random_init
 from streamvox.models.tiny import build_tiny_tokenizer, save_tensors, write_atomically
 
 VOICES = ("tara", "leah", "jess", "leo", "dan", "mia", "zac", "zoe")
@@ -76,6 +77,7 @@ class OrpheusModel(SpeechModel):
     family = "orpheus"
     voices = VOICES
     default_voice = "tara"
+    codes_per_frame = TOKENS_PER_FRAME
     default_sampling = SamplingParams(temperature=0.6, top_p=0.8, repetition_penalty=1.3, max_tokens=1200)
     # One-frame chunks: a stream generated at exactly real time then never underruns a client with no prebuffer
     # (bigger chunks would need several times real time); a lagging codec catches up in bigger chunks anyway.
@@ -84,6 +86,7 @@ class OrpheusModel(SpeechModel):
     def __init__(self, config: dict, backbone: LlamaForCausalLM, tokenizer: Tokenizer, codec: SnacCodec) -> None:
         self.ids = OrpheusTokenIds.from_config(config)
         self.backbone = backbone
+        self.device = backbone.lm_head.weight.device
         self.tokenizer = tokenizer
         self.tokenizer.encode_special_tokens = True  # text that spells a control token stays text
         self.codec = codec
@@ -92,11 +95,17 @@ class OrpheusModel(SpeechModel):
         self.is_random_weights = bool(config.get("streamvox_random_weights", False))
 
     @classmethod
-    def from_parts(cls, config: dict, state_dict: dict, tokenizer_path: Path, codec_dir: Path, dtype) -> OrpheusModel:
-        backbone = LlamaForCausalLM(LlamaConfig.from_json(config))
-        backbone.load_weights(state_dict)
-        backbone.to(dtype).eval()
-        codec = SnacCodec.load(codec_dir, dtype=dtype)
+    def from_parts(cls, config: dict, state_dict: dict | None, tokenizer_path: Path, codec_dir: Path,
+                   dtype: torch.dtype, device: torch.device) -> OrpheusModel:
+        with on_meta():
+            backbone = LlamaForCausalLM(LlamaConfig.from_json(config))
+        if state_dict is None:
+            seed = random_seed(config)
+            random_init(backbone, seed, device, dtype)
+            _speak_audio_codes(backbone, OrpheusTokenIds.from_config(config), seed)
+        else:
+            backbone.load_weights(state_dict, device, dtype)
+        codec = SnacCodec.load(codec_dir, device=device)  # fp32, as the publisher decodes
         return cls(config, backbone, Tokenizer.from_file(str(tokenizer_path)), codec)
 
     def prepare(self, text: str, voice: str | None) -> list[int]:
@@ -117,6 +126,19 @@ class OrpheusModel(SpeechModel):
         spf = self.timing.samples_per_frame
         pcm = self.codec.decode_windows(torch.cat(windows), seeds)[:, spf : 2 * spf]  # [sum F, spf]
         return [rows.reshape(-1) for rows in pcm.split(sizes)]
+
+
+@torch.no_grad()
+def _speak_audio_codes(backbone: LlamaForCausalLM, ids: OrpheusTokenIds, seed: int) -> None:
+    """Redraw random head rows so that, as with a trained model, the head draws audio tokens: text and control
+    rows give logits near 0, audio rows logits of spread 2.5, so the audio rows hold almost all of the mass."""
+    head = backbone.lm_head.weight  # [vocab, hidden]; the input embedding too when they are tied
+    if head.device.type == "meta":
+        return
+    generator = torch.Generator(device=head.device).manual_seed(seed + 1)
+    scale = head.shape[1] ** -0.5  # the final norm makes hidden states of norm sqrt(hidden)
+    head[: ids.audio_offset].normal_(0.0, 0.1 * scale, generator=generator)
+    head[ids.audio_offset :].normal_(0.0, 2.5 * scale, generator=generator)
 
 
 def decode_windows(frames: torch.Tensor, start_frame: int, end_frame: int) -> torch.Tensor:

@@ -43,9 +43,11 @@ from streamvox.models.base import (
     SpeechModel,
     StepToken,
     TimingFacts,
+    random_seed,
 )
 from streamvox.models.depth import DepthDecoder
-from streamvox.models.llama import LlamaConfig, LlamaDecoderLayer, load_checked
+from streamvox.models.llama import LlamaConfig, LlamaDecoderLayer
+from streamvox.models.params import load_checked, on_meta, random_init
 from streamvox.models.tiny import save_tensors, train_tiny_bpe, write_atomically
 
 CODEC_SUBDIR = "speech_tokenizer"
@@ -172,7 +174,7 @@ class QwenTalker(nn.Module):
         self.codec_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         self.code_predictor = QwenCodePredictor(predictor_config, num_codebooks, config.hidden_size,
                                                 self.model.codec_embedding)
-        never = torch.zeros(config.vocab_size, dtype=torch.bool)
+        never = torch.zeros(config.vocab_size, dtype=torch.bool, device="cpu")
         never[max(0, config.vocab_size - SPECIAL_SPAN) :] = True
         never[codec_eos] = False
         self.register_buffer("never_drawn", never, persistent=False)
@@ -180,18 +182,13 @@ class QwenTalker(nn.Module):
     def embed(self, inputs: torch.Tensor) -> torch.Tensor:
         """inputs [T, 17] -> [T, hidden]: the text track plus every codec column present."""
         codes, text = inputs[:, : self.num_codebooks], inputs[:, self.num_codebooks]
-        x = self.codec_head.weight.new_zeros(inputs.shape[0], self.config.hidden_size)
-        has_text = text >= 0
-        if has_text.any():
-            x[has_text] = self.text_projection(self.model.text_embedding(text[has_text]))
-        has_codec = codes[:, 0] >= 0
-        x[has_codec] += self.model.codec_embedding(codes[has_codec, 0])
-        is_frame = codes[:, 1] >= 0
-        if is_frame.any():
-            frames = codes[is_frame]
-            x[is_frame] += sum(self.code_predictor.model.codec_embedding[k - 1](frames[:, k])
-                               for k in range(1, self.num_codebooks))
-        return x
+        has_text, has_codec, is_frame = (text >= 0)[:, None], (codes[:, :1] >= 0), (codes[:, 1:2] >= 0)
+        known = codes.clamp(min=0)  # -1 (an empty track) looks up any id; masks keep it out of the sum
+        x = torch.where(has_text, self.text_projection(self.model.text_embedding(text.clamp(min=0))), 0.0)
+        x = x + torch.where(has_codec, self.model.codec_embedding(known[:, 0]), 0.0)
+        tables = self.code_predictor.model.codec_embedding
+        frames = sum(tables[k - 1](known[:, k]) for k in range(1, self.num_codebooks))
+        return x + torch.where(is_frame, frames, 0.0)
 
     def forward(self, inputs, positions, meta: AttentionMetadata, kv_caches) -> torch.Tensor:
         x = self.embed(inputs)
@@ -247,10 +244,11 @@ class Qwen3TtsModel(SpeechModel):
         self.ids = QwenTtsIds.from_config(config)
         talker_config = config["talker_config"]
         self.backbone = talker
+        self.device = talker.codec_head.weight.device
         self.tokenizer = tokenizer
         self.tokenizer.encode_special_tokens = True  # user text that spells a control token stays text
         self.codec = codec
-        self.num_codebooks = talker.num_codebooks
+        self.num_codebooks = self.codes_per_frame = talker.num_codebooks
         if codec.num_codebooks != self.num_codebooks:
             raise ValueError(f"the speech tokenizer has {codec.num_codebooks} codebooks, the talker "
                              f"{self.num_codebooks}")
@@ -270,8 +268,8 @@ class Qwen3TtsModel(SpeechModel):
         self.role_ids = [im_start, *self.tokenizer.encode(HEAD, add_special_tokens=False).ids]
 
     @classmethod
-    def from_parts(cls, config: dict, state_dict: dict, tokenizer_path: Path, codec_dir: Path,
-                   dtype) -> Qwen3TtsModel:
+    def from_parts(cls, config: dict, state_dict: dict | None, tokenizer_path: Path, codec_dir: Path,
+                   dtype: torch.dtype, device: torch.device) -> Qwen3TtsModel:
         talker_config = config["talker_config"]
         rope = talker_config.get("rope_scaling") or {}
         if rope.get("rope_type", rope.get("type", "default")) != "default":
@@ -282,12 +280,15 @@ class Qwen3TtsModel(SpeechModel):
         predictor = talker_config.get("code_predictor_config") or {}
         predictor_llama = LlamaConfig.from_fields(predictor, "Qwen3-TTS code predictor", rope_scaling=None,
                                                   qk_norm=True)
-        talker = QwenTalker(talker_llama, predictor_llama, talker_config.get("num_code_groups", 16),
-                            talker_config["text_vocab_size"], talker_config["text_hidden_size"],
-                            talker_config["codec_eos_token_id"])
-        _load_talker(talker, state_dict)
-        talker.to(dtype).eval()
-        codec = Qwen12HzCodec.load(codec_dir)
+        with on_meta():
+            talker = QwenTalker(talker_llama, predictor_llama, talker_config.get("num_code_groups", 16),
+                                talker_config["text_vocab_size"], talker_config["text_hidden_size"],
+                                talker_config["codec_eos_token_id"])
+        if state_dict is None:
+            random_init(talker, random_seed(config), device, dtype)
+        else:
+            _load_talker(talker, state_dict, device, dtype)
+        codec = Qwen12HzCodec.load(codec_dir).to(device)  # fp32, as the publisher decodes
         return cls(config, talker, load_tokenizer(tokenizer_path.parent), codec)
 
     # -- prompt and text ---------------------------------------------------------------------------------
@@ -344,11 +345,9 @@ class Qwen3TtsModel(SpeechModel):
 
     # -- steps and audio ---------------------------------------------------------------------------------
 
-    def complete_step(self, hidden: torch.Tensor, tokens: list[int], sample: ExtraSampler) -> list[StepToken]:
-        first = torch.tensor(tokens, dtype=torch.int64)
+    def complete_step(self, hidden: torch.Tensor, tokens: torch.Tensor, sample: ExtraSampler) -> torch.Tensor:
         predictor = self.backbone.code_predictor
-        codes = predictor.generate(hidden, first, sample, predictor.config.vocab_size)
-        return [tuple(frame) for frame in codes.tolist()]
+        return predictor.generate(hidden, tokens, sample, predictor.config.vocab_size)
 
     def next_input(self, token: StepToken, text_id: int | None) -> StepToken:
         return (*token, self.ids.tts_pad if text_id is None else text_id)
@@ -367,9 +366,9 @@ class Qwen3TtsModel(SpeechModel):
         return self.codec.decode(codes, [job.state for job in jobs])
 
 
-def _load_talker(talker: QwenTalker, state_dict: dict) -> None:
+def _load_talker(talker: QwenTalker, state_dict: dict, device: torch.device, dtype: torch.dtype) -> None:
     tensors = {k[len("talker.") :]: v for k, v in state_dict.items() if k.startswith("talker.")}
-    load_checked(talker, tensors, "the Qwen3-TTS talker config")
+    load_checked(talker, tensors, "the Qwen3-TTS talker config", device, dtype)
 
 
 # -- tiny random-weight checkpoint in the publisher's layout --------------------------------------------------
@@ -427,7 +426,7 @@ def tiny_config() -> dict:
 def _write_tiny_files(path: Path, seed: int, num_shards: int) -> None:
     config = tiny_config()
     talker_config = config["talker_config"]
-    _write_tiny_tokenizer(path)
+    write_tiny_tokenizer(path)
     (path / "config.json").write_text(json.dumps(config, indent=2))
     talker_llama = LlamaConfig.from_fields(talker_config, rope_scaling=None, qk_norm=True)
     predictor_llama = LlamaConfig.from_fields(talker_config["code_predictor_config"], rope_scaling=None,
@@ -452,7 +451,7 @@ def _write_tiny_files(path: Path, seed: int, num_shards: int) -> None:
     (path / "README.md").write_text(TINY_NOTE + "\n")
 
 
-def _write_tiny_tokenizer(path: Path) -> None:
+def write_tiny_tokenizer(path: Path) -> None:
     """vocab.json + merges.txt + tokenizer_config.json, as the publisher ships its Qwen2 tokenizer."""
     # byte-level BPE (Qwen2's pre-tokenizer on load) in which "assistant", like in Qwen's vocabulary, is one token
     train_tiny_bpe(TINY_TEXT_VOCAB, ("assistant " * 50,)).model.save(str(path))

@@ -55,6 +55,7 @@ class CodecRunner:
     def __init__(self, model: SpeechModel) -> None:
         self.model = model
         self.requests: dict[str, _CodecRequest] = {}
+        self._pinned: torch.Tensor | None = None  # CUDA: page-locked host buffer the codec's PCM is copied into
 
     def add(self, request_id: str, seed: int) -> None:
         self.requests[request_id] = _CodecRequest(self.model.new_frame_builder(), seed, self.model.new_codec_state())
@@ -114,10 +115,24 @@ class CodecRunner:
         return pending
 
     def decode(self, pending: list[PendingChunk]) -> list[np.ndarray]:
-        """Run the codec on taken chunks (safe on another thread: touches no runner state)."""
+        """Run the codec on taken chunks (safe on another thread: touches no runner state but its own host
+        buffer, and one codec call runs at a time). The batch's PCM reaches the host in one copy."""
         jobs = [p.job for p in pending if p.job is not None]
-        decoded = iter(self.model.decode_chunks(jobs) if jobs else [])
-        return [next(decoded).numpy() if p.job is not None else np.zeros(0, np.float32) for p in pending]
+        decoded = self.model.decode_chunks(jobs) if jobs else []
+        pcm = self._to_host(torch.cat([d.reshape(-1).float() for d in decoded])) if decoded else np.zeros(0, np.float32)
+        pieces = iter(np.split(pcm, np.cumsum([d.numel() for d in decoded])[:-1]) if decoded else [])
+        return [next(pieces) if p.job is not None else np.zeros(0, np.float32) for p in pending]
+
+    def _to_host(self, pcm: torch.Tensor) -> np.ndarray:
+        """[N] float32 on the codec's device -> a numpy array of its own."""
+        if pcm.device.type != "cuda":
+            return pcm.numpy()
+        if self._pinned is None or self._pinned.numel() < pcm.numel():
+            self._pinned = torch.empty(2 * pcm.numel(), dtype=torch.float32, pin_memory=True)
+        host = self._pinned[: pcm.numel()]
+        host.copy_(pcm, non_blocking=True)
+        torch.cuda.current_stream(pcm.device).synchronize()
+        return host.numpy().copy()  # the buffer is reused by the next batch
 
     def complete(self, pending: list[PendingChunk], pcms: list[np.ndarray]) -> list[AudioChunk]:
         """Chunks for decoded work; requests whose last chunk this was (or that were dropped) are released."""

@@ -13,8 +13,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from streamvox.models.base import SpeechModel
+from streamvox.models.base import RANDOM_INIT_KEY, SpeechModel
 from streamvox.models.registry import CODEC_DEFAULTS, FAMILIES, TINY_WRITERS, detect_family
+from streamvox.runner.device import resolve_device, resolve_dtype
 
 TINY_PREFIX = "tiny-"
 
@@ -82,8 +83,11 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return load_file(str(single))
 
 
-def load_model(name: str, codec: str | None = None, dtype: str = "float32") -> SpeechModel:
-    """Build the SpeechModel for checkpoint `name`; `codec` overrides the family's codec location."""
+def load_model(name: str, codec: str | None = None, dtype: str = "auto", device: str = "auto") -> SpeechModel:
+    """Build the SpeechModel for checkpoint `name` on `device` (auto: CUDA when present), its backbone in `dtype`
+    (auto: bf16 on CUDA, fp32 on the CPU); `codec` overrides the family's codec location."""
+    torch_device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, torch_device)
     path = resolve_checkpoint(name)
     config = read_config(path)
     family = detect_family(config, name)
@@ -92,10 +96,8 @@ def load_model(name: str, codec: str | None = None, dtype: str = "float32") -> S
         raise FileNotFoundError(f"{path} has no tokenizer.json (nor vocab.json + merges.txt); the tokenizer is "
                                 "read with `tokenizers`")
     codec_dir = resolve_checkpoint(codec) if codec else default_codec_dir(path, family)
-    torch_dtype = getattr(torch, dtype, None)
-    if not isinstance(torch_dtype, torch.dtype):
-        raise ValueError(f"unknown dtype {dtype!r}; use float32, bfloat16 or float16")
-    return FAMILIES[family].from_parts(config, read_state_dict(path), tokenizer_path, codec_dir, torch_dtype)
+    state_dict = None if RANDOM_INIT_KEY in config else read_state_dict(path)
+    return FAMILIES[family].from_parts(config, state_dict, tokenizer_path, codec_dir, torch_dtype, torch_device)
 
 
 def default_codec_dir(path: Path, family: str) -> Path:

@@ -44,3 +44,21 @@ def test_make_tiny_writes_the_publisher_layout(tmp_path):
     names = {p.relative_to(tmp_path / "ckpt").as_posix() for p in (tmp_path / "ckpt").rglob("*") if p.is_file()}
     assert {"config.json", "tokenizer.json", "model.safetensors.index.json", "model-00001-of-00002.safetensors",
             "model-00002-of-00002.safetensors", "snac_24khz/config.json", "snac_24khz/pytorch_model.bin"} <= names
+
+
+def test_a_device_this_machine_lacks_is_refused_with_what_to_do(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        return  # the message is for machines without a GPU
+    done = run_cli("synth", "hi", "--device", "cuda", "-o", str(tmp_path / "x.wav"), env_cache=tmp_path)
+    assert done.returncode == 2
+    assert "no CUDA GPU" in done.stderr and "--device cpu" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_make_tiny_full_writes_a_config_and_no_weights(tmp_path):
+    done = run_cli("make-tiny", "orpheus", str(tmp_path / "full"), "--size", "full", env_cache=tmp_path)
+    assert done.returncode == 0, done.stderr
+    names = {p.relative_to(tmp_path / "full").as_posix() for p in (tmp_path / "full").rglob("*") if p.is_file()}
+    assert names == {"config.json", "tokenizer.json", "snac_24khz/config.json"}

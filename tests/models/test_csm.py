@@ -61,11 +61,9 @@ def _our_logits(engine, prompt, frame=None):
     runner, pool = engine.lm_runner, engine.pool
     blocks = tuple(pool.allocate(pool.blocks_for(len(prompt) + 2)))
     runner.execute(StepBatch((NewRequest("p", tuple(prompt), greedy(4), 0),), (), ()))
-    backbone = engine.model.backbone
 
     def last_logits(row):
-        inputs, positions, meta = runner._prepare_inputs((row,))
-        return backbone.compute_logits(backbone(inputs, positions, meta, runner.kv_cache))[-1]
+        return runner.logits(row)[-1]
 
     with torch.inference_mode():
         prefill = last_logits(ScheduledRow("p", 0, len(prompt), blocks, True))

@@ -22,11 +22,9 @@ def test_logits_match_transformers(tiny_model, reference, make_engine):
     blocks = tuple(engine.pool.allocate(engine.pool.blocks_for(len(prompt) + 1)))
     runner.execute(StepBatch((NewRequest("p", tuple(prompt), sampling, 0),),
                              (ScheduledRow("p", 0, len(prompt), blocks, True),), ()))
-    backbone = tiny_model.backbone
 
     def last_logits(row):  # our paged forward of one scheduled row -> logits of its last position
-        ids, positions, meta = runner._prepare_inputs((row,))
-        return backbone.compute_logits(backbone(ids, positions, meta, runner.kv_cache))[-1]
+        return runner.logits(row)[-1]
 
     with torch.inference_mode():
         prefill = (last_logits(ScheduledRow("p", 0, len(prompt), blocks, True)),

@@ -93,8 +93,7 @@ def test_talker_logits_match_the_reference(qwen_model, reference, make_engine):
     backbone = qwen_model.backbone
 
     def last_logits(row):
-        inputs, positions, meta = runner._prepare_inputs((row,))
-        return backbone.compute_logits(backbone(inputs, positions, meta, runner.kv_cache))[-1]
+        return runner.logits(row)[-1]
 
     with torch.inference_mode():
         prefill = last_logits(ScheduledRow("p", 0, len(prompt), blocks, True))
@@ -117,7 +116,7 @@ def test_code_predictor_greedy_codes_match_the_reference(qwen_model, reference):
             inputs_embeds=torch.cat((hidden[i : i + 1, None], model.talker.get_input_embeddings()(first[i : i + 1,
                                                                                                           None])), 1),
             max_new_tokens=15, do_sample=False) for i in range(3)]
-    ours = qwen_model.backbone.code_predictor.generate(hidden, first, lambda logits, k: logits.argmax(-1).tolist(),
+    ours = qwen_model.backbone.code_predictor.generate(hidden, first, lambda logits, k: logits.argmax(-1),
                                                         2048)  # three rows at once
     for row in range(3):
         assert ours[row, 1:].tolist() == expected[row][0].tolist()
