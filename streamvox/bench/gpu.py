@@ -63,11 +63,12 @@ class Plan:
     max_num_seqs: int
     max_codec_frames: int
     correctness_frames: int
+    drain_s: float  # a rate's run may go on this long past its arrivals and twice the audio, to finish streams
 
 
 FULL = Plan((1, 8, 32, 64, 128, 256), (128, 1024), 8, (1, 8, 32, 128), 10.0, 4.0, (0.25, 0.5, 1.0, 1.5, 2.0),
-            256, 64, 12)
-TINY = Plan((1, 8), (128,), 3, (1, 8), 3.0, 1.0, (0.25, 0.5), 16, 8, 4)
+            256, 64, 12, 15.0)
+TINY = Plan((1, 8), (128,), 3, (1, 8), 3.0, 1.0, (0.25, 0.5), 16, 8, 4, 3.0)
 
 
 class Budget:
@@ -358,7 +359,7 @@ def _poisson(model: SpeechModel, plan: Plan, budget: Budget, decode_rows: list[d
     try:
         for fraction in plan.load_fractions:
             rate = round(base_rate * fraction, 3)
-            if budget.left_s < plan.load_window_s + 2 * plan.audio_s + 15 or misses >= 2:
+            if budget.left_s < plan.load_window_s + 2 * plan.audio_s + plan.drain_s or misses >= 2:
                 break
             rows.append(_load_at(engine, model, rate, plan, seed=len(rows)))
             print(f"  {rows[-1]}", flush=True)
@@ -395,7 +396,7 @@ def _load_at(engine: EngineCore, model: SpeechModel, rate: float, plan: Plan, se
     refused, failed, active, peak = 0, 0, set(), 0
     sample_rate = model.timing.sample_rate
     next_arrival = 0
-    deadline = start + plan.load_window_s + 2 * plan.audio_s + 15
+    deadline = start + plan.load_window_s + 2 * plan.audio_s + plan.drain_s
     while time.monotonic() < deadline:
         now = time.monotonic() - start
         while next_arrival < len(arrivals) and arrivals[next_arrival] <= now:
