@@ -73,6 +73,13 @@ class CacheConfig:
 POLICIES = ("streaming", "offline", "fcfs")
 DEVICE_HELP = "auto (CUDA when present), cpu, cuda or cuda:N"
 DTYPES = ("auto", "float32", "bfloat16", "float16")  # auto: bfloat16 on CUDA, float32 on the CPU
+RANDOM_INIT_KEY = "streamvox_random_init"  # in a weightless full-size config.json: {"seed": N}
+
+
+def random_init_seed(config: dict) -> int | None:
+    """The seed a weightless config (a model's or a codec's) asks its weights to be drawn from; None if it has
+    weights."""
+    return int(config[RANDOM_INIT_KEY]["seed"]) if RANDOM_INIT_KEY in config else None
 
 
 @dataclass(frozen=True)

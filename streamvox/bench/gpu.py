@@ -228,7 +228,7 @@ def _decode_sweep(model: SpeechModel, plan: Plan, budget: Budget) -> list[dict]:
     block_size = 16
     steps = plan.timed_steps + 2
     blocks_per_row = -(-(max(plan.contexts) + steps + 1) // block_size)
-    dtype = next(model.backbone.parameters()).dtype
+    dtype = model.dtype
     runner = LMRunner(model, max(plan.batches) * blocks_per_row, block_size, dtype)
     runner.kv_cache.normal_()  # timings on data, not zeros
     tokens_per_audio_s = model.timing.frame_rate_hz * model.timing.lm_steps_per_frame
@@ -282,7 +282,7 @@ def _step_profile(model: SpeechModel, batch_size: int = 64, context: int = 128) 
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if model.device.type == "cuda" else [])
-    dtype = next(model.backbone.parameters()).dtype
+    dtype = model.dtype
     blocks_per_row = -(-(context + 8) // 16)
     runner = LMRunner(model, batch_size * blocks_per_row, 16, dtype)
     runner.kv_cache.normal_()

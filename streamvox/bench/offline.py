@@ -92,7 +92,7 @@ def _raw(model, sampling, batch_size: int, engine_row: dict) -> dict:
     """LM steps and codec calls straight on the model, timed apart (see the module docstring)."""
     block_size, prompt = 16, tuple(model.prepare(TEXT, None))
     blocks_per_row = -(-(len(prompt) + sampling.max_tokens) // block_size)
-    runner = LMRunner(model, batch_size * blocks_per_row, block_size, next(model.backbone.parameters()).dtype)
+    runner = LMRunner(model, batch_size * blocks_per_row, block_size, model.dtype)
     tables = [tuple(range(i * blocks_per_row, (i + 1) * blocks_per_row)) for i in range(batch_size)]
     new = tuple(NewRequest(f"r{i}", prompt, sampling.replace(seed=i), 0) for i in range(batch_size))
     prefill = tuple(ScheduledRow(f"r{i}", 0, len(prompt), tables[i], True) for i in range(batch_size))

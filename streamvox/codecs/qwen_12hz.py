@@ -30,12 +30,12 @@ from streamvox.codecs.streaming import (
     StreamingCodec,
     random_tensors,
 )
+from streamvox.config import random_init_seed
 from streamvox.layers.mlp import GatedMLP
 from streamvox.layers.norm import RMSNorm
 from streamvox.layers.rotary import RotaryEmbedding
 
 DECODER_PREFIX = "decoder."
-RANDOM_INIT_KEY = "streamvox_random_init"  # a full-size config without weights: draw them from this seed
 MODEL_TYPE = "qwen3_tts_tokenizer_12hz"
 
 
@@ -205,8 +205,8 @@ class Qwen12HzCodec(StreamingCodec):
         config = json.loads(config_path.read_text())
         if config.get("model_type") != MODEL_TYPE:
             raise ValueError(f"{path} holds a {config.get('model_type')!r} tokenizer, not {MODEL_TYPE}")
-        if RANDOM_INIT_KEY in config:
-            tensors = tiny_tensors(config, int(config[RANDOM_INIT_KEY]["seed"]), with_encoder=False)
+        if (seed := random_init_seed(config)) is not None:
+            tensors = tiny_tensors(config, seed, with_encoder=False)
         elif weights.is_file():
             tensors = load_file(str(weights))
         else:

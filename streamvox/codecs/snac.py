@@ -16,10 +16,11 @@ from snac import SNAC
 from snac.layers import NoiseBlock
 from torch import nn
 
+from streamvox.config import RANDOM_INIT_KEY, random_init_seed
+
 SNAC_FRAME_CODES = 7  # codes in one frame: level0 x1, level1 x2, level2 x4
 SUPPORTED_VQ_STRIDES = [4, 2, 1]
 CONFIG_FILE = "config.json"
-RANDOM_INIT_KEY = "streamvox_random_init"  # a full-size config without weights: draw them from this seed
 WEIGHTS_FILE = "pytorch_model.bin"
 
 
@@ -89,15 +90,16 @@ class SnacCodec:
                                     f"{CONFIG_FILE} (snac.SNAC kwargs) and {WEIGHTS_FILE} (its state dict), e.g. a "
                                     "download of hubertsiuzdak/snac_24khz")
         config = json.loads((path / CONFIG_FILE).read_text())
-        random_init = config.pop(RANDOM_INIT_KEY, None)
+        seed = random_init_seed(config)
+        config.pop(RANDOM_INIT_KEY, None)  # not a SNAC argument
         if list(config.get("vq_strides", [])) != SUPPORTED_VQ_STRIDES:
             raise ValueError(
                 f"{path / CONFIG_FILE} has vq_strides {config.get('vq_strides')}: only "
                 f"{SUPPORTED_VQ_STRIDES} (snac_24khz, as used by Orpheus) is supported"
             )
-        if random_init is not None:
+        if seed is not None:
             with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(int(random_init["seed"]))
+                torch.manual_seed(seed)
                 model = SNAC(**config)
             return cls(model.to(device=device, dtype=dtype))
         if not (path / WEIGHTS_FILE).is_file():

@@ -146,15 +146,14 @@ class EngineCore:
         # LM steps and codec calls run at once on two threads: on a CPU, each gets its share of the cores
         # (measured on 2 cores: 2 shared threads made both ~1.5x slower than 1 thread each)
         torch.set_num_threads(config.num_threads or max(1, (os.cpu_count() or 2) // 2))
-        dtype = next(model.backbone.parameters()).dtype  # the KV cache holds what the backbone computes
-        num_blocks = kv_blocks(model, config, dtype)
+        num_blocks = kv_blocks(model, config, model.dtype)
         cache = config.cache
         self.pool = BlockPool(num_blocks, cache.block_size)
         sched = config.scheduler
         self.playback = PlaybackTracker(audio_plan(model), sched.ttfa_target_s, sched.client_prebuffer_s)
         self.timer = StepTimer()
         self.scheduler = Scheduler(sched, self.pool, self.playback, self.timer)
-        self.lm_runner = LMRunner(model, num_blocks, cache.block_size, dtype)
+        self.lm_runner = LMRunner(model, num_blocks, cache.block_size, model.dtype)
         self.codec_runner = CodecRunner(model)
         self._codec_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="codec")
         self._codec_batches: deque[_CodecBatch] = deque()  # dispatched, in order; the codec thread runs them

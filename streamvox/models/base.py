@@ -84,12 +84,7 @@ class TextStream(Protocol):
 # sample(logits [S, V] fp32, index) -> token ids [S] int64 on the logits' device: draws a depth decoder's
 # `index`-th codebook with each row's own sampling parameters and random stream
 ExtraSampler = Callable[[torch.Tensor, int], torch.Tensor]
-RANDOM_INIT_KEY = "streamvox_random_init"  # config.json of a full-size model without weights: {"seed": N}
 
-
-def random_seed(config: dict) -> int:
-    """The seed a weightless full-size config asks its weights to be drawn from."""
-    return int(config[RANDOM_INIT_KEY]["seed"])
 
 
 class SpeechModel(ABC):
@@ -105,7 +100,6 @@ class SpeechModel(ABC):
     stop_token_ids: frozenset[int]
     backbone: torch.nn.Module  # forward(inputs [T] or [T, C], positions [T], meta, kv_caches) -> [T, H]; compute_logits
     is_random_weights: bool  # a tiny test checkpoint: its audio is noise
-    device: torch.device  # where the backbone (and, but for encoders of reference audio, the codec) runs
     min_steps: int = 0  # the stop tokens are not drawn before this many steps
     takes_reference_audio: bool = False  # prepare_request accepts a Reference
 
@@ -115,7 +109,17 @@ class SpeechModel(ABC):
                    device: torch.device) -> SpeechModel:
         """Build from a checkpoint's config.json, its tensors, its tokenizer.json and its codec directory, the
         backbone in `dtype` on `device`. `state_dict` None: the config asks for random weights
-        (RANDOM_INIT_KEY), drawn on the device."""
+        (config.RANDOM_INIT_KEY), drawn on the device."""
+
+    @property
+    def device(self) -> torch.device:
+        """Where the backbone (and, but for encoders of reference audio, the codec) runs."""
+        return next(self.backbone.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The backbone's precision: the KV cache holds what it computes."""
+        return next(self.backbone.parameters()).dtype
 
     @abstractmethod
     def prepare(self, text: str, voice: str | None) -> list[StepToken]:

@@ -27,7 +27,7 @@ from streamvox.codecs.mimi import TINY_CONFIG as TINY_MIMI_CONFIG
 from streamvox.codecs.mimi import MimiCodec, read_tensors
 from streamvox.codecs.mimi import tiny_tensors as tiny_mimi_tensors
 from streamvox.codecs.mimi_encoder import ENCODER_PREFIXES, MimiEncoder
-from streamvox.config import SamplingParams
+from streamvox.config import SamplingParams, random_init_seed
 from streamvox.layers.attention import AttentionMetadata
 from streamvox.layers.linear import Linear
 from streamvox.layers.norm import RMSNorm
@@ -40,7 +40,6 @@ from streamvox.models.base import (
     SpeechModel,
     StepToken,
     TimingFacts,
-    random_seed,
 )
 from streamvox.models.depth import DepthDecoder
 from streamvox.models.llama import LlamaConfig, LlamaDecoderLayer
@@ -197,7 +196,6 @@ class CsmModel(SpeechModel):
         self.tokenizer = tokenizer
         self.tokenizer.encode_special_tokens = True  # text that spells a control token stays text
         self.codec = codec
-        self.device = backbone.lm_head.weight.device
         # reference audio -> codes, on the CPU where prompts are prepared; None when the checkpoint lacks it
         self.encoder = encoder
         self.takes_reference_audio = encoder is not None
@@ -219,7 +217,7 @@ class CsmModel(SpeechModel):
             backbone = CsmBackbone(backbone_config, config["text_vocab_size"], num_codebooks)
             depth = CsmDepthDecoder(depth_config, num_codebooks, backbone_config.hidden_size)
         if state_dict is None:
-            seed = random_seed(config)
+            seed = random_init_seed(config)
             random_init(backbone, seed, device, dtype)
             random_init(depth, seed + 1, device, dtype, fan_in=_fan_in)
             codec_tensors = tiny_mimi_tensors(config["codec_config"], seed)

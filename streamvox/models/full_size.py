@@ -13,8 +13,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from streamvox.config import RANDOM_INIT_KEY
 from streamvox.models import orpheus, qwen3_tts
-from streamvox.models.base import RANDOM_INIT_KEY
 from streamvox.models.tiny import build_tiny_tokenizer, write_atomically
 
 CONFIGS = Path(__file__).parent / "full"

@@ -19,8 +19,8 @@ import torch
 from tokenizers import Tokenizer
 
 from streamvox.codecs.snac import SnacCodec
-from streamvox.config import SamplingParams
-from streamvox.models.base import Chunking, ChunkJob, SpeechModel, TimingFacts, random_seed
+from streamvox.config import SamplingParams, random_init_seed
+from streamvox.models.base import Chunking, ChunkJob, SpeechModel, TimingFacts
 from streamvox.models.llama import LlamaConfig, LlamaForCausalLM
 from streamvox.models.params import on_meta, random_init
 from streamvox.models.tiny import build_tiny_tokenizer, save_tensors, write_atomically
@@ -86,7 +86,6 @@ class OrpheusModel(SpeechModel):
     def __init__(self, config: dict, backbone: LlamaForCausalLM, tokenizer: Tokenizer, codec: SnacCodec) -> None:
         self.ids = OrpheusTokenIds.from_config(config)
         self.backbone = backbone
-        self.device = backbone.lm_head.weight.device
         self.tokenizer = tokenizer
         self.tokenizer.encode_special_tokens = True  # text that spells a control token stays text
         self.codec = codec
@@ -100,7 +99,7 @@ class OrpheusModel(SpeechModel):
         with on_meta():
             backbone = LlamaForCausalLM(LlamaConfig.from_json(config))
         if state_dict is None:
-            seed = random_seed(config)
+            seed = random_init_seed(config)
             random_init(backbone, seed, device, dtype)
             _speak_audio_codes(backbone, OrpheusTokenIds.from_config(config), seed)
         else:

@@ -30,7 +30,7 @@ from torch.nn import functional as F
 from streamvox.codecs.qwen_12hz import TINY_CONFIG as TINY_CODEC_CONFIG
 from streamvox.codecs.qwen_12hz import Qwen12HzCodec
 from streamvox.codecs.qwen_12hz import tiny_tensors as tiny_codec_tensors
-from streamvox.config import SamplingParams
+from streamvox.config import SamplingParams, random_init_seed
 from streamvox.layers.attention import AttentionMetadata
 from streamvox.layers.linear import Linear
 from streamvox.layers.norm import RMSNorm
@@ -43,7 +43,6 @@ from streamvox.models.base import (
     SpeechModel,
     StepToken,
     TimingFacts,
-    random_seed,
 )
 from streamvox.models.depth import DepthDecoder
 from streamvox.models.llama import LlamaConfig, LlamaDecoderLayer
@@ -244,7 +243,6 @@ class Qwen3TtsModel(SpeechModel):
         self.ids = QwenTtsIds.from_config(config)
         talker_config = config["talker_config"]
         self.backbone = talker
-        self.device = talker.codec_head.weight.device
         self.tokenizer = tokenizer
         self.tokenizer.encode_special_tokens = True  # user text that spells a control token stays text
         self.codec = codec
@@ -285,7 +283,7 @@ class Qwen3TtsModel(SpeechModel):
                                 talker_config["text_vocab_size"], talker_config["text_hidden_size"],
                                 talker_config["codec_eos_token_id"])
         if state_dict is None:
-            random_init(talker, random_seed(config), device, dtype)
+            random_init(talker, random_init_seed(config), device, dtype)
         else:
             _load_talker(talker, state_dict, device, dtype)
         codec = Qwen12HzCodec.load(codec_dir).to(device)  # fp32, as the publisher decodes

@@ -13,7 +13,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from streamvox.models.base import RANDOM_INIT_KEY, SpeechModel
+from streamvox.config import RANDOM_INIT_KEY
+from streamvox.models.base import SpeechModel
 from streamvox.models.registry import CODEC_DEFAULTS, FAMILIES, TINY_WRITERS, detect_family
 from streamvox.runner.device import resolve_device, resolve_dtype
 
