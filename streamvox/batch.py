@@ -43,6 +43,11 @@ class StepBatch:
     def num_tokens(self) -> int:
         return sum(row.num_tokens for row in self.rows)
 
+    @property
+    def num_context_tokens(self) -> int:
+        """Positions the step's rows attend over."""
+        return sum(row.start_position + row.num_tokens for row in self.rows)
+
 
 @dataclass(frozen=True)
 class StepOutput:

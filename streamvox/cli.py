@@ -119,7 +119,7 @@ def _from_flags(config_type: type, args: argparse.Namespace):
 def _serve(args) -> int:
     import uvicorn
 
-    from streamvox.server.app import create_app
+    from streamvox.server.app import create_app, small_send_buffer_protocol
 
     scheduler = _from_flags(SchedulerConfig, args)
     scheduler.validate()
@@ -132,7 +132,7 @@ def _serve(args) -> int:
               "checkpoint", file=sys.stderr)
     app = create_app(engine, server)
     uvicorn.run(app, host=server.host, port=server.port, log_level="info", access_log=False,
-                timeout_graceful_shutdown=5)
+                timeout_graceful_shutdown=5, http=small_send_buffer_protocol())
     return 1 if app.state.engine.status == "failed" else 0
 
 

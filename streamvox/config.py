@@ -90,6 +90,9 @@ class SchedulerConfig:
     max_num_seqs: int = 64  # requests in one LM batch
     max_num_batched_tokens: int = 512  # prompt + decode tokens in one LM step
     max_queue_len: int = 64  # waiting requests beyond this are refused (HTTP 429)
+    max_queue_wait_s: float = 1.0  # served: a request predicted to wait longer to start is refused at once (429)
+    max_prompt_tokens: int = 2048  # a longer prompt is refused (HTTP 400)
+    max_audio_s: float = 120.0  # the most audio one request may ask for (max_tokens beyond it: HTTP 400)
     ttfa_target_s: float = 0.5  # a new request's first chunk is due this long after it arrived
     client_prebuffer_s: float = 0.0  # audio a client buffers before it starts playing
     urgent_slack_s: float = 1.0  # streaming: a request with less slack than this is urgent
@@ -105,6 +108,8 @@ class SchedulerConfig:
             raise ValueError(f"a step must take >= 1 request, >= 1 token and >= 1 chunk, got {self}")
         if self.max_queue_len < 0 or self.ttfa_target_s <= 0 or self.client_prebuffer_s < 0:
             raise ValueError("max_queue_len and client_prebuffer_s must be >= 0 and ttfa_target_s > 0")
+        if self.max_queue_wait_s <= 0 or self.max_prompt_tokens < 1 or self.max_audio_s <= 0:
+            raise ValueError("max_queue_wait_s and max_audio_s must be > 0 and max_prompt_tokens >= 1")
         if not 0 < self.realtime_headroom <= 1:
             raise ValueError("realtime_headroom must be in (0, 1]")
 
@@ -133,3 +138,5 @@ class ServerConfig:
     max_upload_mb: float = 10.0  # largest reference-audio upload
     served_model_name: str | None = None  # the `model` clients send; None = the model argument as given
     engine_hang_timeout_s: float = 30.0  # no report from a busy engine for this long: restart it
+    max_unread_s: float = 4.0  # audio made but not yet written to a slow client beyond this pauses its request
+    reader_timeout_s: float = 60.0  # a paused request whose client reads nothing for this long is cancelled

@@ -1,11 +1,13 @@
 """Messages between the API server and the engine process (msgpack via msgspec, one ZeroMQ frame each).
 
-Server -> engine: Submit, Cancel, Shutdown. Engine -> server: EngineReady once it has loaded the model, then one
-StepReport per engine step that produced anything (and at least one per heartbeat interval), EngineFailed if it
-is about to die. Imports nothing from the package; no torch.
+Server -> engine: Submit, AppendText, Pace, Cancel, Shutdown. Engine -> server: EngineReady once it has loaded the
+model, then one StepReport per engine step that produced anything (and at least one per heartbeat interval),
+EngineFailed if it is about to die. Imports nothing from the package; no torch.
 """
 
 from __future__ import annotations
+
+import enum
 
 import msgspec
 
@@ -44,6 +46,14 @@ class AppendText(msgspec.Struct, tag=True, frozen=True):
     request_id: str
     text: str
     is_final: bool
+
+
+class Pace(msgspec.Struct, tag=True, frozen=True):
+    """The request's client is behind in reading what was sent (`is_paused`): stop generating until it catches
+    up; or it has caught up: go on."""
+
+    request_id: str
+    is_paused: bool
 
 
 class Cancel(msgspec.Struct, tag=True, frozen=True):
@@ -90,18 +100,37 @@ class Finished(msgspec.Struct, frozen=True):
     num_output_tokens: int
 
 
+class Failure(enum.Enum):
+    """Why a request failed; the server maps each to an HTTP status."""
+
+    BAD_REQUEST = "bad_request"  # the client must change the request (400)
+    AT_CAPACITY = "at_capacity"  # it cannot start in time; retry after `retry_after_s` (429)
+    ENGINE_ERROR = "engine_error"  # it raised inside the engine (500)
+    UNAVAILABLE = "unavailable"  # the engine is gone or restarting (503)
+    CLIENT_TOO_SLOW = "client_too_slow"  # its client stopped reading what was sent (408)
+
+
+class Accepted(msgspec.Struct, frozen=True):
+    """The engine has queued the request: it will start within its queue bound (or fail later with a reason)."""
+
+    request_id: str
+
+
 class Failed(msgspec.Struct, frozen=True):
     """The request ended with an error; nothing more comes for it."""
 
     request_id: str
-    status: int  # HTTP status: 400 bad input, 429 queue full, 500 engine-side failure
+    failure: Failure
     message: str
+    retry_after_s: float = 0.0  # AT_CAPACITY: when the engine expects room for it
 
 
 class EngineStats(msgspec.Struct, frozen=True):
     num_requests: int  # requests holding any engine state (preparing, queued, generating or decoding)
     num_waiting: int
     num_running: int
+    num_held: int  # running but paused: by a slow reader, or waiting for streamed text
+    capacity: int  # streams the engine predicts it can keep ahead of playback
     num_free_blocks: int
     num_blocks: int
     step_s: float  # measured duration of the last LM step
@@ -115,6 +144,7 @@ class StepReport(msgspec.Struct, tag=True, frozen=True):
     finished: list[Finished]
     failed: list[Failed]
     stats: EngineStats
+    accepted: list[Accepted] = []
 
 
 class EngineFailed(msgspec.Struct, tag=True, frozen=True):
@@ -123,7 +153,7 @@ class EngineFailed(msgspec.Struct, tag=True, frozen=True):
     message: str
 
 
-ToEngine = Submit | AppendText | Cancel | Shutdown
+ToEngine = Submit | AppendText | Pace | Cancel | Shutdown
 FromEngine = EngineReady | StepReport | EngineFailed
 
 _encoder = msgspec.msgpack.Encoder()

@@ -1,9 +1,14 @@
 """The API server's handle on the engine process: starts it, routes its reports, and restarts it when it dies.
 
 Runs on the server's asyncio loop and never imports torch. Every request gets a `RequestStream` whose queue
-receives that request's Audio, Finished and Failed messages in order. When the engine process exits, crashes or
-stops reporting, every open stream gets a Failed(503) at once, `is_ready` turns false, and a fresh engine is
-started on fresh sockets (so nothing meant for the old one reaches the new one).
+receives that request's Accepted, Audio, Finished and Failed messages in order. When the engine process exits,
+crashes or stops reporting, every open stream gets a Failed(UNAVAILABLE) at once, `is_ready` turns false, and a
+fresh engine is started on fresh sockets (so nothing meant for the old one reaches the new one).
+
+Pacing: audio in a stream's queue has been made but not yet taken by the route that writes it to the client's
+socket (a route takes the next piece only once the previous write was accepted). Beyond `max_unread_s` of it
+the engine is told to pause the request, and to go on once half of it has been written; a paused stream whose
+writer takes nothing for `reader_timeout_s` is cancelled, so a client that stops reading holds nothing for long.
 """
 
 from __future__ import annotations
@@ -43,13 +48,19 @@ class EngineUnavailableError(Exception):
 @dataclass
 class RequestStream:
     request_id: str
-    queue: asyncio.Queue = field(default_factory=asyncio.Queue)  # Audio | Finished | Failed
+    queue: asyncio.Queue = field(default_factory=asyncio.Queue)  # Accepted | Audio | Finished | Failed
+    unread_s: float = 0.0  # audio seconds in `queue`: made, not yet taken for writing
+    is_paused: bool = False
+    last_take_s: float = field(default_factory=time.monotonic)
 
 
 class EngineClient:
-    def __init__(self, config: EngineConfig, hang_timeout_s: float = 30.0) -> None:
+    def __init__(self, config: EngineConfig, hang_timeout_s: float = 30.0, max_unread_s: float = 4.0,
+                 reader_timeout_s: float = 60.0) -> None:
         self.config = config
         self.hang_timeout_s = hang_timeout_s  # no report for this long while running: the engine is hung
+        self.max_unread_s = max_unread_s
+        self.reader_timeout_s = reader_timeout_s
         self.info: protocol.EngineReady | None = None
         self.stats: protocol.EngineStats | None = None
         self.status = "starting"
@@ -103,6 +114,25 @@ class EngineClient:
         """The next piece of an open request's text (nothing happens once its stream is closed)."""
         if request_id in self._streams and self._push is not None and self.is_ready:
             self._push.send(protocol.encode(protocol.AppendText(request_id, text, is_final)))
+
+    async def take(self, stream: RequestStream) -> protocol.Accepted | protocol.Audio | protocol.Finished | \
+            protocol.Failed:
+        """The stream's next message; call it only once the previous audio was written (that is the pacing)."""
+        message = await stream.queue.get()
+        stream.last_take_s = time.monotonic()
+        if isinstance(message, protocol.Audio):
+            stream.unread_s -= self._seconds(message)
+            if stream.is_paused and stream.unread_s <= self.max_unread_s / 2:
+                self._pace(stream, False)
+        return message
+
+    def _seconds(self, audio: protocol.Audio) -> float:
+        return len(audio.pcm) / 2 / self.info.sample_rate if self.info is not None else 0.0
+
+    def _pace(self, stream: RequestStream, is_paused: bool) -> None:
+        stream.is_paused = is_paused
+        if self._push is not None and self.is_ready:
+            self._push.send(protocol.encode(protocol.Pace(stream.request_id, is_paused)))
 
     def close(self, request_id: str, cancel: bool) -> None:
         """Stop routing a request; with `cancel`, also tell the engine to drop it (client gone)."""
@@ -167,6 +197,7 @@ class EngineClient:
                 logger.error("engine sent nothing for %.0f s; restarting it", self.hang_timeout_s)
                 return
             if not await pull.poll(int(POLL_S * 1000)):
+                self._drop_stalled_readers()
                 continue
             while await pull.poll(0):
                 message = protocol.decode_from_engine(await pull.recv())
@@ -182,17 +213,35 @@ class EngineClient:
 
     def _route(self, report: protocol.StepReport) -> None:
         self.stats = report.stats
-        for message in (*report.failed, *report.finished, *report.audio):
+        for message in (*report.accepted, *report.failed, *report.finished, *report.audio):
             stream = self._streams.get(message.request_id)
             if stream is None:
                 continue  # the client went away
             stream.queue.put_nowait(message)
+            if isinstance(message, protocol.Audio):
+                stream.unread_s += self._seconds(message)
+                if not stream.is_paused and not message.is_last and stream.unread_s > self.max_unread_s:
+                    self._pace(stream, True)
             if isinstance(message, protocol.Failed) or (isinstance(message, protocol.Audio) and message.is_last):
                 del self._streams[message.request_id]
+        self._drop_stalled_readers()
+
+    def _drop_stalled_readers(self) -> None:
+        """Cancel paused streams whose writer has taken nothing for `reader_timeout_s`; their unread audio goes."""
+        now = time.monotonic()
+        for stream in [s for s in self._streams.values() if s.is_paused]:
+            if now - stream.last_take_s > self.reader_timeout_s:
+                while not stream.queue.empty():
+                    stream.queue.get_nowait()
+                stream.unread_s = 0.0
+                stream.queue.put_nowait(protocol.Failed(
+                    stream.request_id, protocol.Failure.CLIENT_TOO_SLOW,
+                    f"the client read nothing for {self.reader_timeout_s:g} s; the request was cancelled"))
+                self.close(stream.request_id, cancel=True)
 
     def _fail_all(self, message: str) -> None:
         for stream in self._streams.values():
-            stream.queue.put_nowait(protocol.Failed(stream.request_id, 503, message))
+            stream.queue.put_nowait(protocol.Failed(stream.request_id, protocol.Failure.UNAVAILABLE, message))
         self._streams.clear()
 
     async def _kill(self) -> None:

@@ -10,6 +10,7 @@ and only the rows that still raise are failed. `Engine` adds in-process convenie
 from __future__ import annotations
 
 import logging
+import math
 import os
 import secrets
 import threading
@@ -25,12 +26,14 @@ import torch
 from streamvox.batch import StepBatch, StepOutput
 from streamvox.config import EngineConfig, SamplingParams
 from streamvox.models.base import SpeechModel, TextStream
+from streamvox.protocol import Failure
 from streamvox.runner.codec_runner import AudioChunk, CodecRunner, PendingChunk
 from streamvox.runner.lm_runner import LMRunner
 from streamvox.runner.memory import cuda_kv_blocks
 from streamvox.runner.weights import load_model
 from streamvox.sched.kv_blocks import BlockPool
 from streamvox.sched.playback import AudioPlan, PlaybackTracker
+from streamvox.sched.policy import POLICIES
 from streamvox.sched.request import FinishReason, Request
 from streamvox.sched.scheduler import QueueFullError, Scheduler
 from streamvox.sched.timing import StepTimer
@@ -44,10 +47,24 @@ CPU_KV_CACHE_MB = 256
 
 @dataclass(frozen=True)
 class RequestFailure:
-    """A request that raised inside the engine; nothing more will come for it."""
+    """A request that failed inside the engine; nothing more will come for it."""
 
     request_id: str
     message: str
+    failure: Failure = Failure.ENGINE_ERROR
+    retry_after_s: float = 0.0  # AT_CAPACITY: when the engine expects room
+
+
+@dataclass(frozen=True)
+class EngineLoad:
+    """What the engine holds, for reports and the serving loop."""
+
+    num_waiting: int
+    num_running: int
+    num_held: int  # running but paused (slow reader, or waiting for text)
+    num_free_blocks: int
+    num_blocks: int
+    capacity: int  # streams the policy predicts it can keep ahead of playback
 
 
 @dataclass
@@ -84,6 +101,8 @@ class _CodecBatch:
 
 
 CODEC_BATCHES_IN_FLIGHT = 2
+WARM_UP_LONG_WORDS = 150  # words of the warm-up's long prompts, so it measures what context costs
+WARM_UP_FRAMES = 12  # per request: long enough for the codec to run beside the LM as it does under load
 
 
 def codec_seed_for(seed: int) -> int:
@@ -109,10 +128,11 @@ def audio_plan(model: SpeechModel) -> AudioPlan:
                      chunking.first_chunk_frames, chunking.frames_per_chunk, chunking.lookahead_frames)
 
 
-def check_request(model: SpeechModel, text: str, voice: str | None,
-                  sampling: SamplingParams | dict | None) -> SamplingParams:
+def check_request(model: SpeechModel, text: str, voice: str | None, sampling: SamplingParams | dict | None,
+                  max_audio_s: float = math.inf) -> SamplingParams:
     """Validate a request before it is prepared; returns its sampling with a seed. `sampling` is complete, or
-    a dict of fields over the model's defaults, or None for the defaults. ValueError says what to change."""
+    a dict of fields over the model's defaults, or None for the defaults; `max_audio_s` bounds the audio its
+    max_tokens may ask for. ValueError says what to change."""
     if not text or not text.strip():
         raise ValueError("text is empty; give at least one word to speak")
     model.resolve_voice(voice)
@@ -120,6 +140,12 @@ def check_request(model: SpeechModel, text: str, voice: str | None,
         sampling = model.default_sampling.replace(**sampling)
     sampling = sampling or model.default_sampling
     sampling.validate()
+    timing = model.timing
+    max_tokens = int(max_audio_s * timing.frame_rate_hz) * timing.lm_steps_per_frame if max_audio_s < math.inf else 0
+    if max_tokens and sampling.max_tokens > max_tokens:
+        asked_s = sampling.max_tokens / timing.lm_steps_per_frame / timing.frame_rate_hz
+        raise ValueError(f"max_tokens {sampling.max_tokens} asks for {asked_s:.0f} s of audio; this server makes at "
+                         f"most {max_audio_s:g} s per request (max_tokens {max_tokens}): split the text")
     if sampling.seed is None:
         sampling = sampling.replace(seed=secrets.randbelow(2**63))
     return sampling
@@ -138,7 +164,9 @@ class _TextStream:
 
 class EngineCore:
     def __init__(self, model: SpeechModel, config: EngineConfig | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, is_wait_bounded: bool = True) -> None:
+        """`is_wait_bounded`: refuse a request that cannot start within `max_queue_wait_s` (serving); else every
+        request waits its turn (in-process and batch use)."""
         config = config or EngineConfig()
         self.model = model
         self.config = config
@@ -152,7 +180,8 @@ class EngineCore:
         sched = config.scheduler
         self.playback = PlaybackTracker(audio_plan(model), sched.ttfa_target_s, sched.client_prebuffer_s)
         self.timer = StepTimer()
-        self.scheduler = Scheduler(sched, self.pool, self.playback, self.timer)
+        self.scheduler = Scheduler(sched, self.pool, self.playback, self.timer,
+                                   sched.max_queue_wait_s if is_wait_bounded else None)
         self.lm_runner = LMRunner(model, num_blocks, cache.block_size, model.dtype)
         self.codec_runner = CodecRunner(model)
         self._codec_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="codec")
@@ -163,11 +192,12 @@ class EngineCore:
         self._text_streams: dict[str, _TextStream] = {}  # requests whose text is still coming
         self.lm_busy_s = 0.0  # totals since start: LM step time, and codec time (on its own thread)
         self.codec_busy_s = 0.0
+        self.before_decode: Callable[[list[PendingChunk]], None] | None = None  # called on the codec thread
 
     # -- requests ----------------------------------------------------------------------------------------
 
     def check_request(self, text: str, voice: str | None, sampling: SamplingParams | dict | None) -> SamplingParams:
-        return check_request(self.model, text, voice, sampling)
+        return check_request(self.model, text, voice, sampling, self.config.scheduler.max_audio_s)
 
     def expected_tokens(self, text: str) -> int:
         """LM steps the speech of `text` is expected to take, with a margin (sizes its KV reservation)."""
@@ -184,6 +214,10 @@ class EngineCore:
             if request_id in self.codec_runner.requests or request_id in self.scheduler.requests or \
                     request_id in in_flight:
                 raise ValueError(f"request id {request_id!r} is still in use; pick another")
+            limit = self.config.scheduler.max_prompt_tokens
+            if len(prompt_token_ids) > limit:
+                raise ValueError(f"the prompt is {len(prompt_token_ids)} tokens; the limit is {limit}: shorten the "
+                                 "text or split it into several requests")
             codec_seed = codec_seed_for(sampling.seed)
             request = Request(request_id, tuple(prompt_token_ids), sampling, codec_seed, expected_tokens,
                               text_ids=list(text_ids), is_text_complete=is_text_complete)
@@ -252,8 +286,20 @@ class EngineCore:
             self.playback.drop(request_id)
             return is_known
 
+    def set_paused(self, request_id: str, is_paused: bool) -> bool:
+        """Pause a request's generation (its client is behind in reading) or resume it; False if it is gone."""
+        with self._lock:
+            return self.scheduler.set_paused(request_id, is_paused)
+
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished() or bool(self.codec_runner.requests)
+
+    def load(self) -> EngineLoad:
+        scheduler = self.scheduler
+        num_held = sum(r.is_held for r in scheduler.running)
+        active = [r for r in scheduler.running if not r.is_held]
+        return EngineLoad(len(scheduler.waiting), len(scheduler.running), num_held, self.pool.num_free_blocks,
+                          self.pool.num_blocks, scheduler.policy.capacity(active))
 
     @property
     def num_requests(self) -> int:
@@ -261,15 +307,29 @@ class EngineCore:
         return len(set(self.scheduler.requests) | set(self.codec_runner.requests) | set(self.lm_runner.requests))
 
     def warm_up(self) -> None:
-        """Run one short request through the LM and the codec, so the first real request is not slow."""
+        """Run requests through the LM and the codec, alone and in batches, short and with long contexts, so the
+        first real request is not slow and the step-cost model knows what more streams cost before any load
+        comes (kept as its prior)."""
         chunking = self.model.chunking
-        num_frames = chunking.first_chunk_frames + chunking.lookahead_frames + 1
-        sampling = SamplingParams(temperature=0.0, max_tokens=num_frames * self.model.timing.lm_steps_per_frame,
-                                  ignore_eos=True, seed=0)
-        prompt, text_ids = self.model.prepare_request("warm up", None)
-        self.add_request("warm-up", prompt, sampling, 0, text_ids)
-        while self.has_unfinished():
-            self.step()
+        num_frames = chunking.first_chunk_frames + chunking.lookahead_frames + WARM_UP_FRAMES
+        sampling = self.model.default_sampling.replace(
+            max_tokens=num_frames * self.model.timing.lm_steps_per_frame, ignore_eos=True, seed=0)
+        short = self.model.prepare_request("warm up", None)
+        long = self.model.prepare_request("warm up " * WARM_UP_LONG_WORDS, None)
+        long = (long[0][: self.config.scheduler.max_prompt_tokens], long[1])
+        scheduler = self.scheduler
+        policy, max_wait_s = scheduler.policy, scheduler.max_wait_s
+        scheduler.policy, scheduler.max_wait_s = POLICIES["fcfs"](scheduler.config, self.playback, self.timer), None
+        self.timer.begin_prior()
+        try:
+            for num_rows, (prompt, text_ids) in [(1, short), (4, short), (8, short), (4, long)]:
+                for index in range(min(num_rows, scheduler.config.max_num_seqs)):
+                    self.add_request(f"warm-up-{index}", prompt, sampling, 0, text_ids)
+                while self.has_unfinished():
+                    self.step()
+        finally:
+            scheduler.policy, scheduler.max_wait_s = policy, max_wait_s
+        self.timer.keep_as_prior()
 
     def close(self) -> None:
         self._codec_thread.shutdown(wait=True, cancel_futures=True)
@@ -300,10 +360,17 @@ class EngineCore:
         events.step_s = time.perf_counter() - started
         self.lm_busy_s += events.step_s
         if batch.rows:
-            self.timer.observe_step(batch.num_tokens, events.step_s)
+            self.timer.observe_step(len(batch.rows), batch.num_tokens, batch.num_context_tokens, events.step_s)
         self._last_step = (started, events.step_s) if batch.rows else None
         events.num_rows = len(batch.rows)
         for request in self.scheduler.update(batch, output):
+            if request.finish_reason is FinishReason.REFUSED:
+                self.codec_runner.drop(request.request_id)
+                self.playback.drop(request.request_id)
+                events.failures.append(RequestFailure(
+                    request.request_id, f"the server is at capacity: this request waited {self.scheduler.max_wait_s:g}"
+                    " s without starting; retry shortly", Failure.AT_CAPACITY, self.scheduler.start_wait_s()))
+                continue
             events.finish_reasons[request.request_id] = request.finish_reason
             events.num_output_tokens[request.request_id] = request.num_output_tokens
             events.num_prompt_tokens[request.request_id] = len(request.prompt_token_ids)
@@ -360,17 +427,22 @@ class EngineCore:
         """Codec thread: decode the batch; if it raises, decode chunk by chunk so only the bad ones fail."""
         try:
             with torch.inference_mode():
-                return self.codec_runner.decode(pending)
+                return self._decode(pending)
         except Exception:
             logger.exception("codec batch failed; retrying its %d chunks one by one", len(pending))
         results: list[np.ndarray | Exception] = []
         for chunk in pending:
             try:
                 with torch.inference_mode():
-                    results.extend(self.codec_runner.decode([chunk]))
+                    results.extend(self._decode([chunk]))
             except Exception as error:  # noqa: BLE001 - the request fails, the engine goes on
                 results.append(error)
         return results
+
+    def _decode(self, pending: list[PendingChunk]) -> list[np.ndarray]:
+        if self.before_decode is not None:
+            self.before_decode(pending)  # a test's fault injection: it may raise
+        return self.codec_runner.decode(pending)
 
     def _collect_codec(self, events: StepEvents, wait: bool) -> None:
         while self._codec_batches and (wait or self._codec_batches[0].future.done()):
@@ -413,7 +485,7 @@ class Engine(EngineCore):
     """In-process use: submit texts, then iterate each request's chunks or wait for its whole result."""
 
     def __init__(self, model: SpeechModel, config: EngineConfig | None = None, **kwargs) -> None:
-        super().__init__(model, config, **kwargs)
+        super().__init__(model, config, **{"is_wait_bounded": False, **kwargs})
         self._outputs: dict[str, _Output] = {}
         self._text_arrived = threading.Condition(self._lock)
 

@@ -207,42 +207,44 @@ class NaiveLoop:
                     self.queue.current.is_cancelled = True
                 self.queue.lock.notify()
 
-    def _handle(self, message: protocol.Submit | protocol.AppendText | protocol.Cancel) -> None:
+    def _handle(self, message: protocol.Submit | protocol.AppendText | protocol.Pace | protocol.Cancel) -> None:
         queue = self.queue
-        if isinstance(message, protocol.AppendText):
-            return  # its Submit was refused: text streams are not taken here
+        if isinstance(message, protocol.AppendText | protocol.Pace):
+            return  # text streams are refused here, and a one-at-a-time baseline is not paced
         if isinstance(message, protocol.Cancel):
             with queue.lock:
                 if queue.current is not None and queue.current.request_id == message.request_id:
                     queue.current.is_cancelled = True
                 queue.jobs = collections.deque(j for j in queue.jobs if j.request_id != message.request_id)
             return
-        failed = None
+        failed, accepted = None, []
         try:
             if not message.text_complete or message.reference_pcm is not None:
                 raise ValueError("the naive baseline takes whole texts only, without reference audio")
             sampling = check_request(self.engine.model, message.text, message.voice,
-                                     msgspec.structs.asdict(message.sampling))
+                                     msgspec.structs.asdict(message.sampling), self.config.scheduler.max_audio_s)
             prompt = self.engine.model.prepare(message.text, message.voice)
         except ValueError as error:
-            failed = protocol.Failed(message.request_id, 400, str(error))
+            failed = protocol.Failed(message.request_id, protocol.Failure.BAD_REQUEST, str(error))
         else:
             with queue.lock:
                 if len(queue.jobs) >= self.config.scheduler.max_queue_len:
-                    failed = protocol.Failed(message.request_id, 429, f"the server is at capacity ({len(queue.jobs)}"
-                                             " requests are waiting); retry shortly")
+                    failed = protocol.Failed(message.request_id, protocol.Failure.AT_CAPACITY, "the server is at "
+                                             f"capacity ({len(queue.jobs)} requests are waiting); retry shortly", 5.0)
                 else:
                     queue.jobs.append(_Job(message.request_id, prompt, sampling))
                     queue.lock.notify()
-        if failed is not None:
-            self.push.send(protocol.encode(protocol.StepReport([], [], [failed], self._stats())))
+                    accepted = [protocol.Accepted(message.request_id)]
+        self.push.send(protocol.encode(protocol.StepReport([], [], [failed] if failed else [], self._stats(),
+                                                           accepted)))
 
     def _stats(self) -> protocol.EngineStats:
         with self.queue.lock:
             running = int(self.queue.current is not None)
             waiting = len(self.queue.jobs)
         return protocol.EngineStats(num_requests=running + waiting, num_waiting=waiting, num_running=running,
-                                    num_free_blocks=0, num_blocks=0, step_s=0.0, batch_size=running)
+                                    num_held=0, capacity=1, num_free_blocks=0, num_blocks=0, step_s=0.0,
+                                    batch_size=running)
 
     def _work(self) -> None:
         def send(message) -> None:
@@ -262,7 +264,7 @@ class NaiveLoop:
                 self.engine.generate(job, send)
             except Exception as error:  # noqa: BLE001 - this request fails, the next one runs
                 logger.exception("naive generation of %s failed", job.request_id)
-                send(protocol.Failed(job.request_id, 500, f"generation failed: {error}"))
+                send(protocol.Failed(job.request_id, protocol.Failure.ENGINE_ERROR, f"generation failed: {error}"))
             finally:
                 with self.queue.lock:
                     self.queue.current = None

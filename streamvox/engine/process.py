@@ -66,18 +66,25 @@ class EngineLoop:
         self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="prepare")
         self._preparing: dict[str, _Preparing] = {}
         self._failed: list[protocol.Failed] = []
+        self._accepted: list[protocol.Accepted] = []
         self._decode_faults: set[str] = set()
         self._parent_pid = os.getppid()
         self._last_report_s = 0.0
         if faults.decode_mark:
-            decode = engine.codec_runner.decode
+            engine.before_decode = self._inject_decode_fault
 
-            def faulty_decode(pending):
-                if any(p.request_id in self._decode_faults and p.start_frame > 0 for p in pending):  # after audio
-                    raise RuntimeError("injected decode failure (STREAMVOX_FAULT_INJECTION)")
-                return decode(pending)
+    def _inject_decode_fault(self, pending) -> None:
+        if any(p.request_id in self._decode_faults and p.start_frame > 0 for p in pending):  # after its first audio
+            raise RuntimeError("injected decode failure (STREAMVOX_FAULT_INJECTION)")
 
-            engine.codec_runner.decode = faulty_decode
+    def _refuse(self, request_id: str, error: Exception) -> None:
+        """Report a request the engine will not run: at capacity (429) or bad input (400)."""
+        if isinstance(error, QueueFullError):
+            self._failed.append(protocol.Failed(request_id, protocol.Failure.AT_CAPACITY,
+                                                f"the server is at capacity ({error}); retry shortly",
+                                                error.retry_after_s))
+        else:
+            self._failed.append(protocol.Failed(request_id, protocol.Failure.BAD_REQUEST, str(error)))
 
     def run(self) -> None:
         while True:
@@ -95,16 +102,19 @@ class EngineLoop:
             self._admit_prepared()
             events = self.engine.step() if self.engine.has_unfinished() else StepEvents()
             if not (events.num_rows or events.chunks) and is_busy:
-                running = self.engine.scheduler.running
-                if running and not self._preparing and all(r.is_waiting_for_text for r in running):
-                    self.pull.poll(10)  # every request waits for text: wake on the next message
+                load = self.engine.load()
+                if load.num_running and not self._preparing and load.num_held == load.num_running:
+                    self.pull.poll(10)  # every request waits for text or its reader: wake on the next message
                 else:
                     time.sleep(0.001)  # preparation or held frames: do not spin
             self._report(events)
 
-    def _handle(self, message: protocol.Submit | protocol.AppendText | protocol.Cancel) -> None:
+    def _handle(self, message: protocol.Submit | protocol.AppendText | protocol.Pace | protocol.Cancel) -> None:
         if isinstance(message, protocol.AppendText):
             self._append_text(message)
+            return
+        if isinstance(message, protocol.Pace):
+            self.engine.set_paused(message.request_id, message.is_paused)
             return
         if isinstance(message, protocol.Cancel):
             preparing = self._preparing.get(message.request_id)
@@ -113,26 +123,23 @@ class EngineLoop:
             self.engine.cancel(message.request_id)
             self._decode_faults.discard(message.request_id)
             return
-        queued = len(self._preparing) + len(self.engine.scheduler.waiting)
+        queued = len(self._preparing) + self.engine.load().num_waiting
         if queued >= self.engine.config.scheduler.max_queue_len:
-            self._failed.append(protocol.Failed(message.request_id, 429, f"the server is at capacity ({queued} "
-                                                "requests are waiting); retry shortly"))
+            self._refuse(message.request_id, QueueFullError(f"{queued} requests are waiting"))
             return
         if message.reference_pcm is not None and not message.text_complete:
-            self._failed.append(protocol.Failed(message.request_id, 400, "reference audio cannot be combined with "
-                                                "text that streams in; send the whole text"))
+            self._refuse(message.request_id, ValueError("reference audio cannot be combined with text that streams "
+                                                        "in; send the whole text"))
             return
         overrides = msgspec.structs.asdict(message.sampling)
         try:
             if not message.text_complete:  # its pieces are small: tokenized here, in order with the rest
                 self.engine.open_text_stream(message.request_id, message.text, message.voice, overrides)
+                self._accepted.append(protocol.Accepted(message.request_id))
                 return
             sampling = self.engine.check_request(message.text, message.voice, overrides)
-        except QueueFullError as error:
-            self._failed.append(protocol.Failed(message.request_id, 429, f"the server is at capacity ({error})"))
-            return
-        except ValueError as error:
-            self._failed.append(protocol.Failed(message.request_id, 400, str(error)))
+        except (QueueFullError, ValueError) as error:
+            self._refuse(message.request_id, error)
             return
         future = self._pool.submit(self._prepare, message.text, message.voice, message.reference_pcm,
                                    message.reference_text)
@@ -143,10 +150,8 @@ class EngineLoop:
             self.engine.append_text(message.request_id, message.text, message.is_final)
         except KeyError:
             pass  # it ended, or was cancelled, or its text is complete (the server refuses text after the end)
-        except QueueFullError as error:
-            self._failed.append(protocol.Failed(message.request_id, 429, f"the server is at capacity ({error})"))
-        except ValueError as error:
-            self._failed.append(protocol.Failed(message.request_id, 400, str(error)))
+        except (QueueFullError, ValueError) as error:
+            self._refuse(message.request_id, error)
 
     def _prepare(self, text: str, voice: str | None, reference_pcm: bytes | None, reference_text: str | None):
         if self.faults.prepare_mark and self.faults.prepare_mark in text:
@@ -168,22 +173,24 @@ class EngineLoop:
                 prompt, text_ids = preparing.future.result()
                 expected = self.engine.expected_tokens(preparing.text)
                 self.engine.add_request(request_id, prompt, preparing.sampling, expected, text_ids)
-            except QueueFullError as error:
-                self._failed.append(protocol.Failed(request_id, 429, f"the server is at capacity ({error})"))
-            except ValueError as error:
-                self._failed.append(protocol.Failed(request_id, 400, str(error)))
+            except (QueueFullError, ValueError) as error:
+                self._refuse(request_id, error)
             except Exception as error:  # noqa: BLE001 - this request fails, the engine goes on
                 logger.exception("preparing request %s failed", request_id)
-                self._failed.append(protocol.Failed(request_id, 500, f"preparing the text failed: {error}"))
+                self._failed.append(protocol.Failed(request_id, protocol.Failure.ENGINE_ERROR,
+                                                    f"preparing the text failed: {error}"))
             else:
+                self._accepted.append(protocol.Accepted(request_id))
                 if self.faults.decode_mark and self.faults.decode_mark in preparing.text:
                     self._decode_faults.add(request_id)
 
     def _report(self, events: StepEvents) -> None:
-        failed = self._failed + [protocol.Failed(f.request_id, 500, f.message) for f in events.failures]
-        self._failed = []
+        failed = self._failed + [protocol.Failed(f.request_id, f.failure, f.message, f.retry_after_s)
+                                 for f in events.failures]
+        accepted, self._failed, self._accepted = self._accepted, [], []
         now = time.monotonic()
-        if not (events.chunks or events.finish_reasons or failed) and now - self._last_report_s < protocol.HEARTBEAT_S:
+        if not (events.chunks or events.finish_reasons or failed or accepted) and \
+                now - self._last_report_s < protocol.HEARTBEAT_S:
             return
         self._last_report_s = now
         engine = self.engine
@@ -198,16 +205,19 @@ class EngineLoop:
         ]
         for request_id in [c.request_id for c in events.chunks if c.is_last] + [f.request_id for f in failed]:
             self._decode_faults.discard(request_id)
+        load = engine.load()
         stats = protocol.EngineStats(
             num_requests=engine.num_requests + len(self._preparing),
-            num_waiting=len(engine.scheduler.waiting) + len(self._preparing),
-            num_running=len(engine.scheduler.running),
-            num_free_blocks=engine.pool.num_free_blocks,
-            num_blocks=engine.pool.num_blocks,
+            num_waiting=load.num_waiting + len(self._preparing),
+            num_running=load.num_running,
+            num_held=load.num_held,
+            capacity=load.capacity,
+            num_free_blocks=load.num_free_blocks,
+            num_blocks=load.num_blocks,
             step_s=events.step_s,
             batch_size=events.num_rows,
         )
-        self.push.send(protocol.encode(protocol.StepReport(audio, finished, failed, stats)))
+        self.push.send(protocol.encode(protocol.StepReport(audio, finished, failed, stats, accepted)))
 
 
 def _die_with_parent() -> None:

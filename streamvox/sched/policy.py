@@ -11,6 +11,7 @@ The scheduler applies one policy through the same few questions, so features are
 
 from __future__ import annotations
 
+import heapq
 import math
 
 from streamvox.config import SchedulerConfig
@@ -18,8 +19,12 @@ from streamvox.sched.playback import PlaybackTracker
 from streamvox.sched.request import Request
 from streamvox.sched.timing import StepTimer
 
-SURE_SHARE = 0.3  # streaming: below this share of real time, one more stream is admitted without waiting
-SETTLE_FRAMES = 3  # streaming: frames' worth of steps to measure after an admission near capacity
+DEFAULT_CONTEXT = 1000  # streaming: positions a stream is assumed to reach when none runs to measure
+
+
+def _final_length(request: Request) -> int:
+    """Positions the request will attend over at its end, as far as is known."""
+    return len(request.prompt_token_ids) + request.expected_tokens
 
 
 class Policy:
@@ -44,15 +49,20 @@ class Policy:
         """True when the row may be left out of this step if the step would get too long."""
         return False
 
-    def can_admit(self, request: Request, num_running: int, now: float) -> bool:
+    def can_admit(self, request: Request, running: list[Request], now: float) -> bool:
         """Whether one more running request keeps the policy's promises (KV is checked separately)."""
         return True
 
     def begin_step(self) -> None:
         """A new schedule() starts: request counts may have changed since the last one."""
 
-    def on_admit(self) -> None:
-        """A request was just admitted."""
+    def capacity(self, running: list[Request]) -> int:
+        """Streams the engine can keep ahead of playback (the batch limit, for a policy without deadlines)."""
+        return self.config.max_num_seqs
+
+    def start_wait_s(self, ahead: list[Request], running: list[Request]) -> float:
+        """Predicted seconds before a request queued behind `ahead` can start."""
+        return 0.0
 
     def reserved_tokens(self, request: Request) -> int:
         """KV positions set aside for a request when it is admitted."""
@@ -82,7 +92,6 @@ class OfflinePolicy(Policy):
 
 class StreamingPolicy(OfflinePolicy):
     name = "streaming"
-    _admitted_at_step = -(10**9)
     _timings: dict[str, tuple[float, float]] = {}
 
     def begin_step(self) -> None:
@@ -97,7 +106,7 @@ class StreamingPolicy(OfflinePolicy):
             covered, steps = self.playback.plan.next_chunk(request.num_output_tokens)
             steps += request.num_pending_tokens > 1  # prefill still to run: one more step
             time_left_s = self.playback.deadline_s(request.request_id, covered) - now - 2 * self.timer.codec_s
-            timing = (time_left_s - steps * self.timer.period_s(1), time_left_s / steps)
+            timing = (time_left_s - steps * (self.timer.recent_period_s or self.timer.period_s(1)), time_left_s / steps)
             self._timings[request.request_id] = timing
         return timing
 
@@ -117,24 +126,43 @@ class StreamingPolicy(OfflinePolicy):
     def is_optional(self, request: Request, now: float) -> bool:
         return self.slack_s(request, now) >= self.config.urgent_slack_s
 
-    def can_admit(self, request: Request, num_running: int, now: float) -> bool:
-        """Admit while one more stream keeps the predicted step period under real time and the codec thread
-        below saturation. Near the step limit, admit one at a time and only after the last admission's full cost
-        (prefill, decode, codec) has been measured."""
-        if num_running == 0 or not self.timer.has_steps:
-            return True
-        realtime_s = self.playback.plan.realtime_step_s
-        predicted_s = self.timer.period_s(num_running + 1)
-        codec_busy = self.timer.codec_busy * (num_running + 1) / num_running  # the codec's load grows per stream
-        if codec_busy > self.config.realtime_headroom:
+    def _keeps_up(self, num_streams: int, num_context: int, num_running: int) -> bool:
+        """Whether `num_streams` streams attending over `num_context` positions in all stay ahead of playback: the
+        predicted loop period within `realtime_headroom` of real time, and the codec thread (whose load grows
+        with the streams it serves, measured while `num_running` ran) below that share of its time."""
+        limit = self.config.realtime_headroom
+        if self.timer.period_s(num_streams, num_streams, num_context) > limit * self.playback.plan.realtime_step_s:
             return False
-        if predicted_s <= SURE_SHARE * realtime_s:
-            return True
-        settled = self.timer.num_steps - self._admitted_at_step >= SETTLE_FRAMES * self.playback.plan.lm_steps_per_frame
-        return settled and predicted_s <= self.config.realtime_headroom * realtime_s
+        return not num_running or self.timer.codec_busy * num_streams / num_running <= limit
 
-    def on_admit(self) -> None:
-        self._admitted_at_step = self.timer.num_steps
+    def capacity(self, running: list[Request]) -> int:
+        """Streams like the running ones (or of DEFAULT_CONTEXT positions when none runs) the engine keeps
+        ahead of playback."""
+        context = sum(_final_length(r) for r in running) / len(running) if running else DEFAULT_CONTEXT
+        streams = 1
+        while streams < self.config.max_num_seqs and self._keeps_up(streams + 1, int((streams + 1) * context),
+                                                                     len(running)):
+            streams += 1
+        return streams
+
+    def can_admit(self, request: Request, running: list[Request], now: float) -> bool:
+        """Admit while the streams already running and this one all stay ahead of playback to their ends."""
+        if not running or not self.timer.has_steps:
+            return True
+        context = sum(_final_length(r) for r in running) + _final_length(request)
+        return self._keeps_up(len(running) + 1, context, len(running))
+
+    def start_wait_s(self, ahead: list[Request], running: list[Request]) -> float:
+        """Predicted seconds before a request queued behind `ahead` can start: streams take the capacity's slots
+        in queue order, each as the one before it in that slot ends (expected steps at the measured period)."""
+        period_s = self.timer.recent_period_s or self.timer.period_s(max(1, len(running)))
+        capacity = self.capacity(running)
+        ends = sorted(max(0, r.expected_tokens - r.num_output_tokens) * period_s for r in running)
+        slots = ends[max(0, len(running) - capacity):] + [0.0] * max(0, capacity - len(running))
+        heapq.heapify(slots)
+        for request in ahead:
+            heapq.heapreplace(slots, slots[0] + request.expected_tokens * period_s)
+        return slots[0] if slots else math.inf
 
     def victim(self, running: list[Request], now: float) -> Request:
         return max(running, key=lambda r: self.slack_s(r, now))

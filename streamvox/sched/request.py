@@ -19,6 +19,7 @@ class FinishReason(enum.Enum):
     LENGTH = "length"  # max_tokens reached
     CANCELLED = "cancelled"  # the client cancelled or went away
     CAPACITY = "capacity"  # the KV cache cannot hold this request even when it runs alone
+    REFUSED = "refused"  # it waited in the queue past its bound without starting
 
 
 @dataclass
@@ -39,11 +40,18 @@ class Request:
     finish_reason: FinishReason | None = None
     text_ids: list[int] = field(default_factory=list)  # text riding along with the generated steps, so far
     is_text_complete: bool = True
+    arrival_s: float = 0.0
+    is_paused: bool = False  # its client has not read what was sent: it makes no more until it does
 
     @property
     def is_waiting_for_text(self) -> bool:
         """Its next step needs text that has not arrived yet (text streamed in): it pauses, holding its KV."""
         return not self.is_text_complete and self.num_output_tokens > len(self.text_ids)
+
+    @property
+    def is_held(self) -> bool:
+        """It takes no LM rows for now (paused by its reader, or waiting for text) but keeps its KV."""
+        return self.is_paused or self.is_waiting_for_text
 
     def __post_init__(self) -> None:
         if self.expected_tokens <= 0 or self.sampling.ignore_eos:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from dataclasses import dataclass, field
 
 from streamvox.batch import NewRequest, ScheduledRow, StepBatch, StepOutput
 from streamvox.config import SchedulerConfig
@@ -25,18 +26,42 @@ MIN_PREFILL_CHUNK = 16  # prompt tokens a capped step still takes for a request 
 
 
 class QueueFullError(Exception):
-    """The waiting queue is at its bound; the client should retry later."""
+    """The engine cannot start this request within its queue bound; the client should retry after
+    `retry_after_s`."""
+
+    def __init__(self, message: str, retry_after_s: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+@dataclass
+class _StepPlan:
+    """The step being planned: its rows and new requests so far, the token budget left, the step-time cap."""
+
+    budget: int
+    cap_s: float
+    rows: list[ScheduledRow] = field(default_factory=list)
+    new_requests: list[NewRequest] = field(default_factory=list)
+    num_tokens: int = 0
+    num_context: int = 0  # positions the rows attend over
+
+    def add(self, row: ScheduledRow) -> None:
+        self.rows.append(row)
+        self.budget -= row.num_tokens
+        self.num_tokens += row.num_tokens
+        self.num_context += row.start_position + row.num_tokens
 
 
 class Scheduler:
     def __init__(self, config: SchedulerConfig, pool: BlockPool, playback: PlaybackTracker,
-                 timer: StepTimer | None = None) -> None:
+                 timer: StepTimer | None = None, max_wait_s: float | None = None) -> None:
         config.validate()
         self.config = config
         self.pool = pool
         self.playback = playback
         self.timer = timer or StepTimer()
         self.policy = POLICIES[config.policy](config, playback, self.timer)
+        self.max_wait_s = max_wait_s  # None: requests wait as long as it takes (in-process and batch use)
         self.requests: dict[str, Request] = {}
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
@@ -47,7 +72,8 @@ class Scheduler:
     # -- requests in and out ---------------------------------------------------------------------------
 
     def add_request(self, request: Request, now: float) -> None:
-        """Queue a request. ValueError if it can never fit; QueueFullError when the waiting queue is at its bound."""
+        """Queue a request. ValueError if it can never fit; QueueFullError when the queue is at its bound, or
+        when the policy predicts it cannot start within `max_wait_s`."""
         if request.request_id in self.requests:
             raise ValueError(f"request id {request.request_id!r} is already in use")
         if self.pool.blocks_for(len(request.prompt_token_ids) + 1) > self.pool.num_blocks:
@@ -56,10 +82,18 @@ class Scheduler:
                 f"({self.pool.num_blocks} blocks of {self.pool.block_size}); shorten the text"
             )
         if len(self.waiting) >= self.config.max_queue_len:
-            raise QueueFullError(f"{len(self.waiting)} requests are already waiting")
+            raise QueueFullError(f"{len(self.waiting)} requests are already waiting", self.start_wait_s())
+        if self.max_wait_s is not None and (wait_s := self.start_wait_s()) > self.max_wait_s:
+            raise QueueFullError(f"it could not start within {self.max_wait_s:g} s", wait_s)
+        request.arrival_s = now
         self.requests[request.request_id] = request
         self.waiting.append(request)
         self.playback.add(request.request_id, now)
+
+    def start_wait_s(self) -> float:
+        """Predicted seconds before a request queued now could start (inf: not while the others run)."""
+        active = [r for r in self.running if not r.is_held]
+        return self.policy.start_wait_s(list(self.waiting), active)
 
     def cancel(self, request_id: str) -> bool:
         """Finish a request now and free its blocks. False if it is unknown or already finished."""
@@ -84,6 +118,15 @@ class Scheduler:
             self._text_updates.append((request_id, tuple(text_ids), is_final))
         return True
 
+    def set_paused(self, request_id: str, is_paused: bool) -> bool:
+        """Pause a request whose client is behind in reading (it keeps its KV, takes no rows), or resume it.
+        False if it is gone."""
+        request = self.requests.get(request_id)
+        if request is None or request.is_finished:
+            return False
+        request.is_paused = is_paused
+        return True
+
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running or self._finished_ids)
 
@@ -95,65 +138,78 @@ class Scheduler:
 
     def schedule(self, now: float) -> StepBatch | None:
         """The next step's work, or None when there is nothing to do."""
-        policy = self.policy
-        policy.begin_step()
-        active = [r for r in self.running if not r.is_waiting_for_text]  # a paused request is nobody's deadline
-        cap_s = policy.step_cap_s(active, now)
-        budget = self.config.max_num_batched_tokens
-        rows: list[ScheduledRow] = []
-        new_requests: list[NewRequest] = []
-        is_preempted = False
+        self.policy.begin_step()
+        self._expire_waiting(now)
+        active = [r for r in self.running if not r.is_held]  # a held request is nobody's deadline
+        step = _StepPlan(self.config.max_num_batched_tokens, self.policy.step_cap_s(active, now))
+        is_preempted = self._schedule_running(step, active, now)
+        if not is_preempted:
+            self._admit_waiting(step, active, now)
+        finished_ids, self._finished_ids = tuple(self._finished_ids), []
+        text_updates, self._text_updates = tuple(self._text_updates), []
+        if not step.rows and not finished_ids and not text_updates:
+            return None
+        return StepBatch(tuple(step.new_requests), tuple(step.rows), finished_ids, text_updates)
 
-        for request in policy.rank(active, now):
+    def _schedule_running(self, step: _StepPlan, active: list[Request], now: float) -> bool:
+        """Rows for running requests in the policy's order; True if one had to be preempted."""
+        is_preempted = False
+        for request in self.policy.rank(active, now):
             if request not in self.running:  # preempted earlier in this loop
                 continue
-            if len(rows) >= self.config.max_num_seqs or budget == 0:
+            if len(step.rows) >= self.config.max_num_seqs or step.budget == 0:
                 break
-            num_tokens = self._fit(request, budget, self._batch_tokens(rows), cap_s, now)
+            num_tokens = self._fit(request, step, now)
             if num_tokens == 0:
                 continue
-            if not self._grow(request, num_tokens, now, {row.request_id for row in rows}):
+            if not self._grow(request, num_tokens, now, {row.request_id for row in step.rows}):
                 is_preempted = True
                 continue
-            rows.append(self._row(request, num_tokens))
-            budget -= num_tokens
+            step.add(self._row(request, num_tokens))
+        return is_preempted
 
+    def _admit_waiting(self, step: _StepPlan, active: list[Request], now: float) -> None:
+        """Admit waiting requests in order while the policy agrees and their KV can be committed."""
         for request in list(self.waiting):
-            if budget <= 0 or is_preempted or len(active) >= self.config.max_num_seqs:
+            if step.budget <= 0 or len(active) >= self.config.max_num_seqs:
                 break
-            if request.is_waiting_for_text:
-                continue  # an evicted paused request comes back once its text has
-            if active and not policy.can_admit(request, len(active), now):
+            if request.is_held:
+                continue  # an evicted held request comes back once it can run
+            if active and not self.policy.can_admit(request, active, now):
                 break
-            reserved = min(self.pool.blocks_for(policy.reserved_tokens(request)), self.pool.num_blocks)
-            num_tokens = self._fit(request, budget, self._batch_tokens(rows), cap_s, now, is_new=True)
-            if num_tokens == 0:
-                break
-            needed = max(reserved, self.pool.blocks_for(num_tokens))
-            while self.num_committed_blocks + needed > self.pool.num_blocks and (
-                    paused := [r for r in self.running if r.is_waiting_for_text]):
-                self._preempt(paused[-1], requeue_at=self.waiting.index(request) + 1)  # idle KV makes room
-            if self.num_committed_blocks + needed > self.pool.num_blocks:
-                break  # the head of the queue waits for blocks; later requests wait behind it
+            reserved = min(self.pool.blocks_for(self.policy.reserved_tokens(request)), self.pool.num_blocks)
+            num_tokens = self._fit(request, step, now, is_new=True)
+            if num_tokens == 0 or not self._commit(request, max(reserved, self.pool.blocks_for(num_tokens))):
+                break  # the head of the queue waits; later requests wait behind it
             self.waiting.remove(request)
             request.status = RequestStatus.RUNNING
             request.num_reserved_blocks = reserved
             self.running.append(request)
             active.append(request)
-            policy.on_admit()
-            self._grow(request, num_tokens, now, set())  # never preempts: the blocks were committed above
+            self._grow(request, num_tokens, now, set())  # never preempts: the blocks were committed
             if not request.is_known_to_runner:
                 request.is_known_to_runner = True
-                new_requests.append(NewRequest(request.request_id, request.prompt_token_ids, request.sampling,
-                                               request.codec_seed, tuple(request.text_ids), request.is_text_complete))
-            rows.append(self._row(request, num_tokens))
-            budget -= num_tokens
+                step.new_requests.append(NewRequest(
+                    request.request_id, request.prompt_token_ids, request.sampling, request.codec_seed,
+                    tuple(request.text_ids), request.is_text_complete))
+            step.add(self._row(request, num_tokens))
 
-        finished_ids, self._finished_ids = tuple(self._finished_ids), []
-        text_updates, self._text_updates = tuple(self._text_updates), []
-        if not rows and not finished_ids and not text_updates:
-            return None
-        return StepBatch(tuple(new_requests), tuple(rows), finished_ids, text_updates)
+    def _commit(self, request: Request, num_blocks: int) -> bool:
+        """Whether `num_blocks` can be committed to `request`; held requests are evicted to make room."""
+        while self.num_committed_blocks + num_blocks > self.pool.num_blocks and (
+                held := [r for r in self.running if r.is_held]):
+            self._preempt(held[-1], requeue_at=self.waiting.index(request) + 1)  # idle KV makes room
+        return self.num_committed_blocks + num_blocks <= self.pool.num_blocks
+
+    def _expire_waiting(self, now: float) -> None:
+        """Refuse requests that never started and have waited past the bound (the prediction at their arrival
+        was wrong: running requests took longer than expected)."""
+        if self.max_wait_s is None:
+            return
+        for request in list(self.waiting):
+            if not request.is_known_to_runner and now - request.arrival_s > self.max_wait_s:
+                self.waiting.remove(request)
+                self._finish(request, FinishReason.REFUSED)
 
     def update(self, batch: StepBatch, output: StepOutput) -> list[Request]:
         """Advance counts after a step ran; returns every request finished since the last update, except
@@ -175,27 +231,28 @@ class Scheduler:
 
     # -- helpers ---------------------------------------------------------------------------------------
 
-    def _fit(self, request: Request, budget: int, batch_tokens: int, cap_s: float, now: float,
-             is_new: bool = False) -> int:
+    def _fit(self, request: Request, step: _StepPlan, now: float, is_new: bool = False) -> int:
         """Tokens of `request` this step takes: all pending within the budget, fewer when the step-time cap
         binds; 0 when an optional row does not fit under the cap."""
-        num_tokens = min(request.num_pending_tokens, budget)
-        if num_tokens == 0 or math.isinf(cap_s) or self.timer.period_s(batch_tokens + num_tokens) <= cap_s:
+        num_tokens = min(request.num_pending_tokens, step.budget)
+        rows, tokens, cap_s = len(step.rows) + 1, step.num_tokens, step.cap_s
+        context = step.num_context + request.num_computed_tokens
+
+        def period_s(num_tokens: int) -> float:
+            return self.timer.period_s(rows, tokens + num_tokens, context + num_tokens)
+
+        if num_tokens == 0 or math.isinf(cap_s) or period_s(num_tokens) <= cap_s:
             return num_tokens
-        if is_new and batch_tokens and self.timer.period_s(batch_tokens + MIN_PREFILL_CHUNK) > cap_s:
+        if is_new and tokens and period_s(MIN_PREFILL_CHUNK) > cap_s:
             return 0  # the step is full: admit it next step
         if not is_new and self.policy.is_optional(request, now):
             return 0
         if num_tokens == 1:
             return 1  # an urgent decode row always runs
         fitting = 1
-        while fitting < num_tokens and self.timer.period_s(batch_tokens + fitting * 2) <= cap_s:
+        while fitting < num_tokens and period_s(fitting * 2) <= cap_s:
             fitting *= 2
         return min(num_tokens, max(fitting, MIN_PREFILL_CHUNK))
-
-    @staticmethod
-    def _batch_tokens(rows: list[ScheduledRow]) -> int:
-        return sum(row.num_tokens for row in rows)
 
     def _row(self, request: Request, num_tokens: int) -> ScheduledRow:
         start = request.num_computed_tokens
@@ -221,8 +278,8 @@ class Scheduler:
                 self._finish(request, FinishReason.CAPACITY)
                 return False
             candidates = [r for r in self.running if r.request_id not in scheduled_ids and r is not request]
-            paused = [r for r in candidates if r.is_waiting_for_text]  # cheapest to evict: nothing to play soon
-            victim = paused[-1] if paused else self.policy.victim(candidates, now) if candidates else request
+            held = [r for r in candidates if r.is_held]  # cheapest to evict: nothing to play soon
+            victim = held[-1] if held else self.policy.victim(candidates, now) if candidates else request
             self._preempt(victim)
             if victim is request:
                 return False

@@ -1,62 +1,156 @@
 """Online estimates of how long an LM step and a codec call take, measured as the engine runs.
 
-Step time is modelled as `a + b * num_tokens` (fixed overhead plus per-token cost) and fitted by exponentially
-weighted least squares, so it follows the machine as load and context lengths change. Pure Python.
+An LM step is modelled as `a + b * num_rows + c * num_extra_tokens + d * num_context_tokens / 1000`: a fixed cost, a
+cost per row (decode work, sampling), a cost per prompt token beyond one per row (prefill) and a cost that grows
+with the positions the step attends over. The four are fitted by exponentially weighted least squares, so the
+estimate follows the machine as load and context lengths change; the engine's warm-up runs several batch sizes and
+context lengths and keeps what it measured as a prior that never decays, so the cost of one more stream is known
+before the engine has ever run that many. Pure Python.
 """
 
 from __future__ import annotations
+
+PRIOR_WEIGHT = 30.0  # the warm-up counts as this many live samples
+RIDGE = 0.05  # pulls an unmeasured direction towards a guess, relative to the samples' weight (see `_fit`)
+NUM_FEATURES = 4
+
+
+def _solve(a: list[list[float]], b: list[float]) -> list[float]:
+    """x with a @ x = b for a small positive-definite `a` (Gaussian elimination with partial pivoting)."""
+    n = len(b)
+    m = [row[:] + [v] for row, v in zip(a, b, strict=True)]
+    for i in range(n):
+        pivot = max(range(i, n), key=lambda r: abs(m[r][i]))
+        m[i], m[pivot] = m[pivot], m[i]
+        if abs(m[i][i]) < 1e-30:
+            return [0.0] * n
+        for r in range(i + 1, n):
+            f = m[r][i] / m[i][i]
+            m[r] = [x - f * y for x, y in zip(m[r], m[i], strict=True)]
+    x = [0.0] * n
+    for i in reversed(range(n)):
+        x[i] = (m[i][n] - sum(m[i][j] * x[j] for j in range(i + 1, n))) / m[i][i]
+    return x
+
+
+def _features(num_rows: int, num_tokens: int | None, num_context: int) -> list[float]:
+    tokens = num_rows if num_tokens is None else num_tokens
+    return [1.0, float(num_rows), float(max(0, tokens - num_rows)), num_context / 1000.0]
+
+
+class _Sums:
+    """Weighted sums X^T W X and X^T W y of the samples."""
+
+    def __init__(self) -> None:
+        self.xx = [[0.0] * NUM_FEATURES for _ in range(NUM_FEATURES)]
+        self.xy = [0.0] * NUM_FEATURES
+
+    def add(self, x: list[float], y: float, decay: float = 1.0) -> None:
+        for i in range(NUM_FEATURES):
+            self.xy[i] = decay * self.xy[i] + x[i] * y
+            for j in range(NUM_FEATURES):
+                self.xx[i][j] = decay * self.xx[i][j] + x[i] * x[j]
+
+    def scaled_sum(self, other: _Sums, scale: float) -> _Sums:
+        out = _Sums()
+        out.xx = [[(p + q) * scale for p, q in zip(r1, r2, strict=True)]
+                  for r1, r2 in zip(self.xx, other.xx, strict=True)]
+        out.xy = [(p + q) * scale for p, q in zip(self.xy, other.xy, strict=True)]
+        return out
 
 
 class StepTimer:
     def __init__(self, decay: float = 0.98) -> None:
         self.decay = decay  # weight kept by older samples at each new one
-        self._sums = [0.0] * 5  # weighted sums of 1, x, y, x*x, x*y
+        self._live = _Sums()
+        self._prior = _Sums()
         self._codec_s: float | None = None
+        self.prefill_token_s: float | None = None  # seconds one prompt token adds to a step
+        self._coefficients: list[float] | None = None  # cached fit, cleared by each sample
         self.recent_step_s = 0.0  # moving average of the latest LM steps, whatever their size
+        self.recent_period_s = 0.0  # moving average of the latest back-to-back loop periods
         self.overhead = 1.0  # loop period / LM step time: what the rest of the loop and the codec thread add
         self.codec_busy = 0.0  # share of wall time the codec thread spends decoding
         self.num_steps = 0
 
-    def observe_step(self, num_tokens: int, seconds: float) -> None:
-        x, y = float(num_tokens), seconds
-        self._sums = [self.decay * s + v for s, v in zip(self._sums, (1.0, x, y, x * x, x * y), strict=True)]
+    def observe_step(self, num_rows: int, num_tokens: int, num_context: int, seconds: float) -> None:
+        """An LM step over `num_rows` requests, `num_tokens` new positions and `num_context` attended positions
+        took `seconds`."""
+        extra = num_tokens - num_rows
+        if extra > 0:  # prefill: its tokens' cost on top of what the same step would cost as decode rows
+            per_token_s = max(0.0, seconds - self.step_s(num_rows, num_rows, num_context)) / extra
+            self.prefill_token_s = per_token_s if self.prefill_token_s is None else (
+                0.8 * self.prefill_token_s + 0.2 * per_token_s)
+        else:
+            self._live.add(_features(num_rows, num_tokens, num_context), seconds, self.decay)
+            self._coefficients = None
         self.recent_step_s = seconds if not self.num_steps else 0.8 * self.recent_step_s + 0.2 * seconds
         self.num_steps += 1
+
+    def begin_prior(self) -> None:
+        """Samples from now to `keep_as_prior` (the warm-up) all count alike: none decays."""
+        self._decay, self.decay = self.decay, 1.0
+
+    def keep_as_prior(self) -> None:
+        """What was measured since `begin_prior` stays as a prior of PRIOR_WEIGHT samples; live samples restart."""
+        self.decay = getattr(self, "_decay", self.decay)
+        weight = self._live.xx[0][0] + self._prior.xx[0][0]
+        if weight > 0:
+            self._prior = self._prior.scaled_sum(self._live, PRIOR_WEIGHT / weight)
+        self._live = _Sums()
+        self._coefficients = None
 
     def observe_period(self, period_s: float, step_s: float) -> None:
         """One loop iteration took `period_s` wall time, of which the LM step was `step_s`."""
         if step_s > 0:
             self.overhead = 0.9 * self.overhead + 0.1 * max(1.0, period_s / step_s)
+        self.recent_period_s = 0.9 * self.recent_period_s + 0.1 * period_s if self.recent_period_s else period_s
 
     def observe_codec_busy(self, busy_s: float, period_s: float) -> None:
         """Between two codec dispatches `period_s` apart, the codec thread was busy for `busy_s`."""
         if period_s > 0:
             self.codec_busy = 0.9 * self.codec_busy + 0.1 * min(1.0, busy_s / period_s)
 
-    def period_s(self, num_tokens: int) -> float:
-        """Predicted wall time between two LM steps over `num_tokens` tokens, overheads included."""
-        return self.step_s(num_tokens) * self.overhead
-
     def observe_codec(self, seconds: float) -> None:
         self._codec_s = seconds if self._codec_s is None else 0.8 * self._codec_s + 0.2 * seconds
 
     @property
     def has_steps(self) -> bool:
-        return self.num_steps > 0
+        return self.num_steps > 0 or self._prior.xx[0][0] > 0
 
-    def step_s(self, num_tokens: int) -> float:
-        """Predicted seconds of one LM step over `num_tokens` tokens (0.0 before any step was seen)."""
-        w, sx, sy, sxx, sxy = self._sums
+    def period_s(self, num_rows: int, num_tokens: int | None = None, num_context: int = 0) -> float:
+        """Predicted wall time between two LM steps (overheads included) over `num_rows` requests, `num_tokens`
+        new positions (default: one per row) and `num_context` attended positions."""
+        return self.step_s(num_rows, num_tokens, num_context) * self.overhead
+
+    def step_s(self, num_rows: int, num_tokens: int | None = None, num_context: int = 0) -> float:
+        """Predicted seconds of one LM step (0.0 before any step was seen)."""
+        features = _features(num_rows, num_tokens, num_context)
+        if self.prefill_token_s is not None:
+            features[2], extra_s = 0.0, features[2] * self.prefill_token_s
+        else:
+            extra_s = 0.0
+        return extra_s + sum(c * x for c, x in zip(self._fit(), features, strict=True))
+
+    def _fit(self) -> list[float]:
+        if self._coefficients is not None:
+            return self._coefficients
+        sums = self._prior.scaled_sum(self._live, 1.0)
+        w = sums.xx[0][0]
         if w == 0.0:
-            return 0.0
-        mean_x, mean_y = sx / w, sy / w
-        var_x = sxx / w - mean_x * mean_x
-        if var_x < 1e-6 * max(1.0, mean_x * mean_x):
-            # one batch size seen so far: assume half of the time is fixed overhead, half grows with tokens
-            return mean_y * (0.5 + 0.5 * num_tokens / max(mean_x, 1.0))
-        slope = max(0.0, (sxy / w - mean_x * mean_y) / var_x)
-        intercept = max(0.0, mean_y - slope * mean_x)
-        return intercept + slope * num_tokens
+            return [0.0] * NUM_FEATURES
+        # A direction the samples do not vary in is pulled towards a guess: half of the mean step is fixed cost,
+        # half grows with the rows, a prefill token costs what a row does, context costs nothing. The pull is
+        # small against any real spread, e.g. batches that differ by one row.
+        guess_row = 0.5 * (sums.xy[0] / w) / max(sums.xx[0][1] / w, 1.0)
+        guesses = [0.0, guess_row, guess_row, 0.0]
+        ridge = RIDGE * w
+        normal = [[v + (ridge if i == j and i else 0.0) for j, v in enumerate(row)] for i, row in enumerate(sums.xx)]
+        target = [v + ridge * g for v, g in zip(sums.xy, guesses, strict=True)]
+        coefficients = [max(0.0, c) for c in _solve(normal, target)]
+        coefficients[0] = max(0.0, (sums.xy[0] - sum(c * sums.xx[0][i] for i, c in enumerate(coefficients) if i)) / w)
+        self._coefficients = coefficients
+        return coefficients
 
     @property
     def codec_s(self) -> float:

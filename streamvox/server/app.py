@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import socket
 
 import msgspec
 from fastapi import FastAPI, Request
@@ -26,7 +27,8 @@ logger = logging.getLogger("streamvox.server")
 
 
 def create_app(engine_config: EngineConfig, server_config: ServerConfig) -> FastAPI:
-    client = EngineClient(engine_config, hang_timeout_s=server_config.engine_hang_timeout_s)
+    client = EngineClient(engine_config, server_config.engine_hang_timeout_s, server_config.max_unread_s,
+                          server_config.reader_timeout_s)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -125,6 +127,25 @@ class BodySizeLimit:
         if is_over and not is_started:
             message = f"request body is over the limit of {self.limit_bytes} bytes"
             await _error(ApiError(413, message))(scope, receive, send)
+
+
+SEND_BUFFER_BYTES = 64 * 1024  # about 1.4 s of 24 kHz int16 audio: a fast link still moves megabytes a second
+
+
+def small_send_buffer_protocol() -> type:
+    """uvicorn's HTTP protocol with a small kernel send buffer on each connection, so that a client that stops
+    reading blocks the server's writes within a second or two of audio (the pacing in EngineClient measures
+    those writes) instead of after megabytes of an auto-tuned buffer."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class SmallSendBuffer(H11Protocol):
+        def connection_made(self, transport) -> None:
+            sock = transport.get_extra_info("socket")
+            if sock is not None:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER_BYTES)
+            super().connection_made(transport)
+
+    return SmallSendBuffer
 
 
 def _error(error: ApiError) -> JSONResponse:

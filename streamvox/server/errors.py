@@ -1,9 +1,17 @@
-"""The one error type of the HTTP API, rendered in OpenAI's error shape."""
+"""The one error type of the HTTP API, rendered in OpenAI's error shape, and the engine's failures as statuses."""
 
 from __future__ import annotations
 
-_TYPES = {400: "invalid_request_error", 404: "not_found_error", 413: "invalid_request_error",
-          422: "invalid_request_error", 429: "rate_limit_error", 503: "service_unavailable"}
+import math
+
+from streamvox import protocol
+
+STATUS = {protocol.Failure.BAD_REQUEST: 400, protocol.Failure.CLIENT_TOO_SLOW: 408,
+          protocol.Failure.AT_CAPACITY: 429, protocol.Failure.ENGINE_ERROR: 500, protocol.Failure.UNAVAILABLE: 503}
+
+_TYPES = {400: "invalid_request_error", 404: "not_found_error", 408: "invalid_request_error",
+          413: "invalid_request_error", 422: "invalid_request_error", 429: "rate_limit_error",
+          503: "service_unavailable"}
 
 
 class ApiError(Exception):
@@ -13,6 +21,12 @@ class ApiError(Exception):
         self.message = message
         self.param = param
         self.retry_after_s = retry_after_s if retry_after_s is not None else (5 if status in (429, 503) else None)
+
+
+def from_failure(failed: protocol.Failed) -> ApiError:
+    """The HTTP error for a request the engine failed; a 429 says when to retry (whole seconds, at least 1)."""
+    retry_after_s = max(1, math.ceil(min(failed.retry_after_s, 3600.0))) if failed.retry_after_s > 0 else None
+    return ApiError(STATUS[failed.failure], failed.message, retry_after_s=retry_after_s)
 
 
 def error_body(error: ApiError) -> dict:

@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from streamvox import protocol
 from streamvox.engine.client import EngineUnavailableError
 from streamvox.server.audio_format import FORMATS, StreamEncoder, UnsupportedFormat
-from streamvox.server.errors import ApiError
+from streamvox.server.errors import ApiError, from_failure
 from streamvox.server.openai import SpeechRequest, check_model
 from streamvox.server.streaming import check_speech_input
 
@@ -138,8 +138,9 @@ async def _forward_text(websocket: WebSocket, client, request_id: str, num_chars
 
 async def _send_audio(websocket: WebSocket, stream, encoder: StreamEncoder, reader: asyncio.Task) -> None:
     finished: protocol.Finished | None = None
+    client = websocket.app.state.engine
     while True:
-        getter = asyncio.ensure_future(stream.queue.get())
+        getter = asyncio.ensure_future(client.take(stream))
         done, _ = await asyncio.wait({getter, reader}, return_when=asyncio.FIRST_COMPLETED)
         if getter not in done:  # the client's side ended: a bad message, or it went away
             getter.cancel()
@@ -151,10 +152,12 @@ async def _send_audio(websocket: WebSocket, stream, encoder: StreamEncoder, read
             continue
         event = getter.result()
         if isinstance(event, protocol.Failed):
-            await _close_with_error(websocket, event.status, event.message)
+            await _close_with_error(websocket, from_failure(event).status, event.message)
             return
         if isinstance(event, protocol.Finished):
             finished = event
+            continue
+        if isinstance(event, protocol.Accepted):
             continue
         if event.pcm and (data := encoder.encode(event.pcm)):
             await websocket.send_bytes(data)

@@ -1,8 +1,10 @@
 """One speech request from the server's side: validate, send to the engine, then relay its audio in order.
 
-Nothing is sent to the client until the engine has produced the first chunk or refused the request, so a refusal
-is still a proper HTTP status. After that, a failure can only end the stream (the route decides how to say so).
-A client that goes away, before or after the first chunk, cancels the request in the engine.
+Nothing is sent to the client until the engine has produced the first chunk (or, for routes that start with a
+header, accepted the request) or refused it, so a refusal is still a proper HTTP status. After that, a failure can
+only end the stream (the route decides how to say so). A client that goes away, before or after the first chunk,
+cancels the request in the engine. Audio is taken from the engine's queue one piece at a time, each once the
+previous one was written, which is what paces a request to its reader (see EngineClient).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from fastapi import Request
 from streamvox import protocol
 from streamvox.config import SamplingParams
 from streamvox.engine.client import EngineClient, RequestStream
-from streamvox.server.errors import ApiError
+from streamvox.server.errors import ApiError, from_failure
 
 DISCONNECT_POLL_S = 0.2
 
@@ -68,33 +70,35 @@ class SpeechStream:
         self.stream = stream
         self.finished: protocol.Finished | None = None
         self.num_samples = 0
-        self._first: protocol.Audio | protocol.Finished | None = None
+        self._first: protocol.Accepted | protocol.Audio | None = None
         self._is_done = False
 
     @classmethod
     async def open(cls, http_request: Request, text: str, voice: str | None, sampling: protocol.SamplingOverrides,
-                   reference: tuple[bytes, str] | None = None) -> SpeechStream:
-        """Send the request and wait for its first event. ApiError if it is refused or fails before audio."""
+                   reference: tuple[bytes, str] | None = None, until_audio: bool = True) -> SpeechStream:
+        """Send the request and wait for its first audio (`until_audio`), or only until the engine accepts it.
+        ApiError if it is refused, or fails before that."""
         voice = check_speech_input(http_request, text, voice, sampling)
         client: EngineClient = http_request.app.state.engine
         request_id = f"speech-{secrets.token_hex(8)}"
         speech = cls(client, http_request, client.open(request_id, text, voice, sampling, reference=reference))
         try:
-            while True:  # until audio or a failure: a Finished can come first, and commits to nothing
+            while True:  # until audio (or acceptance) or a failure; a Finished can come first, and commits to nothing
                 try:
-                    first = await asyncio.wait_for(speech.stream.queue.get(), DISCONNECT_POLL_S)
+                    first = await asyncio.wait_for(client.take(speech.stream), DISCONNECT_POLL_S)
                 except TimeoutError:
                     if await http_request.is_disconnected():
                         raise ApiError(499, "client closed the request") from None
                     continue
-                if not isinstance(first, protocol.Finished):
+                if isinstance(first, protocol.Finished):
+                    speech.finished = first
+                elif not isinstance(first, protocol.Accepted) or not until_audio:
                     break
-                speech.finished = first
         except BaseException:
             client.close(request_id, cancel=True)
             raise
         if isinstance(first, protocol.Failed):
-            raise ApiError(first.status, first.message, retry_after_s=5 if first.status in (429, 503) else None)
+            raise from_failure(first)
         speech._first = first
         return speech
 
@@ -104,7 +108,7 @@ class SpeechStream:
             event = self._first
             while True:
                 if isinstance(event, protocol.Failed):
-                    raise StreamFailedError(event.message, event.status)
+                    raise StreamFailedError(event.message, from_failure(event).status)
                 if isinstance(event, protocol.Finished):
                     self.finished = event
                 elif isinstance(event, protocol.Audio):
@@ -114,7 +118,7 @@ class SpeechStream:
                     if event.is_last:
                         self._is_done = True
                         return
-                event = await self.stream.queue.get()
+                event = await self.client.take(self.stream)
         finally:
             self.client.close(self.stream.request_id, cancel=not self._is_done)
 

@@ -1,7 +1,9 @@
 """VoxServe-compatible POST /generate: a multipart form (`text`, optional `audio`, `streaming`).
 
-Streaming responses send a 44-byte WAV header (length unknown) as its own first piece, then raw PCM as each
-chunk is produced, so VoxServe's clients and benchmark scripts work unchanged; otherwise one complete WAV.
+Streaming responses send a 44-byte WAV header (length unknown) as their own first write as soon as the engine has
+accepted the request (a refusal before that is still an HTTP status), then raw PCM as each chunk is produced, so
+VoxServe's clients and benchmark scripts, which drop the first piece they read as the header, work unchanged;
+otherwise one complete WAV.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ async def generate(request: Request, text: Annotated[str, Form()], audio: Annota
         raise ApiError(400, "audio_text is the transcript of a reference clip: send the clip as `audio` too, or "
                             "leave audio_text out", "audio_text")
     sampling = protocol.SamplingOverrides(seed=seed, max_tokens=max_tokens, ignore_eos=ignore_eos)
-    speech_stream = await SpeechStream.open(request, text, speaker, sampling, reference)
+    speech_stream = await SpeechStream.open(request, text, speaker, sampling, reference, until_audio=not streaming)
     sample_rate = request.app.state.engine.info.sample_rate
     if streaming:
         async def body():

@@ -44,10 +44,16 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def start_server(tiny_dir, tmp_path_factory):
-    """start(*flags) serves the tiny Orpheus as `tiny-orpheus`; model_dir= and name= serve another checkpoint."""
+    """start(*flags) serves the tiny Orpheus as `tiny-orpheus`; model_dir= and name= serve another checkpoint.
+    Unless `is_patient` is false, a request waits as long as it takes to start instead of being refused when the
+    engine predicts a wait over a second: tests of other behaviour send more at once than two cores keep
+    real-time (tests/server/test_capacity.py covers the refusals)."""
     servers = []
 
-    def start(*flags: str, env: dict | None = None, model_dir=None, name: str = "tiny-orpheus") -> Server:
+    def start(*flags: str, env: dict | None = None, model_dir=None, name: str = "tiny-orpheus",
+              is_patient: bool = True) -> Server:
+        if is_patient:
+            flags = ("--max-queue-wait-s", "600", *flags)
         port = free_port()
         log = open(tmp_path_factory.mktemp("server") / "server.log", "w")
         command = [sys.executable, "-m", "streamvox.cli", "serve", "--model", str(model_dir or tiny_dir), "--port",

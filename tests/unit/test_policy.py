@@ -13,7 +13,7 @@ from streamvox.config import SamplingParams, SchedulerConfig
 from streamvox.sched.kv_blocks import BlockPool
 from streamvox.sched.playback import AudioPlan, PlaybackTracker
 from streamvox.sched.request import Request
-from streamvox.sched.scheduler import Scheduler
+from streamvox.sched.scheduler import QueueFullError, Scheduler
 from streamvox.sched.timing import StepTimer
 
 PLAN = AudioPlan(lm_steps_per_frame=7, frame_s=2048 / 24000, first_chunk_frames=1, frames_per_chunk=1,
@@ -43,14 +43,24 @@ class Stream:
         return count
 
 
-def simulate(policy: str, arrivals: list[tuple[float, int, int]], step_s, num_blocks=4096, **limits):
+def simulate(policy: str, arrivals: list[tuple[float, int, int]], step_s, num_blocks=4096, max_wait_s=None,
+             refused=None, **limits):
     """Run (arrival_s, prompt_len, num_tokens) requests to the end; returns the streams and the smallest time any
-    stream with audio had left before its client ran dry, seen after each step."""
+    stream with audio had left before its client ran dry, seen after each step. `step_s(num_tokens)`, or
+    `step_s(num_tokens, num_context)` when it takes two arguments. With `max_wait_s`, requests refused at once
+    or after waiting go to `refused` as (arrival_s, refused_at_s)."""
     config = SchedulerConfig(policy=policy, **{"max_queue_len": 1000, "ttfa_target_s": 1.0, **limits})
     playback = PlaybackTracker(PLAN, config.ttfa_target_s, config.client_prebuffer_s)
     timer = StepTimer()
     pool = BlockPool(num_blocks, 16)
-    scheduler = Scheduler(config, pool, playback, timer)
+    scheduler = Scheduler(config, pool, playback, timer, max_wait_s)
+    cost = step_s if step_s.__code__.co_argcount == 2 else (lambda tokens, context: step_s(tokens))
+    if max_wait_s is not None:  # as the engine's warm-up does: measure a few batch sizes and contexts first
+        timer.begin_prior()
+        for rows, context in [(1, 20), (4, 80), (8, 160), (4, 4000)]:
+            for _ in range(10):
+                timer.observe_step(rows, rows, context, cost(rows, context))
+        timer.keep_as_prior()
     now, pending, streams, min_margin_s = 0.0, sorted(arrivals), {}, float("inf")
     max_committed = 0
     while pending or scheduler.has_unfinished():
@@ -58,19 +68,27 @@ def simulate(policy: str, arrivals: list[tuple[float, int, int]], step_s, num_bl
             at, prompt_len, num_tokens = pending.pop(0)
             request_id = f"r{len(streams)}"
             sampling = SamplingParams(max_tokens=num_tokens, ignore_eos=True, seed=0)
-            streams[request_id] = Stream(Request(request_id, tuple(range(prompt_len)), sampling, 0), at)
-            scheduler.add_request(streams[request_id].request, at)
+            stream = Stream(Request(request_id, tuple(range(prompt_len)), sampling, 0), at)
+            try:
+                scheduler.add_request(stream.request, at)
+            except QueueFullError:
+                refused.append((at, at))
+                continue
+            streams[request_id] = stream
         batch = scheduler.schedule(now)
         if batch is None:
             now = pending[0][0]
             continue
         max_committed = max(max_committed, scheduler.num_committed_blocks)
         assert sum(len(r.block_ids) for r in scheduler.running) <= pool.num_blocks
-        elapsed = step_s(batch.num_tokens) if batch.rows else 0.0
+        elapsed = cost(batch.num_tokens, batch.num_context_tokens) if batch.rows else 0.0
         now += elapsed
-        timer.observe_step(batch.num_tokens, elapsed)
+        timer.observe_step(len(batch.rows), batch.num_tokens, batch.num_context_tokens, elapsed)
         sampled = [row.request_id for row in batch.rows if row.is_sampled]
-        scheduler.update(batch, StepOutput(tuple(sampled), (0,) * len(sampled), (False,) * len(sampled)))
+        for request in scheduler.update(batch, StepOutput(tuple(sampled), (0,) * len(sampled),
+                                                          (False,) * len(sampled))):
+            if request.finish_reason.value == "refused":
+                refused.append((streams.pop(request.request_id).arrival_s, now))
         timer.observe_codec(CODEC_S)
         for stream in streams.values():
             request = stream.request
@@ -114,6 +132,22 @@ def test_more_streams_than_real_time_allows_stall_fcfs_but_streaming_admits_what
     assert all(s.stalls() == 0 for s in streaming), [s.stalls() for s in streaming]
     assert min_margin_s >= 0
     assert sum(s.ttfa_s <= 1.0 for s in streaming) >= 8, "the streams it can sustain start on time"
+
+
+def test_sixty_at_once_get_a_stream_that_never_stalls_or_a_fast_refusal():
+    """About ten times what the engine keeps real-time arrives at once (each ~13 s of audio), on a step whose
+    cost grows with the context it attends over: those admitted never stall and start within 2 s; the others
+    are refused within 2 s of arriving."""
+    def step_s(num_tokens, num_context):  # ~7 streams of 1200 tokens at their end fit real time (12.2 ms)
+        return 0.004 + 0.0004 * num_tokens + 0.0007 * num_context / 1000
+
+    refused = []
+    arrivals = [(0.001 * i, 12, 1200) for i in range(60)]
+    streams, min_margin_s = simulate("streaming", arrivals, step_s, max_wait_s=1.0, refused=refused)
+    assert len(streams) + len(refused) == 60 and 3 <= len(streams) <= 12, (len(streams), len(refused))
+    assert all(s.stalls() == 0 for s in streams), [s.stalls() for s in streams]
+    assert min_margin_s >= 0 and max(s.ttfa_s for s in streams) <= 2.0
+    assert all(at - arrived <= 2.0 for arrived, at in refused)
 
 
 @pytest.mark.parametrize("policy", ["streaming", "offline", "fcfs"])

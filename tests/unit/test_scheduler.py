@@ -160,7 +160,7 @@ def test_a_paused_request_neither_runs_nor_holds_back_the_others():
     time or block admission (streaming policy), it gets no row, and it resumes when the text comes."""
     pool = BlockPool(num_blocks=64, block_size=16)
     scheduler = make_scheduler(pool, policy="streaming", max_num_seqs=8, max_num_batched_tokens=64)
-    scheduler.timer.period_s = lambda num_tokens: 0.001 + 0.0005 * num_tokens  # a step slows with its size
+    scheduler.timer.period_s = lambda rows, tokens=None, context=0: 0.001 + 0.0005 * (tokens or rows)  # slows by size
     busy, paused = make_request("busy", 8, 400), make_request("paused", 8, 400)
     paused.is_text_complete, paused.text_ids = False, [1, 2]
     now = 0.0
@@ -169,7 +169,8 @@ def test_a_paused_request_neither_runs_nor_holds_back_the_others():
     for _ in range(6):
         batch = scheduler.schedule(now)
         scheduler.update(batch, fake_execute(batch))
-        scheduler.timer.observe_step(batch.num_tokens, scheduler.timer.period_s(batch.num_tokens))
+        scheduler.timer.observe_step(len(batch.rows), batch.num_tokens, batch.num_context_tokens,
+                                     scheduler.timer.period_s(len(batch.rows), batch.num_tokens))
         now += 0.01
     assert paused.is_waiting_for_text and paused.num_output_tokens == 3 and busy.num_output_tokens == 6
     scheduler.playback.on_chunk("busy", 60.0, now)  # busy's client has a minute of audio in hand
