@@ -1,8 +1,9 @@
-"""Step messages between the scheduler and the runners. Pure Python, no tensors."""
+"""Step messages between the scheduler and the runners, and the audio plan both read. Pure Python, no tensors."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from streamvox.config import SamplingParams
 
@@ -38,6 +39,12 @@ class StepBatch:
     rows: tuple[ScheduledRow, ...]
     finished_request_ids: tuple[str, ...]
     text_updates: tuple[tuple[str, tuple[int, ...], bool], ...] = ()  # (request_id, more text ids, is_final)
+    codec_request_ids: tuple[str, ...] = ()  # whose next chunk the codec decodes now, most urgent first
+
+    @property
+    def has_lm_work(self) -> bool:
+        """Rows to run, or runner state to add, drop or feed."""
+        return bool(self.rows or self.new_requests or self.finished_request_ids or self.text_updates)
 
     @property
     def num_tokens(self) -> int:
@@ -54,5 +61,55 @@ class StepOutput:
     """Tokens sampled in one step, one entry per row with `is_sampled`, in row order."""
 
     request_ids: tuple[str, ...]
-    token_ids: tuple[int | tuple[int, ...], ...]  # a token id, or a whole frame of codes for depth-decoder models
+    step_tokens: tuple[int | tuple[int, ...], ...]  # a token id, or a whole frame of codes for depth-decoder models
     is_stop: tuple[bool, ...]  # the sampled token ends the request's speech
+
+
+@dataclass(frozen=True)
+class AudioChunk:
+    """PCM for frames [start_frame, end_frame) of one request, decoded."""
+
+    request_id: str
+    pcm: Any  # numpy [num_samples] float32 in [-1, 1] (this module stays free of numpy)
+    start_frame: int
+    end_frame: int
+    is_last: bool  # no more audio will follow for this request
+
+
+@dataclass(frozen=True)
+class AudioPlan:
+    """The served model's timing and chunking, as plain numbers. Chunk boundaries fall after
+    `first_chunk_frames`, then every `frames_per_chunk` frames; the run of frames up to a boundary can be decoded
+    once `lookahead_frames` more frames exist (at the end of speech, whatever is left can)."""
+
+    lm_steps_per_frame: int
+    frame_s: float  # seconds of audio in one frame
+    first_chunk_frames: int
+    frames_per_chunk: int
+    lookahead_frames: int
+
+    @property
+    def realtime_step_s(self) -> float:
+        """The LM step time at which one stream generates exactly as fast as it plays."""
+        return self.frame_s / self.lm_steps_per_frame
+
+    def boundary_at_most(self, frame: int) -> int:
+        """The last chunk boundary at or before `frame`, or 0."""
+        first, step = self.first_chunk_frames, self.frames_per_chunk
+        return 0 if frame < first else first + (frame - first) // step * step
+
+    def next_boundary(self, frame: int) -> int:
+        """The first chunk boundary after `frame`."""
+        return self.first_chunk_frames if frame < self.first_chunk_frames else self.boundary_at_most(frame) + \
+            self.frames_per_chunk
+
+    def decodable_end(self, num_frames: int, is_complete: bool) -> int:
+        """The last boundary whose frames can be decoded when `num_frames` exist (all of them once complete)."""
+        return num_frames if is_complete else self.boundary_at_most(num_frames - self.lookahead_frames)
+
+    def next_chunk(self, num_output_tokens: int) -> tuple[int, int]:
+        """(frames already covered by decodable chunks, LM steps until the next chunk is decodable)."""
+        covered = self.decodable_end(num_output_tokens // self.lm_steps_per_frame, is_complete=False)
+        end = self.next_boundary(covered)
+        steps = (end + self.lookahead_frames) * self.lm_steps_per_frame - num_output_tokens
+        return covered, max(1, steps)

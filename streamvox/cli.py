@@ -138,7 +138,7 @@ def _serve(args) -> int:
 
 def _synth(args) -> int:
     from streamvox.audio import write_wav
-    from streamvox.engine.core import Engine
+    from streamvox.engine.local import Engine
 
     engine = Engine.from_pretrained(args.model, codec=args.codec, device=args.device, dtype=args.dtype)
     if engine.model.is_random_weights:
@@ -155,7 +155,7 @@ def _synth(args) -> int:
     seconds = len(result.pcm) / result.sample_rate
     print(f"wrote {args.output}: {result.sample_rate} Hz mono, {result.num_frames} frames, "
           f"{len(result.pcm)} samples, {seconds:.2f} s of audio in {elapsed:.2f} s "
-          f"({len(result.token_ids)} tokens, finish: {result.finish_reason})")
+          f"({len(result.step_tokens)} tokens, finish: {result.finish_reason})")
     return 0
 
 

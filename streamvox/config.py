@@ -70,7 +70,7 @@ class CacheConfig:
             raise ValueError("gpu_memory_utilization must be in (0, 1]")
 
 
-POLICIES = ("streaming", "offline", "fcfs")
+POLICY_NAMES = ("streaming", "offline", "fcfs")
 DEVICE_HELP = "auto (CUDA when present), cpu, cuda or cuda:N"
 DTYPES = ("auto", "float32", "bfloat16", "float16")  # auto: bfloat16 on CUDA, float32 on the CPU
 RANDOM_INIT_KEY = "streamvox_random_init"  # in a weightless full-size config.json: {"seed": N}
@@ -102,8 +102,8 @@ class SchedulerConfig:
     codec_hold_margin_s: float = 1.0  # streaming: decode once the client has less than this (+ codec time) left
 
     def validate(self) -> None:
-        if self.policy not in POLICIES:
-            raise ValueError(f"unknown policy {self.policy!r}; choose one of: {', '.join(POLICIES)}")
+        if self.policy not in POLICY_NAMES:
+            raise ValueError(f"unknown policy {self.policy!r}; choose one of: {', '.join(POLICY_NAMES)}")
         if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1 or self.max_codec_frames < 1:
             raise ValueError(f"a step must take >= 1 request, >= 1 token and >= 1 chunk, got {self}")
         if self.max_queue_len < 0 or self.ttfa_target_s <= 0 or self.client_prebuffer_s < 0:

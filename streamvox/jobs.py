@@ -22,7 +22,7 @@ from pathlib import Path
 
 from streamvox.audio import to_int16
 from streamvox.config import CacheConfig, SchedulerConfig
-from streamvox.engine.core import Engine
+from streamvox.engine.local import Engine
 from streamvox.runner.device import resolve_device
 from streamvox.server.audio_format import available_formats, encode_whole
 
@@ -158,7 +158,7 @@ def _write(item: Item, result, out: Path, fmt: str) -> dict:
     os.replace(temporary, out / name)
     return {"id": item.item_id, "file": name, "text": item.text, "voice": item.voice,
             "seed": item.sampling.seed, "audio_s": round(len(result.pcm) / result.sample_rate, 3),
-            "sample_rate": result.sample_rate, "num_tokens": len(result.token_ids),
+            "sample_rate": result.sample_rate, "num_tokens": len(result.step_tokens),
             "finish_reason": result.finish_reason}
 
 

@@ -3,7 +3,7 @@
 import pytest
 
 from streamvox.config import CacheConfig, EngineConfig, SchedulerConfig
-from streamvox.engine.core import Engine
+from streamvox.engine.local import Engine
 from streamvox.models.orpheus import write_tiny
 from streamvox.runner.weights import load_model
 

@@ -38,7 +38,8 @@ from streamvox.batch import NewRequest, ScheduledRow, StepBatch
 from streamvox.bench.metrics import StreamTimeline, percentile, stalls
 from streamvox.bench.serve import PROMPTS, VIABLE_SHARE
 from streamvox.config import CacheConfig, EngineConfig, SamplingParams, SchedulerConfig
-from streamvox.engine.core import Engine, EngineCore, QueueFullError
+from streamvox.engine.core import EngineCore, QueueFullError
+from streamvox.engine.local import Engine
 from streamvox.models.base import ChunkJob, SpeechModel
 from streamvox.models.full_size import write_full
 from streamvox.runner.device import describe, resolve_device, resolve_dtype
@@ -216,7 +217,7 @@ def _run(model: SpeechModel, steps: int) -> tuple[torch.Tensor, list, np.ndarray
         runner.execute(StepBatch((), (), ("check",)))
         greedy = SamplingParams(temperature=0.0, seed=0, max_tokens=steps, ignore_eos=True)
         result = engine.result(engine.submit(text, None, greedy))
-        return logits, list(result.token_ids), result.pcm
+        return logits, list(result.step_tokens), result.pcm
     finally:
         engine.close()
 

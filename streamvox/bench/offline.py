@@ -22,7 +22,7 @@ import torch
 
 from streamvox.batch import NewRequest, ScheduledRow, StepBatch
 from streamvox.config import CacheConfig, EngineConfig, SchedulerConfig
-from streamvox.engine.core import Engine
+from streamvox.engine.local import Engine
 from streamvox.models.base import ChunkJob
 from streamvox.runner.lm_runner import LMRunner
 from streamvox.runner.weights import load_model
@@ -60,14 +60,14 @@ def _engine(model_name: str, model, sampling, batch_size: int, device: str, dtyp
                                                     max_num_batched_tokens=2048))
     engine = Engine(model, config)
     engine.generate([TEXT], sampling=sampling.replace(max_tokens=28))  # warm-up
-    lm_before, codec_before = engine.lm_busy_s, engine.codec_busy_s
+    lm_before, codec_before = engine.lm_busy_s, engine.codec.busy_s
     started = time.perf_counter()
     results = engine.generate([TEXT] * batch_size, sampling=sampling)
     wall_s = time.perf_counter() - started
     engine.close()
     audio_s = sum(len(r.pcm) for r in results) / model.timing.sample_rate
     return _row("streamvox", batch_size, batch_size * sampling.max_tokens, audio_s, wall_s,
-                lm_s=engine.lm_busy_s - lm_before, codec_s=engine.codec_busy_s - codec_before)
+                lm_s=engine.lm_busy_s - lm_before, codec_s=engine.codec.busy_s - codec_before)
 
 
 def _naive(model_name: str, sampling, device: str, dtype: str) -> dict:
@@ -101,7 +101,7 @@ def _raw(model, sampling, batch_size: int, engine_row: dict) -> dict:
     started = time.perf_counter()
     output = runner.execute(StepBatch(new, prefill, ()))
     for step in range(sampling.max_tokens):
-        for i, token in enumerate(output.token_ids):  # rows come back in request order
+        for i, token in enumerate(output.step_tokens):  # rows come back in request order
             if (frame := builders[i].push(token)) is not None:
                 frames[i].append(frame)
         if step + 1 < sampling.max_tokens:

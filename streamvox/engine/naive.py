@@ -26,7 +26,7 @@ from streamvox import protocol
 from streamvox.audio import to_int16
 from streamvox.codecs.snac import split_levels
 from streamvox.config import EngineConfig, SamplingParams
-from streamvox.engine.core import check_request
+from streamvox.engine.requests import check_request
 from streamvox.models.orpheus import decode_windows
 from streamvox.runner.device import resolve_device, resolve_dtype
 from streamvox.runner.weights import default_codec_dir, detect_family, read_config, resolve_checkpoint

@@ -29,6 +29,7 @@ from streamvox import protocol
 from streamvox.audio import to_int16
 from streamvox.config import EngineConfig, SamplingParams
 from streamvox.engine.core import EngineCore, QueueFullError, StepEvents
+from streamvox.engine.requests import expected_tokens
 from streamvox.models.base import Reference
 from streamvox.runner.device import describe
 from streamvox.runner.weights import load_model
@@ -71,7 +72,7 @@ class EngineLoop:
         self._parent_pid = os.getppid()
         self._last_report_s = 0.0
         if faults.decode_mark:
-            engine.before_decode = self._inject_decode_fault
+            engine.codec.before_decode = self._inject_decode_fault
 
     def _inject_decode_fault(self, pending) -> None:
         if any(p.request_id in self._decode_faults and p.start_frame > 0 for p in pending):  # after its first audio
@@ -171,7 +172,7 @@ class EngineLoop:
                 continue
             try:
                 prompt, text_ids = preparing.future.result()
-                expected = self.engine.expected_tokens(preparing.text)
+                expected = expected_tokens(self.engine.model, preparing.text)
                 self.engine.add_request(request_id, prompt, preparing.sampling, expected, text_ids)
             except (QueueFullError, ValueError) as error:
                 self._refuse(request_id, error)

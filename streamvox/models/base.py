@@ -48,7 +48,7 @@ class ChunkJob:
     frames: torch.Tensor  # [num_known_frames, codes_per_frame] int64: every frame of the request so far
     start_frame: int
     end_frame: int
-    is_final: bool  # no frame will follow `frames`
+    is_last: bool  # the request's last chunk: no frame will follow `frames`
     seed: int  # makes any codec noise a function of the request alone
     state: Any = None  # the request's codec state (a stateful codec's; None otherwise)
 

@@ -15,18 +15,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from streamvox.batch import AudioChunk, AudioPlan
 from streamvox.models.base import ChunkJob, FrameBuilder, SpeechModel, StepToken
-
-
-@dataclass(frozen=True)
-class AudioChunk:
-    """PCM for frames [start_frame, end_frame) of one request."""
-
-    request_id: str
-    pcm: np.ndarray  # [num_samples] float32 in [-1, 1]
-    start_frame: int
-    end_frame: int
-    is_last: bool  # no more audio will follow for this request
 
 
 @dataclass(frozen=True)
@@ -47,13 +37,20 @@ class _CodecRequest:
     state: Any  # the model's per-request codec state (None for a stateless codec)
     frames: list[tuple[int, ...]] = field(default_factory=list)
     num_taken_frames: int = 0  # frames handed to the codec so far
-    is_final: bool = False
+    is_complete: bool = False  # no more tokens will come: the tail is decodable
     is_in_flight: bool = False
+
+
+def audio_plan(model: SpeechModel) -> AudioPlan:
+    timing, chunking = model.timing, model.chunking
+    return AudioPlan(timing.lm_steps_per_frame, timing.samples_per_frame / timing.sample_rate,
+                     chunking.first_chunk_frames, chunking.frames_per_chunk, chunking.lookahead_frames)
 
 
 class CodecRunner:
     def __init__(self, model: SpeechModel) -> None:
         self.model = model
+        self.plan = audio_plan(model)
         self.requests: dict[str, _CodecRequest] = {}
         self._pinned: torch.Tensor | None = None  # CUDA: page-locked host buffer the codec's PCM is copied into
 
@@ -67,20 +64,22 @@ class CodecRunner:
             if frame is not None:
                 request.frames.append(frame)
 
-    def finish(self, request_id: str) -> None:
+    def mark_complete(self, request_id: str) -> None:
         """No more tokens will come: the tail becomes decodable."""
         if request_id in self.requests:
-            self.requests[request_id].is_final = True
+            self.requests[request_id].is_complete = True
 
     def drop(self, request_id: str) -> None:
+        """Forget a request (cancelled, or failed); a chunk of it still decoding is then ignored."""
         self.requests.pop(request_id, None)
 
     def ready(self) -> list[tuple[str, int, bool]]:
-        """(request_id, frames ready to decode, is_final) of every request with a chunk ready and none in flight."""
+        """(request_id, frames ready to decode, is_complete) of every request with a chunk ready and none in
+        flight."""
         ready = []
         for request_id, request in self.requests.items():
             if not request.is_in_flight and (end := self._ready_end(request)) is not None:
-                ready.append((request_id, end - request.num_taken_frames, request.is_final))
+                ready.append((request_id, end - request.num_taken_frames, request.is_complete))
         return ready
 
     def take_ready(self, request_ids: list[str], max_frames: int | None = None) -> list[PendingChunk]:
@@ -97,14 +96,14 @@ class CodecRunner:
             start = request.num_taken_frames
             end = self._ready_end(request)
             if end - start > budget:
-                capped = self._boundary_at_most(start + budget)
+                capped = self.plan.boundary_at_most(start + budget)
                 if pending and (capped <= start or start == 0):
                     break
                 if capped <= start:
-                    capped = min(end, self._next_boundary(start))  # the first request always gets a chunk
+                    capped = min(end, self.plan.next_boundary(start))  # the first request always gets a chunk
                 end = capped
             budget -= end - start
-            is_last = request.is_final and end == len(request.frames)
+            is_last = request.is_complete and end == len(request.frames)
             job = None
             if end > start:
                 frames = torch.tensor(request.frames, dtype=torch.int64)  # [num_known_frames, codes_per_frame]
@@ -147,30 +146,8 @@ class CodecRunner:
                 del self.requests[chunk.request_id]
         return chunks
 
-    def release(self, pending: list[PendingChunk]) -> None:
-        """Forget in-flight work whose decode failed (the caller fails those requests)."""
-        for chunk in pending:
-            self.requests.pop(chunk.request_id, None)
-
-    def _boundary_at_most(self, frame: int) -> int:
-        """The last chunk boundary at or before `frame` (boundaries: first_chunk_frames, then every
-        frames_per_chunk), or 0."""
-        first, step = self.model.chunking.first_chunk_frames, self.model.chunking.frames_per_chunk
-        return 0 if frame < first else first + (frame - first) // step * step
-
-    def _next_boundary(self, frame: int) -> int:
-        first, step = self.model.chunking.first_chunk_frames, self.model.chunking.frames_per_chunk
-        return first if frame < first else self._boundary_at_most(frame) + step
-
     def _ready_end(self, request: _CodecRequest) -> int | None:
-        """End frame of the request's next chunk if one is ready, else None."""
-        start, known = request.num_taken_frames, len(request.frames)
-        if request.is_final:
-            return known  # the tail (possibly empty: the closing chunk)
-        chunking = self.model.chunking
-        usable = known - chunking.lookahead_frames
-        if usable < max(start + 1, chunking.first_chunk_frames):
-            return None
-        first = chunking.first_chunk_frames
-        end = usable - (usable - first) % chunking.frames_per_chunk
-        return end if end > start else None
+        """End frame of the request's next chunk if one is ready, else None (the closing chunk of a complete
+        request may be empty)."""
+        end = self.plan.decodable_end(len(request.frames), request.is_complete)
+        return end if end > request.num_taken_frames or request.is_complete else None

@@ -1,6 +1,6 @@
-"""How many KV blocks fit on a GPU: what is left of `gpu_memory_utilization` of its memory once the weights are
-loaded and the largest step the engine will run (a full prefill, sampling every row, a full codec batch) has
-been run once and its peak working memory measured."""
+"""How many KV blocks the cache gets: as configured, else 256 MB on the CPU, else on a GPU what is left of
+`gpu_memory_utilization` of its memory once the weights are loaded and the largest step the engine will run (a
+full prefill, sampling every row, a full codec batch) has been run once and its peak working memory measured."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from streamvox.config import CacheConfig, SamplingParams, SchedulerConfig
 from streamvox.models.base import ChunkJob, SpeechModel
 from streamvox.runner.lm_runner import LMRunner
 
+CPU_KV_CACHE_MB = 256  # the KV cache on the CPU unless configured
 SORT_COPIES = 8  # [rows, vocab] fp32 temporaries sampling may hold at once (logits, filters, sort, keys)
 
 
@@ -57,3 +58,14 @@ def _profile(model: SpeechModel, num_tokens: int, num_blocks: int, block_size: i
     frames = torch.zeros(1, model.codes_per_frame, dtype=torch.int64)
     jobs = [ChunkJob(frames, 0, 1, True, seed, model.new_codec_state()) for seed in range(num_codec_jobs)]
     model.decode_chunks(jobs)
+
+
+def kv_blocks(model: SpeechModel, cache: CacheConfig, scheduler: SchedulerConfig) -> int:
+    """KV blocks of the cache: as configured, else 256 MB on the CPU, else what the GPU's memory fraction leaves."""
+    cache.validate()
+    if cache.num_blocks:
+        return cache.num_blocks
+    per_block = LMRunner.kv_bytes_per_block(model, cache.block_size, model.dtype)
+    if cache.kv_cache_mb or model.device.type != "cuda":
+        return max(1, (cache.kv_cache_mb or CPU_KV_CACHE_MB) * 2**20 // per_block)
+    return cuda_kv_blocks(model, cache, scheduler, model.dtype)

@@ -9,32 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-
-@dataclass(frozen=True)
-class AudioPlan:
-    """The served model's timing and chunking, as plain numbers."""
-
-    lm_steps_per_frame: int
-    frame_s: float  # seconds of audio in one frame
-    first_chunk_frames: int
-    frames_per_chunk: int
-    lookahead_frames: int  # frames past a chunk that must exist before it decodes
-
-    @property
-    def realtime_step_s(self) -> float:
-        """The LM step time at which one stream generates exactly as fast as it plays."""
-        return self.frame_s / self.lm_steps_per_frame
-
-    def next_chunk(self, num_output_tokens: int) -> tuple[int, int]:
-        """(frames already covered by decodable chunks, LM steps until the next chunk is decodable)."""
-        usable = num_output_tokens // self.lm_steps_per_frame - self.lookahead_frames
-        if usable < self.first_chunk_frames:
-            covered, end = 0, self.first_chunk_frames
-        else:
-            covered = usable - (usable - self.first_chunk_frames) % self.frames_per_chunk
-            end = covered + self.frames_per_chunk
-        steps = (end + self.lookahead_frames) * self.lm_steps_per_frame - num_output_tokens
-        return covered, max(1, steps)
+from streamvox.batch import AudioPlan
 
 
 @dataclass
@@ -57,14 +32,14 @@ class PlaybackTracker:
     def drop(self, request_id: str) -> None:
         self.streams.pop(request_id, None)
 
-    def on_chunk(self, request_id: str, num_samples_s: float, now: float) -> None:
-        """A chunk of `num_samples_s` seconds of audio went out at `now`."""
+    def on_chunk(self, request_id: str, duration_s: float, now: float) -> None:
+        """A chunk of `duration_s` seconds of audio went out at `now`."""
         stream = self.streams.get(request_id)
-        if stream is None or num_samples_s <= 0:
+        if stream is None or duration_s <= 0:
             return
         if stream.first_chunk_s is None:
             stream.first_chunk_s = now
-        stream.audio_sent_s += num_samples_s
+        stream.audio_sent_s += duration_s
 
     def deadline_s(self, request_id: str, covered_frames: int | None = None) -> float:
         """When the client runs dry; with `covered_frames`, after also playing that many frames (counted from

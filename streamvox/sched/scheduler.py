@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from streamvox.batch import NewRequest, ScheduledRow, StepBatch, StepOutput
+from streamvox.batch import AudioChunk, NewRequest, ScheduledRow, StepBatch, StepOutput
 from streamvox.config import SchedulerConfig
 from streamvox.sched.kv_blocks import BlockPool
 from streamvox.sched.playback import PlaybackTracker
@@ -136,8 +137,10 @@ class Scheduler:
 
     # -- one step --------------------------------------------------------------------------------------
 
-    def schedule(self, now: float) -> StepBatch | None:
-        """The next step's work, or None when there is nothing to do."""
+    def schedule(self, now: float, codec_ready: Sequence[tuple[str, int, bool]] = ()) -> StepBatch | None:
+        """The next step's work, or None when there is nothing to do. `codec_ready`: (request_id, frames ready,
+        is_complete) of the requests whose next chunk could be decoded now; the policy picks and orders those
+        that are due."""
         self.policy.begin_step()
         self._expire_waiting(now)
         active = [r for r in self.running if not r.is_held]  # a held request is nobody's deadline
@@ -147,9 +150,12 @@ class Scheduler:
             self._admit_waiting(step, active, now)
         finished_ids, self._finished_ids = tuple(self._finished_ids), []
         text_updates, self._text_updates = tuple(self._text_updates), []
-        if not step.rows and not finished_ids and not text_updates:
+        due = [request_id for request_id, num_frames, is_complete in codec_ready
+               if self.policy.is_codec_due(request_id, num_frames, is_complete, now)]
+        codec_ids = tuple(self.policy.codec_order(due, now))
+        if not step.rows and not finished_ids and not text_updates and not codec_ids:
             return None
-        return StepBatch(tuple(step.new_requests), tuple(step.rows), finished_ids, text_updates)
+        return StepBatch(tuple(step.new_requests), tuple(step.rows), finished_ids, text_updates, codec_ids)
 
     def _schedule_running(self, step: _StepPlan, active: list[Request], now: float) -> bool:
         """Rows for running requests in the policy's order; True if one had to be preempted."""
@@ -211,10 +217,16 @@ class Scheduler:
                 self.waiting.remove(request)
                 self._finish(request, FinishReason.REFUSED)
 
-    def update(self, batch: StepBatch, output: StepOutput) -> list[Request]:
-        """Advance counts after a step ran; returns every request finished since the last update, except
-        cancelled ones (the canceller already knows)."""
-        for row in batch.rows:
+    def update(self, batch: StepBatch | None, output: StepOutput, chunks: Sequence[AudioChunk] = (),
+               now: float = 0.0) -> list[Request]:
+        """Advance counts after a step ran, and playback by the chunks decoded (sent at `now`); returns every
+        request finished since the last update, except cancelled ones (the canceller already knows)."""
+        for chunk in chunks:
+            duration_s = (chunk.end_frame - chunk.start_frame) * self.playback.plan.frame_s
+            self.playback.on_chunk(chunk.request_id, duration_s, now)
+            if chunk.is_last:
+                self.playback.drop(chunk.request_id)
+        for row in batch.rows if batch is not None else ():
             request = self.requests.get(row.request_id)
             if request is not None and request.status is RequestStatus.RUNNING:
                 request.num_computed_tokens = row.start_position + row.num_tokens
@@ -303,5 +315,7 @@ class Scheduler:
         request.finish_reason = reason
         del self.requests[request.request_id]
         self._finished_ids.append(request.request_id)
+        if reason in (FinishReason.CANCELLED, FinishReason.REFUSED):
+            self.playback.drop(request.request_id)  # no audio will go out for it
         if reason is not FinishReason.CANCELLED:
             self._newly_finished.append(request)

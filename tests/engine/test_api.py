@@ -30,7 +30,7 @@ def test_bad_sampling_is_rejected_at_submit_and_others_are_unharmed(make_engine,
     with pytest.raises(ValueError, match=field):
         engine.submit("bad", None, SamplingParams(**{"max_tokens": 14, "seed": 2, **bad}))
     result = engine.result(healthy)
-    assert len(result.token_ids) == 14 and engine.pool.is_full
+    assert len(result.step_tokens) == 14 and engine.pool.is_full
 
 
 def test_request_ids_never_collide(make_engine):
@@ -43,8 +43,8 @@ def test_request_ids_never_collide(make_engine):
         engine.step()
     with pytest.raises(ValueError, match="still in use"):  # finished but not consumed yet
         engine.submit("again", None, SamplingParams(max_tokens=7), request_id="req-1")
-    assert len(engine.result(mine).token_ids) == 7
-    assert all(len(engine.result(o).token_ids) == 21 for o in others)
+    assert len(engine.result(mine).step_tokens) == 7
+    assert all(len(engine.result(o).step_tokens) == 21 for o in others)
 
 
 def test_unknown_ids_raise_and_cancel_releases_unconsumed_output(make_engine):

@@ -19,8 +19,8 @@ def test_a_frame_budget_splits_chunks_and_the_pieces_make_the_same_audio(tiny_mo
         runner.add("b", seed=2)
         push_frames(runner, "a", tiny_model, 10)
         push_frames(runner, "b", tiny_model, 3)
-        runner.finish("a")
-        runner.finish("b")
+        runner.mark_complete("a")
+        runner.mark_complete("b")
     pending = whole.take_ready(["a", "b"])
     expected = {p.request_id: pcm for p, pcm in zip(pending, whole.decode(pending), strict=True)}
     pieces = {"a": [], "b": []}

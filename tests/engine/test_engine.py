@@ -8,7 +8,7 @@ import torch
 from snac import SNAC
 
 from streamvox.config import SamplingParams
-from streamvox.engine.core import codec_seed_for
+from streamvox.engine.requests import codec_seed_for
 from streamvox.models.orpheus import frame_seed
 
 TEXTS = [
@@ -33,7 +33,7 @@ def run_alone(make_engine, text, sampling):
 
 
 def assert_same(batched, alone):
-    assert batched.token_ids == alone.token_ids
+    assert batched.step_tokens == alone.step_tokens
     assert batched.num_frames == alone.num_frames > 0
     assert batched.pcm.shape == alone.pcm.shape
     assert np.abs(batched.pcm - alone.pcm).max() <= 1e-5
@@ -68,8 +68,8 @@ def test_sampled_requests_are_the_same_alone_or_batched(make_engine, tiny_model)
     engine = make_engine()
     neighbours = [engine.submit(TEXTS[i], None, sampling.replace(seed=i, top_p=1.0)) for i in (0, 1)]
     batched = engine.result(engine.submit(TEXTS[2], None, sampling))
-    assert batched.token_ids == alone.token_ids and np.abs(batched.pcm - alone.pcm).max() <= 1e-5
-    assert all(engine.result(n).token_ids for n in neighbours)
+    assert batched.step_tokens == alone.step_tokens and np.abs(batched.pcm - alone.pcm).max() <= 1e-5
+    assert all(engine.result(n).step_tokens for n in neighbours)
 
 
 def test_same_seed_same_bytes_different_seed_differs(make_engine):
@@ -77,8 +77,8 @@ def test_same_seed_same_bytes_different_seed_differs(make_engine):
     first = run_alone(make_engine, "seeded", sampling)
     again = run_alone(make_engine, "seeded", sampling)
     other = run_alone(make_engine, "seeded", sampling.replace(seed=4321))
-    assert first.pcm.tobytes() == again.pcm.tobytes() and first.token_ids == again.token_ids
-    assert first.token_ids != other.token_ids
+    assert first.pcm.tobytes() == again.pcm.tobytes() and first.step_tokens == again.step_tokens
+    assert first.step_tokens != other.step_tokens
     assert first.pcm.tobytes() != other.pcm.tobytes()
 
 
@@ -90,7 +90,7 @@ def test_chunked_decode_matches_the_snac_package(make_engine, tiny_model, tiny_d
     chunks = list(engine.stream(request_id))
     assert len(chunks) > 2  # the audio really came in several chunks
     builder = tiny_model.new_frame_builder()
-    token_ids = run_alone(make_engine, "codec parity", sampling).token_ids
+    token_ids = run_alone(make_engine, "codec parity", sampling).step_tokens
     frames = [frame for frame in map(builder.push, token_ids) if frame]
     frames = torch.tensor(frames)  # [F, 7] in SNAC order
     reference = SNAC.from_pretrained(str(tiny_dir / "snac_24khz")).eval()

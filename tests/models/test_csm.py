@@ -125,7 +125,7 @@ def test_greedy_frames_and_streamed_audio_match_transformers(csm_model, referenc
                                       max_new_tokens=num_frames)[0]  # [frames, 32]
         expected_pcm = reference.codec_model.decode(expected.T[None]).audio_values[0, 0].numpy()
     assert expected.shape == (num_frames, 32)
-    assert torch.equal(torch.tensor(ours.token_ids), expected)  # codebook 0 from the backbone, 1..31 from depth
+    assert torch.equal(torch.tensor(ours.step_tokens), expected)  # codebook 0 from the backbone, 1..31 from depth
     streamed = np.concatenate([c.pcm for c in chunks])
     assert streamed.shape == expected_pcm.shape == (num_frames * 1920,)
     error = np.linalg.norm(streamed - expected_pcm) / np.linalg.norm(expected_pcm)
@@ -146,8 +146,8 @@ def test_batching_is_invisible(make_engine, csm_model):
     for i, result in enumerate(batched):
         alone_engine = make_engine()
         alone = alone_engine.result(alone_engine.submit(texts[i], str(i % 2), samplings[i]))
-        assert result.token_ids == alone.token_ids and len(result.token_ids) == samplings[i].max_tokens
-        assert result.pcm.shape == alone.pcm.shape == (len(result.token_ids) * 1920,)
+        assert result.step_tokens == alone.step_tokens and len(result.step_tokens) == samplings[i].max_tokens
+        assert result.pcm.shape == alone.pcm.shape == (len(result.step_tokens) * 1920,)
         assert np.abs(result.pcm - alone.pcm).max() <= 1e-5
 
 
@@ -156,8 +156,8 @@ def test_sampling_follows_the_seed(make_engine, csm_model):
     engine = make_engine()
     first, again, other = (engine.result(engine.submit("seeded", None, s))
                            for s in (sampling, sampling, sampling.replace(seed=8)))
-    assert first.token_ids == again.token_ids != other.token_ids
-    assert all(max(frame) < 64 for frame in first.token_ids)  # never an id the codec cannot decode
+    assert first.step_tokens == again.step_tokens != other.step_tokens
+    assert all(max(frame) < 64 for frame in first.step_tokens)  # never an id the codec cannot decode
 
 
 def test_the_end_of_speech_frame_stops_and_is_not_voiced(csm_model):

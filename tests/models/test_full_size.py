@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from streamvox.config import CacheConfig, EngineConfig, SamplingParams, SchedulerConfig
-from streamvox.engine.core import Engine
+from streamvox.engine.local import Engine
 from streamvox.models.full_size import write_full
 from streamvox.runner.weights import load_model
 
@@ -58,7 +58,7 @@ def test_random_full_weights_speak_audio_codes(tmp_path):
     try:
         for sampling in (model.default_sampling.replace(seed=1), SamplingParams(temperature=0.0, seed=0)):
             result = engine.result(engine.submit("Hello there.", None, sampling.replace(max_tokens=70)))
-            assert all(t >= model.ids.audio_offset for t in result.token_ids)
+            assert all(t >= model.ids.audio_offset for t in result.step_tokens)
             assert result.num_frames == 10 and len(result.pcm) == 10 * 2048
     finally:
         engine.close()

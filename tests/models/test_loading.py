@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from streamvox.config import SamplingParams
-from streamvox.engine.core import Engine
+from streamvox.engine.local import Engine
 from streamvox.models.orpheus import write_tiny
 from streamvox.runner.weights import load_model, read_state_dict
 
@@ -27,7 +27,7 @@ def test_sharded_checkpoint_loads_the_same_model(tmp_path, tiny_dir, tiny_model)
 
 def _tokens(model):
     engine = Engine(model)
-    return engine.result(engine.submit("same weights", None, GREEDY)).token_ids
+    return engine.result(engine.submit("same weights", None, GREEDY)).step_tokens
 
 
 def test_make_tiny_is_deterministic(tmp_path, tiny_dir):

@@ -42,7 +42,7 @@ def test_64_step_greedy_stream_matches_transformers_generate(tiny_model, referen
     engine = make_engine()
     text = "A sixty four step greedy run."
     sampling = SamplingParams(temperature=0.0, max_tokens=64, seed=0, ignore_eos=True)
-    ours = engine.result(engine.submit(text, "tara", sampling)).token_ids
+    ours = engine.result(engine.submit(text, "tara", sampling)).step_tokens
     prompt = torch.tensor([tiny_model.prepare(text, "tara")])
     with torch.inference_mode():
         generated = reference.generate(prompt, max_new_tokens=64, min_new_tokens=64, do_sample=False,

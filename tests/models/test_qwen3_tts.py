@@ -131,7 +131,7 @@ def test_greedy_frames_and_streamed_audio_match_the_reference(qwen_model, refere
     expected = _reference_generate(model, tokenizer, TEXT, "ryan", FRAMES, do_sample=False,
                                    subtalker_dosample=False, repetition_penalty=1.0)
     assert expected.shape == (FRAMES, 16)
-    assert torch.equal(torch.tensor(ours.token_ids), expected)
+    assert torch.equal(torch.tensor(ours.step_tokens), expected)
     with torch.no_grad():
         expected_pcm = speech.decode(expected[None])[0][0].numpy()  # the package's whole-utterance decode
     streamed = np.concatenate([c.pcm for c in chunks])
@@ -145,7 +145,7 @@ def test_a_dialect_speaker_gets_its_language_in_the_prompt(qwen_model, reference
     ours = engine.result(engine.submit(TEXT, "Dylan", greedy(3)))
     expected = _reference_generate(model, tokenizer, TEXT, "dylan", 3, do_sample=False, subtalker_dosample=False,
                                    repetition_penalty=1.0)
-    assert torch.equal(torch.tensor(ours.token_ids), expected)
+    assert torch.equal(torch.tensor(ours.step_tokens), expected)
     prompt = qwen_model.prepare(TEXT, "dylan")
     assert any(row[0] == 2074 for row in prompt)  # beijing_dialect's language id
     assert set(qwen_model.voices) == {"vivian", "ryan", "dylan"}
@@ -165,8 +165,8 @@ def test_batching_is_invisible(make_engine, qwen_model):
     for i, result in enumerate(batched):
         alone_engine = make_engine()
         alone = alone_engine.result(alone_engine.submit(texts[i], None, samplings[i]))
-        assert result.token_ids == alone.token_ids and len(result.token_ids) == samplings[i].max_tokens
-        assert result.pcm.shape == alone.pcm.shape == (len(result.token_ids) * 1920,)
+        assert result.step_tokens == alone.step_tokens and len(result.step_tokens) == samplings[i].max_tokens
+        assert result.pcm.shape == alone.pcm.shape == (len(result.step_tokens) * 1920,)
         assert np.abs(result.pcm - alone.pcm).max() <= 1e-5
 
 
@@ -187,7 +187,7 @@ def test_text_streamed_in_five_pieces_makes_the_same_codes_as_the_whole_text(mak
         chunks += _step_until_idle(engine, request_id)  # speaks what it has, then waits for text
         engine.append_text(request_id, piece, is_final=piece is pieces[-1])
     streamed = engine.result(request_id)
-    assert streamed.token_ids == whole.token_ids
+    assert streamed.step_tokens == whole.step_tokens
     assert np.abs(np.concatenate([c.pcm for c in chunks] + [streamed.pcm]) - whole.pcm).max() <= 1e-5
 
 
@@ -224,7 +224,7 @@ def _step_until_idle(engine, request_id, limit=400):
     for _ in range(limit):
         request = engine.scheduler.requests.get(request_id)
         is_waiting = request is None or request.is_waiting_for_text
-        if is_waiting and not engine.codec_runner.ready() and not engine._codec_batches:
+        if is_waiting and not engine.codec_runner.ready() and not engine.codec.is_busy:
             break
         engine.step()
     chunks = list(output.chunks)
@@ -247,9 +247,9 @@ def test_a_paused_request_that_is_preempted_resumes_and_speaks_as_if_never_pause
         assert not engine.step().failures
     engine.append_text(paused, tail, is_final=True)
     result = engine.result(paused)
-    assert result.token_ids == expected.token_ids
+    assert result.step_tokens == expected.step_tokens
     assert np.abs(np.concatenate([c.pcm for c in heard] + [result.pcm]) - expected.pcm).max() <= 1e-5
-    assert len(engine.result(other).token_ids) == 50
+    assert len(engine.result(other).step_tokens) == 50
 
 
 def test_a_request_that_cannot_be_queued_leaves_nothing_behind(qwen_model, engine_for):
@@ -258,5 +258,5 @@ def test_a_request_that_cannot_be_queued_leaves_nothing_behind(qwen_model, engin
     for _ in range(2):  # the second time shows the id was freed
         with pytest.raises(QueueFullError):
             engine.submit_text_stream("Hello there friend, how are you", "ryan", greedy(5), request_id="r")
-        assert set(engine._outputs) == {first} and not engine._text_streams
-    assert len(engine.result(first).token_ids) == 3 and not engine.has_unfinished()
+        assert set(engine._outputs) == {first} and not len(engine.text_streams)
+    assert len(engine.result(first).step_tokens) == 3 and not engine.has_unfinished()

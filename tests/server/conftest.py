@@ -92,7 +92,7 @@ def engine_reference():
 
 def _engine_reference(model):
     from streamvox.config import EngineConfig, SchedulerConfig
-    from streamvox.engine.core import Engine
+    from streamvox.engine.local import Engine
 
     engine = Engine(model, EngineConfig(scheduler=SchedulerConfig(policy="fcfs")))
     cache = {}

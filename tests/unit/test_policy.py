@@ -8,10 +8,10 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from streamvox.batch import StepOutput
+from streamvox.batch import AudioPlan, StepOutput
 from streamvox.config import SamplingParams, SchedulerConfig
 from streamvox.sched.kv_blocks import BlockPool
-from streamvox.sched.playback import AudioPlan, PlaybackTracker
+from streamvox.sched.playback import PlaybackTracker
 from streamvox.sched.request import Request
 from streamvox.sched.scheduler import QueueFullError, Scheduler
 from streamvox.sched.timing import StepTimer

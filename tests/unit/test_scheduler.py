@@ -4,10 +4,10 @@ import random
 
 import pytest
 
-from streamvox.batch import StepBatch, StepOutput
+from streamvox.batch import AudioPlan, StepBatch, StepOutput
 from streamvox.config import SamplingParams, SchedulerConfig
 from streamvox.sched.kv_blocks import BlockPool
-from streamvox.sched.playback import AudioPlan, PlaybackTracker
+from streamvox.sched.playback import PlaybackTracker
 from streamvox.sched.request import FinishReason, Request
 from streamvox.sched.scheduler import Scheduler
 
