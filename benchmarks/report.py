@@ -20,11 +20,15 @@ BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
 
 
 def main(results: Path) -> None:
-    serve = json.loads((results / "serve" / "serve.json").read_text())
+    repeats = [json.loads(path.read_text()) for path in sorted(results.glob("serve*/serve.json"))]
+    serve = repeats[0]  # the page shows the first repeat in full, and every repeat's goodput
     offline = json.loads((results / "offline" / "offline.json").read_text())
     streams_path = results / "streams" / "streams.json"
     streams = json.loads(streams_path.read_text()) if streams_path.exists() else None
     facts = _facts(serve, offline)
+    facts["repeats"] = {name: [r["systems"][name]["goodput_rps"] for r in repeats if name in r["systems"]]
+                        for name in serve["systems"]}
+    facts["capacity"] = [r.get("capacity") for r in repeats]
     (ROOT / "benchmarks" / "README.md").write_text(_page(serve, offline, facts, streams))
     readme = (ROOT / "README.md").read_text()
     block = f"{BEGIN}\n{_summary(facts)}\n{END}"
@@ -90,6 +94,18 @@ def _summary(facts: dict) -> str:
         f = facts["fcfs_below_90"]
         streaming = "–" if f["streaming_viable"] is None else f"{f['streaming_viable']:.0%}"
         lines.append(f"| viable at {f['rate_rps']} req/s | – | {f['fcfs_viable']:.0%} | {streaming} |")
+    repeats = facts.get("repeats", {})
+    if len(repeats.get("streaming", [])) > 1:
+        runs = {name: " / ".join(f"{g:g}" for g in values) for name, values in repeats.items()}
+        lines.append(f"| goodput in each repeat of the sweep (req/s) | {runs.get('naive', '–')} | "
+                     f"{runs.get('fcfs', '–')} | {runs.get('streaming', '–')} |")
+    capacities = [c for c in facts.get("capacity", []) if c]
+    if capacities:
+        pairs = zip(repeats.get("streaming", []), capacities, strict=False)
+        shares = " / ".join(f"{g / c['rps']:.0%}" for g, c in pairs)
+        lines.append(f"| offline capacity for the mix (real-time streams; req/s) | – | – | "
+                     f"{' / '.join(str(c['streams']) for c in capacities)}; "
+                     f"{' / '.join(str(c['rps']) for c in capacities)} (goodput: {shares} of it) |")
     o = facts["offline"]
     lines.append(f"| offline × real-time | {o['naive_x']} | – | {o['best_x']} (batch {o['best_batch']}) |")
     lines.append("")

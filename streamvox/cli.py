@@ -81,6 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--burstiness", type=float, default=1.0, help="serve: Gamma shape (1 = Poisson)")
     bench.add_argument("--seed", type=int, default=0)
     bench.add_argument("--slo", type=float, default=0.5, help="serve: p90 TTFA target (s)")
+    bench.add_argument("--no-capacity", action="store_true",
+                       help="serve: skip measuring the engine's offline capacity for the request mix")
     bench.add_argument("--prebuffer", type=float, default=0.0, help="serve: client prebuffer (s)")
     bench.add_argument("--api", choices=["openai", "generate"], default="openai",
                        help="serve: /v1/audio/speech or VoxServe's /generate form")
@@ -184,7 +186,7 @@ def _make_tiny(args) -> int:
 
 def _bench(args) -> int:
     if args.name == "serve":
-        from streamvox.bench.serve import SYSTEMS, LoadSpec, run_serve
+        from streamvox.bench.serve import SYSTEMS, LoadSpec, realtime_capacity, run_serve
 
         systems = {name: float(rate or 0) for name, _, rate in
                    (item.partition("@") for item in args.systems.split(",") if item)}
@@ -195,7 +197,9 @@ def _bench(args) -> int:
         spec = LoadSpec(tuple(float(rate) for rate in args.rates.split(",")), args.num_requests, args.min_requests,
                         args.window, args.burstiness, args.seed, args.slo, args.prebuffer, args.api,
                         args.tokens_per_second)
-        run_serve(spec, args.out, targets, systems, args.model, ["--device", args.device, "--dtype", args.dtype])
+        capacity = None if args.no_capacity else realtime_capacity(spec, args.model, args.device, args.dtype)
+        run_serve(spec, args.out, targets, systems, args.model, ["--device", args.device, "--dtype", args.dtype],
+                  capacity)
         return 0
     if args.name == "gpu":
         from streamvox.bench.gpu import run_gpu

@@ -9,6 +9,11 @@ The schedule depends only on the seed and the rate: every system gets the same r
 Per rate: TTFA p50/p90/p99, stalled chunks, viable requests (no stall, no error), underrun, audio seconds,
 errors (DESIGN.md §8; TTFA is measured from the scheduled send time). Goodput is the highest rate run at
 which p90 TTFA is within the SLO and at least 99 % of requests are viable.
+
+Beside goodput stands the engine's offline capacity for the same request mix, in real-time streams: N requests of
+the mix kept in flight at once on the in-process engine (offline policy, no server), for growing N; the capacity
+is the N at which the audio made per wall second equals N (every stream exactly real time), interpolated between
+the levels run. As arrivals: capacity / mean audio seconds per request. Goodput is reported as a share of it.
 """
 
 from __future__ import annotations
@@ -98,18 +103,77 @@ def schedule(spec: LoadSpec, rate: float) -> list[Planned]:
     return plan
 
 
+CAPACITY_LEVELS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
+
+
+def realtime_capacity(spec: LoadSpec, model: str, device: str = "auto", dtype: str = "auto") -> dict:
+    """The offline capacity for the request mix of `spec`, in real-time streams and in requests per second."""
+    from streamvox.config import CacheConfig, SchedulerConfig
+    from streamvox.engine.local import Engine
+
+    mix = schedule(LoadSpec((1.0,), 64, 64, seed=spec.seed, tokens_per_audio_s=spec.tokens_per_audio_s), 1.0)
+    engine = Engine.from_pretrained(model, device=device, dtype=dtype, cache=CacheConfig(kv_cache_mb=1024),
+                                    scheduler=SchedulerConfig(policy="offline", max_num_batched_tokens=2048))
+    engine.warm_up()
+    levels, audio_s, num_done, previous = [], 0.0, 0, (0, 0.0)
+    for level in CAPACITY_LEVELS:
+        requests = [mix[i % len(mix)] for i in range(3 * level + 3)]
+        made_s, wall_s = _closed_loop(engine, requests, level)
+        audio_s, num_done = audio_s + made_s, num_done + len(requests)
+        levels.append({"streams": level, "x_realtime": made_s / wall_s})
+        print(f"  capacity: {level} in flight -> {made_s / wall_s:.2f}x real time", file=sys.stderr, flush=True)
+        if made_s / wall_s < level:
+            break
+        previous = (level, made_s / wall_s)
+    engine.close()
+    low, low_x = previous
+    high, high_x = levels[-1]["streams"], levels[-1]["x_realtime"]
+    if high_x >= high:
+        streams = float(high)  # the largest level run kept up: at least this many
+    elif low == 0:
+        streams = high_x  # not even one stream keeps real time: the share of one that does
+    else:
+        streams = low + (high - low) * (low_x - low) / ((low_x - low) - (high_x - high))  # x(N) - N crosses 0
+    mean_audio_s = audio_s / max(1, num_done)
+    return {"streams": round(streams, 2), "rps": round(streams / mean_audio_s, 3),
+            "mean_audio_s": round(mean_audio_s, 2), "levels": levels}
+
+
+def _closed_loop(engine, requests: list[Planned], level: int) -> tuple[float, float]:
+    """Audio seconds made and wall seconds taken with `level` requests in flight, a new one as each ends."""
+    todo, in_flight, made = list(requests), set(), 0
+    started = time.perf_counter()
+    while todo or in_flight:
+        while todo and len(in_flight) < level:
+            planned = todo.pop(0)
+            sampling = engine.model.default_sampling.replace(max_tokens=planned.max_tokens, ignore_eos=True,
+                                                             seed=planned.seed)
+            in_flight.add(engine.submit(planned.text, sampling=sampling))
+        for chunk in engine.step().chunks:
+            made += len(chunk.pcm)
+            if chunk.is_last:
+                in_flight.discard(chunk.request_id)
+                engine.cancel(chunk.request_id)  # its output is not needed
+    return made / engine.model.timing.sample_rate, time.perf_counter() - started
+
+
 def run_serve(spec: LoadSpec, out_dir: str, targets: dict[str, str] | None = None,
               systems: dict[str, float] | None = None, model: str = "tiny-orpheus",
-              extra_flags: list[str] | None = None) -> dict:
+              extra_flags: list[str] | None = None, capacity: dict | None = None) -> dict:
     """Sweep every target (name -> URL) and every named system (name -> lowest rate to run; a local server
-    each, one at a time)."""
+    each, one at a time). `capacity`: the mix's offline capacity (`realtime_capacity`), to report goodput
+    against."""
     results = {}
     for name, url in (targets or {}).items():
         results[name] = _sweep(name, url, spec)
     for name, min_rate in (systems or {}).items():
         with LocalServer(model, [*SYSTEMS[name], *(extra_flags or [])]) as url:
             results[name] = _sweep(name, url, spec, min_rate)
-    report = {"meta": {"model": model, **{k: v for k, v in spec.__dict__.items()}}, "systems": results}
+    for result in results.values():
+        if capacity:
+            result["goodput_share"] = round(result["goodput_rps"] / capacity["rps"], 3)
+    report = {"meta": {"model": model, **{k: v for k, v in spec.__dict__.items()}}, "systems": results,
+              "capacity": capacity}
     _report(report, Path(out_dir))
     return report
 
@@ -244,9 +308,14 @@ def _report(report: dict, out: Path) -> None:
             print(f"| {name} | {r['rate_rps']:g} | {r['ttfa_p50_s']:.3f} | {r['ttfa_p90_s']:.3f} | "
                   f"{r['ttfa_p99_s']:.3f} | {r['viable_share']:.0%} | {r['chunk_stall_rate']:.1%} | "
                   f"{r['underrun_s_max']:.2f} | {r['errors']} | {r['audio_s']:.1f} |")
-    print("\n| system | goodput (req/s) |\n|---|---|")
+    capacity = report.get("capacity")
+    if capacity:
+        print(f"\noffline capacity for this mix: {capacity['streams']:g} real-time streams = {capacity['rps']:g} "
+              f"req/s (mean {capacity['mean_audio_s']:g} s of audio a request)")
+    print("\n| system | goodput (req/s) | share of capacity |\n|---|---|---|")
     for name, result in systems.items():
-        print(f"| {name} | {result['goodput_rps']:g} |")
+        share = f"{result['goodput_share']:.0%}" if "goodput_share" in result else "-"
+        print(f"| {name} | {result['goodput_rps']:g} | {share} |")
     import matplotlib
 
     matplotlib.use("Agg")

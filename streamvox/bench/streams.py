@@ -3,7 +3,8 @@
 For each policy a `streamvox serve` process is started on 127.0.0.1; at each level N, N clients each send
 `rounds` requests back to back (so N streams are in flight at any time), every request producing the same
 amount of audio (`max_tokens`, stop token ignored). A client records when each network read arrives and how much
-audio it carried; metrics follow DESIGN.md §8 with no client prebuffer.
+audio it carried; metrics follow DESIGN.md §8 with no client prebuffer. A request the server refuses (429: it
+cannot keep one more stream real-time) is counted apart; stalls and TTFA are those of the streams admitted.
 """
 
 from __future__ import annotations
@@ -42,7 +43,8 @@ def run_streams(model: str, policies: list[str], levels: list[int], rounds: int,
     return rows
 
 
-async def _level(url: str, level: int, rounds: int, max_tokens: int, sample_rate: int) -> list[StreamTimeline]:
+async def _level(url: str, level: int, rounds: int, max_tokens: int,
+                 sample_rate: int) -> list[StreamTimeline | None]:
     async with httpx.AsyncClient(base_url=url, timeout=600, limits=httpx.Limits(max_connections=level + 4)) as client:
         async def one_client(index: int) -> list[StreamTimeline]:
             timelines = []
@@ -57,11 +59,15 @@ async def _level(url: str, level: int, rounds: int, max_tokens: int, sample_rate
     return [timeline for timelines in results for timeline in timelines]
 
 
-async def _one_request(client: httpx.AsyncClient, body: dict, sample_rate: int) -> StreamTimeline:
+async def _one_request(client: httpx.AsyncClient, body: dict, sample_rate: int) -> StreamTimeline | None:
+    """The request's timeline; None if the server refused it as at capacity."""
     arrivals, durations = [], []
     body["model"] = (await client.get("/v1/models")).json()["data"][0]["id"]
     started = time.perf_counter()
     async with client.stream("POST", "/v1/audio/speech", json=body) as response:
+        if response.status_code == 429:
+            await response.aread()
+            return None
         response.raise_for_status()
         async for data in response.aiter_raw():
             arrivals.append(time.perf_counter() - started)
@@ -69,13 +75,14 @@ async def _one_request(client: httpx.AsyncClient, body: dict, sample_rate: int) 
     return StreamTimeline(tuple(arrivals), tuple(durations))
 
 
-def _summarise(policy: str, level: int, timelines: list[StreamTimeline]) -> dict:
+def _summarise(policy: str, level: int, results: list[StreamTimeline | None]) -> dict:
+    timelines = [t for t in results if t is not None] or [StreamTimeline((0.0,), (0.0,))]
     counts = [stalls(t) for t in timelines]
     num_pieces = sum(max(0, len(t.arrivals_s) - 1) for t in timelines)
     ttfas = [t.ttfa_s for t in timelines]
     audio_s = sum(sum(t.durations_s) for t in timelines)
     return {
-        "policy": policy, "streams": level, "requests": len(timelines),
+        "policy": policy, "streams": level, "requests": len(results), "refused": results.count(None),
         "ttfa_p50_s": percentile(ttfas, 50), "ttfa_p90_s": percentile(ttfas, 90),
         "stall_rate": sum(c > 0 for c, _ in counts) / len(timelines),  # share of requests with any stall
         "chunk_stall_rate": sum(c for c, _ in counts) / max(1, num_pieces),
@@ -87,7 +94,8 @@ def _summarise(policy: str, level: int, timelines: list[StreamTimeline]) -> dict
 def _print_row(row: dict) -> None:
     print(f"{row['policy']:>10} {row['streams']:>3} streams  TTFA p50 {row['ttfa_p50_s']:.3f}s "
           f"p90 {row['ttfa_p90_s']:.3f}s  stalled requests {row['stall_rate']:.0%}  "
-          f"stalled chunks {row['chunk_stall_rate']:.1%}  mean underrun {row['underrun_s_mean']:.2f}s", flush=True)
+          f"stalled chunks {row['chunk_stall_rate']:.1%}  mean underrun {row['underrun_s_mean']:.2f}s  "
+          f"refused {row['refused']}", flush=True)
 
 
 def _report(rows: list[dict], out_dir: str, meta: dict) -> None:
@@ -95,10 +103,11 @@ def _report(rows: list[dict], out_dir: str, meta: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "streams.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     print("\n| policy | streams | TTFA p50 (s) | TTFA p90 (s) | requests with a stall | chunks stalled | "
-          "mean underrun (s) |\n|---|---|---|---|---|---|---|")
+          "mean underrun (s) | refused |\n|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['policy']} | {r['streams']} | {r['ttfa_p50_s']:.3f} | {r['ttfa_p90_s']:.3f} | "
-              f"{r['stall_rate']:.0%} | {r['chunk_stall_rate']:.1%} | {r['underrun_s_mean']:.2f} |")
+              f"{r['stall_rate']:.0%} | {r['chunk_stall_rate']:.1%} | {r['underrun_s_mean']:.2f} | "
+              f"{r.get('refused', 0)}/{r['requests']} |")
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display

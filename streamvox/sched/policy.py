@@ -53,8 +53,8 @@ class Policy:
         """Whether one more running request keeps the policy's promises (KV is checked separately)."""
         return True
 
-    def begin_step(self) -> None:
-        """A new schedule() starts: request counts may have changed since the last one."""
+    def begin_step(self, running: list[Request]) -> None:
+        """A new schedule() starts over these running requests: counts may have changed since the last one."""
 
     def capacity(self, running: list[Request]) -> int:
         """Streams the engine can keep ahead of playback (the batch limit, for a policy without deadlines)."""
@@ -76,7 +76,7 @@ class Policy:
         """Which requests' ready chunks the codec decodes first."""
         return request_ids
 
-    def is_codec_due(self, request_id: str, num_ready_frames: int, is_final: bool, now: float) -> bool:
+    def is_codec_due(self, request_id: str, num_ready_frames: int, is_complete: bool, now: float) -> bool:
         """Whether a request's ready frames should be decoded now rather than left to grow into a bigger chunk."""
         return True
 
@@ -93,9 +93,13 @@ class OfflinePolicy(Policy):
 class StreamingPolicy(OfflinePolicy):
     name = "streaming"
     _timings: dict[str, tuple[float, float]] = {}
+    _num_starting = 0  # running streams with no audio out yet
 
-    def begin_step(self) -> None:
+    def begin_step(self, running: list[Request]) -> None:
         self._timings: dict[str, tuple[float, float]] = {}
+        streams = self.playback.streams
+        self._num_starting = sum(1 for r in running if r.request_id in streams and
+                                 streams[r.request_id].first_chunk_s is None)
 
     def _timing(self, request: Request, now: float) -> tuple[float, float]:
         """(slack, tolerance) of a request, computed once per step. Slack: seconds to spare before its next
@@ -170,24 +174,27 @@ class StreamingPolicy(OfflinePolicy):
     def codec_order(self, request_ids: list[str], now: float) -> list[str]:
         return sorted(request_ids, key=self.playback.deadline_s)
 
-    def is_codec_due(self, request_id: str, num_ready_frames: int, is_final: bool, now: float) -> bool:
-        """Decode when the client would otherwise run dry soon (or has no audio yet); while it is well ahead,
-        let frames pile up into bigger chunks, so the codec makes fewer, larger calls."""
+    def is_codec_due(self, request_id: str, num_ready_frames: int, is_complete: bool, now: float) -> bool:
+        """Chunks sized by deadlines. A first chunk must play for as long as the next one takes to make, or the
+        client stalls at once, so it waits until it does, counting the streams starting at the same moment (their
+        first chunks share codec batches); not even a TTFA deadline sends it shorter: a late start costs the TTFA
+        percentile a little, a stall makes the stream unusable. Later chunks are held while the client is well
+        ahead, so the codec makes fewer, larger calls: the target grows with the time the client has left (half
+        of what is over the margin, up to `max_chunk_s`) and shrinks as it falls; within the margin anything
+        ready goes."""
         stream = self.playback.streams.get(request_id)
-        if is_final or stream is None:
+        if is_complete or stream is None:
             return True
         plan = self.playback.plan
+        ready_s = num_ready_frames * plan.frame_s
         if stream.first_chunk_s is None:
-            # The first chunk must play for as long as the next one takes to make, or the client stalls at once.
-            # Not even a TTFA deadline sends it shorter: a late start costs the TTFA percentile a little, a stall
-            # makes the whole stream unusable.
-            step_s = self.timer.recent_step_s * self.timer.overhead
+            codec_batches = 1 + math.ceil(self._num_starting * plan.first_chunk_frames / self.config.max_codec_frames)
+            step_s = max(self.timer.recent_period_s, self.timer.recent_step_s * self.timer.overhead)
             next_chunk_s = plan.frames_per_chunk * plan.lm_steps_per_frame * step_s
-            return num_ready_frames * plan.frame_s >= next_chunk_s + 2 * self.timer.codec_s
-        if num_ready_frames * plan.frame_s >= self.config.max_chunk_s:
-            return True
+            return ready_s >= next_chunk_s + codec_batches * self.timer.codec_s
+        left_s = self.playback.deadline_s(request_id) - now
         margin_s = 2 * self.timer.codec_s + self.config.codec_hold_margin_s
-        return self.playback.deadline_s(request_id) - now <= margin_s
+        return left_s <= margin_s or ready_s >= min(self.config.max_chunk_s, max(plan.frame_s, (left_s - margin_s) / 2))
 
 
 POLICIES: dict[str, type[Policy]] = {p.name: p for p in (Policy, OfflinePolicy, StreamingPolicy)}

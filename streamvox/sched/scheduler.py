@@ -141,7 +141,7 @@ class Scheduler:
         """The next step's work, or None when there is nothing to do. `codec_ready`: (request_id, frames ready,
         is_complete) of the requests whose next chunk could be decoded now; the policy picks and orders those
         that are due."""
-        self.policy.begin_step()
+        self.policy.begin_step(self.running)
         self._expire_waiting(now)
         active = [r for r in self.running if not r.is_held]  # a held request is nobody's deadline
         step = _StepPlan(self.config.max_num_batched_tokens, self.policy.step_cap_s(active, now))
@@ -151,7 +151,7 @@ class Scheduler:
         finished_ids, self._finished_ids = tuple(self._finished_ids), []
         text_updates, self._text_updates = tuple(self._text_updates), []
         due = [request_id for request_id, num_frames, is_complete in codec_ready
-               if self.policy.is_codec_due(request_id, num_frames, is_complete, now)]
+               if self._is_held(request_id) or self.policy.is_codec_due(request_id, num_frames, is_complete, now)]
         codec_ids = tuple(self.policy.codec_order(due, now))
         if not step.rows and not finished_ids and not text_updates and not codec_ids:
             return None
@@ -199,6 +199,11 @@ class Scheduler:
                     request.request_id, request.prompt_token_ids, request.sampling, request.codec_seed,
                     tuple(request.text_ids), request.is_text_complete))
             step.add(self._row(request, num_tokens))
+
+    def _is_held(self, request_id: str) -> bool:
+        """Held requests make no frames for now: what is ready decodes at once rather than wait to grow."""
+        request = self.requests.get(request_id)
+        return request is not None and request.is_held
 
     def _commit(self, request: Request, num_blocks: int) -> bool:
         """Whether `num_blocks` can be committed to `request`; held requests are evicted to make room."""
