@@ -28,7 +28,7 @@ BATCHES_IN_FLIGHT = 2
 
 @dataclass
 class _Batch:
-    future: Future  # -> list[np.ndarray | Exception], one per pending chunk
+    future: Future  # -> (list[np.ndarray | Exception] one per pending chunk, codec seconds)
     pending: list[PendingChunk]
     started_s: float
 
@@ -37,11 +37,10 @@ class CodecPipeline:
     def __init__(self, runner: CodecRunner, timer: StepTimer) -> None:
         self.runner = runner
         self.timer = timer
-        self.busy_s = 0.0  # total codec time since start (written by the codec thread only)
+        self.busy_s = 0.0  # total codec time since start
         self.before_decode: Callable[[list[PendingChunk]], None] | None = None  # fault injection; may raise
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="codec")
         self._batches: deque[_Batch] = deque()  # dispatched, in order
-        self._last_dispatch: tuple[float, float] | None = None  # (perf_counter, busy_s) at the last dispatch
 
     @property
     def is_busy(self) -> bool:
@@ -60,12 +59,8 @@ class CodecPipeline:
         if not request_ids:
             return
         pending = self.runner.take_ready(list(request_ids), max_frames)
-        started = time.perf_counter()
-        if self._last_dispatch is not None:  # how busy the codec thread was since the last dispatch
-            at, busy_s = self._last_dispatch
-            self.timer.observe_codec_busy(self.busy_s - busy_s, started - at)
-        self._last_dispatch = (started, self.busy_s)
-        self._batches.append(_Batch(self._thread.submit(self._decode_isolated, pending), pending, started))
+        future = self._thread.submit(self._decode_isolated, pending)
+        self._batches.append(_Batch(future, pending, time.perf_counter()))
 
     def collect(self, wait: bool) -> tuple[list[AudioChunk], list[tuple[str, str]]]:
         """Chunks of every finished batch (with `wait`, of the oldest one at least), and (request_id, message) of
@@ -73,37 +68,37 @@ class CodecPipeline:
         chunks, failures = [], []
         while self._batches and (wait or self._batches[0].future.done()):
             batch = self._batches.popleft()
-            results = batch.future.result()
+            results, busy_s = batch.future.result()
             self.timer.observe_codec(time.perf_counter() - batch.started_s)
+            self.timer.observe_codec_frames(sum(p.end_frame - p.start_frame for p in batch.pending), busy_s)
             good = [(p, r) for p, r in zip(batch.pending, results, strict=True) if not isinstance(r, Exception)]
             for chunk, result in zip(batch.pending, results, strict=True):
                 if isinstance(result, Exception):
                     self.runner.drop(chunk.request_id)
                     failures.append((chunk.request_id, f"audio decoding failed: {result}"))
             chunks += self.runner.complete([p for p, _ in good], [r for _, r in good])
+            self.busy_s += busy_s
             wait = False
         return chunks, failures
 
     def close(self) -> None:
         self._thread.shutdown(wait=True, cancel_futures=True)
 
-    def _decode_isolated(self, pending: list[PendingChunk]) -> list[np.ndarray | Exception]:
-        """Codec thread: decode the batch; if it raises, decode chunk by chunk so only the bad ones fail."""
+    def _decode_isolated(self, pending: list[PendingChunk]) -> tuple[list[np.ndarray | Exception], float]:
+        """Codec thread: decode the batch; if it raises, decode chunk by chunk so only the bad ones fail. Returns
+        the results and the seconds it took."""
         started = time.perf_counter()
         try:
+            return self._decode(pending), time.perf_counter() - started
+        except Exception:
+            logger.exception("codec batch failed; retrying its %d chunks one by one", len(pending))
+        results: list[np.ndarray | Exception] = []
+        for chunk in pending:
             try:
-                return self._decode(pending)
-            except Exception:
-                logger.exception("codec batch failed; retrying its %d chunks one by one", len(pending))
-            results: list[np.ndarray | Exception] = []
-            for chunk in pending:
-                try:
-                    results.extend(self._decode([chunk]))
-                except Exception as error:  # noqa: BLE001 - the request fails, the engine goes on
-                    results.append(error)
-            return results
-        finally:
-            self.busy_s += time.perf_counter() - started
+                results.extend(self._decode([chunk]))
+            except Exception as error:  # noqa: BLE001 - the request fails, the engine goes on
+                results.append(error)
+        return results, time.perf_counter() - started
 
     def _decode(self, pending: list[PendingChunk]) -> list[np.ndarray]:
         if self.before_decode is not None:

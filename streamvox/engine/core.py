@@ -259,7 +259,7 @@ class EngineCore:
             if request.finish_reason is FinishReason.REFUSED:
                 self._fail(request.request_id, f"the server is at capacity: this request waited "
                            f"{self.scheduler.max_wait_s:g} s without starting; retry shortly", events,
-                           Failure.AT_CAPACITY, self.scheduler.start_wait_s())
+                           Failure.AT_CAPACITY, self.scheduler.start_wait_s(request))
                 continue
             events.finish_reasons[request.request_id] = request.finish_reason
             events.num_output_tokens[request.request_id] = request.num_output_tokens

@@ -11,7 +11,6 @@ The scheduler applies one policy through the same few questions, so features are
 
 from __future__ import annotations
 
-import heapq
 import math
 
 from streamvox.config import SchedulerConfig
@@ -19,12 +18,13 @@ from streamvox.sched.playback import PlaybackTracker
 from streamvox.sched.request import Request
 from streamvox.sched.timing import StepTimer
 
-DEFAULT_CONTEXT = 1000  # streaming: positions a stream is assumed to reach when none runs to measure
+DEFAULT_PROMPT, DEFAULT_CONTEXT = 20, 1000  # streaming: a stream's prompt and steps when none runs to compare
 
 
-def _final_length(request: Request) -> int:
-    """Positions the request will attend over at its end, as far as is known."""
-    return len(request.prompt_token_ids) + request.expected_tokens
+def _state(request: Request) -> tuple[int, int]:
+    """(positions the request attends over now, LM steps it is expected still to take)."""
+    return (len(request.prompt_token_ids) + request.num_output_tokens,
+            max(0, request.expected_tokens - request.num_output_tokens))
 
 
 class Policy:
@@ -60,8 +60,8 @@ class Policy:
         """Streams the engine can keep ahead of playback (the batch limit, for a policy without deadlines)."""
         return self.config.max_num_seqs
 
-    def start_wait_s(self, ahead: list[Request], running: list[Request]) -> float:
-        """Predicted seconds before a request queued behind `ahead` can start."""
+    def start_wait_s(self, request: Request, ahead: list[Request], running: list[Request]) -> float:
+        """Predicted seconds before `request`, queued behind `ahead`, can start."""
         return 0.0
 
     def reserved_tokens(self, request: Request) -> int:
@@ -130,43 +130,58 @@ class StreamingPolicy(OfflinePolicy):
     def is_optional(self, request: Request, now: float) -> bool:
         return self.slack_s(request, now) >= self.config.urgent_slack_s
 
-    def _keeps_up(self, num_streams: int, num_context: int, num_running: int) -> bool:
-        """Whether `num_streams` streams attending over `num_context` positions in all stay ahead of playback: the
-        predicted loop period within `realtime_headroom` of real time, and the codec thread (whose load grows
-        with the streams it serves, measured while `num_running` ran) below that share of its time."""
-        limit = self.config.realtime_headroom
-        if self.timer.period_s(num_streams, num_streams, num_context) > limit * self.playback.plan.realtime_step_s:
+    def _keeps_up(self, num_streams: int, num_context: int) -> bool:
+        """Whether `num_streams` streams attending over `num_context` positions all stay ahead of playback: the
+        predicted loop period within `realtime_headroom` of real time, and the codec thread (at its measured cost
+        per frame, each stream making one frame per frame_s) busy within that share of its time."""
+        limit, plan = self.config.realtime_headroom, self.playback.plan
+        if self.timer.period_s(num_streams, num_streams, num_context) > limit * plan.realtime_step_s:
             return False
-        return not num_running or self.timer.codec_busy * num_streams / num_running <= limit
+        return num_streams * self.timer.codec_frame_s <= limit * plan.frame_s
 
-    def capacity(self, running: list[Request]) -> int:
-        """Streams like the running ones (or of DEFAULT_CONTEXT positions when none runs) the engine keeps
-        ahead of playback."""
-        context = sum(_final_length(r) for r in running) / len(running) if running else DEFAULT_CONTEXT
-        streams = 1
-        while streams < self.config.max_num_seqs and self._keeps_up(streams + 1, int((streams + 1) * context),
-                                                                     len(running)):
-            streams += 1
-        return streams
+    def _fits(self, streams: list[tuple[int, int]], new: tuple[int, int]) -> bool:
+        """Whether streams given as (positions now, steps left) and a new one keep up until the new one ends,
+        checked as each of them ends and as the new one does, with the contexts grown by then."""
+        horizon = new[1]
+        for t in sorted({left for _, left in streams if left < horizon} | {horizon}):
+            alive = [(length, left) for length, left in streams if left >= t] + [new]
+            if not self._keeps_up(len(alive), sum(length + min(t, left) for length, left in alive)):
+                return False
+        return True
 
     def can_admit(self, request: Request, running: list[Request], now: float) -> bool:
-        """Admit while the streams already running and this one all stay ahead of playback to their ends."""
+        """Admit while the streams already running and this one all stay ahead of playback until it ends."""
         if not running or not self.timer.has_steps:
             return True
-        context = sum(_final_length(r) for r in running) + _final_length(request)
-        return self._keeps_up(len(running) + 1, context, len(running))
+        return self._fits([_state(r) for r in running], _state(request))
 
-    def start_wait_s(self, ahead: list[Request], running: list[Request]) -> float:
-        """Predicted seconds before a request queued behind `ahead` can start: streams take the capacity's slots
-        in queue order, each as the one before it in that slot ends (expected steps at the measured period)."""
+    def capacity(self, running: list[Request]) -> int:
+        """Streams the engine keeps ahead of playback: the running ones plus as many more like them (or of
+        DEFAULT_CONTEXT steps when none runs) as fit."""
+        typical = (DEFAULT_PROMPT, DEFAULT_CONTEXT)
+        if running:
+            typical = (sum(len(r.prompt_token_ids) for r in running) // len(running),
+                       sum(r.expected_tokens for r in running) // len(running))
+        streams = [_state(r) for r in running]
+        while len(streams) < self.config.max_num_seqs and (not streams or self._fits(streams, typical)):
+            streams.append(typical)
+        return max(1, len(streams))
+
+    def start_wait_s(self, request: Request, ahead: list[Request], running: list[Request]) -> float:
+        """Predicted seconds before `request`, queued behind `ahead`, can start: the queue is admitted in order
+        as running streams end (expected steps at the measured period)."""
         period_s = self.timer.recent_period_s or self.timer.period_s(max(1, len(running)))
-        capacity = self.capacity(running)
-        ends = sorted(max(0, r.expected_tokens - r.num_output_tokens) * period_s for r in running)
-        slots = ends[max(0, len(running) - capacity):] + [0.0] * max(0, capacity - len(running))
-        heapq.heapify(slots)
-        for request in ahead:
-            heapq.heapreplace(slots, slots[0] + request.expected_tokens * period_s)
-        return slots[0] if slots else math.inf
+        streams = [_state(r) for r in running]
+        queue = [_state(r) for r in [*ahead, request]]
+        elapsed = 0
+        while True:
+            while queue and (not streams or self._fits(streams, queue[0])):
+                streams.append(queue.pop(0))
+                if not queue:
+                    return elapsed * period_s
+            step = max(1, min(left for _, left in streams))  # to the next end
+            elapsed += step
+            streams = [(length + step, left - step) for length, left in streams if left > step]
 
     def victim(self, running: list[Request], now: float) -> Request:
         return max(running, key=lambda r: self.slack_s(r, now))

@@ -83,18 +83,18 @@ class Scheduler:
                 f"({self.pool.num_blocks} blocks of {self.pool.block_size}); shorten the text"
             )
         if len(self.waiting) >= self.config.max_queue_len:
-            raise QueueFullError(f"{len(self.waiting)} requests are already waiting", self.start_wait_s())
-        if self.max_wait_s is not None and (wait_s := self.start_wait_s()) > self.max_wait_s:
+            raise QueueFullError(f"{len(self.waiting)} requests are already waiting", self.start_wait_s(request))
+        if self.max_wait_s is not None and (wait_s := self.start_wait_s(request)) > self.max_wait_s:
             raise QueueFullError(f"it could not start within {self.max_wait_s:g} s", wait_s)
         request.arrival_s = now
         self.requests[request.request_id] = request
         self.waiting.append(request)
         self.playback.add(request.request_id, now)
 
-    def start_wait_s(self) -> float:
-        """Predicted seconds before a request queued now could start (inf: not while the others run)."""
+    def start_wait_s(self, request: Request) -> float:
+        """Predicted seconds before `request`, queued now behind the waiting ones, could start."""
         active = [r for r in self.running if not r.is_held]
-        return self.policy.start_wait_s(list(self.waiting), active)
+        return self.policy.start_wait_s(request, [r for r in self.waiting if r is not request], active)
 
     def cancel(self, request_id: str) -> bool:
         """Finish a request now and free its blocks. False if it is unknown or already finished."""

@@ -70,7 +70,7 @@ class StepTimer:
         self.recent_step_s = 0.0  # moving average of the latest LM steps, whatever their size
         self.recent_period_s = 0.0  # moving average of the latest back-to-back loop periods
         self.overhead = 1.0  # loop period / LM step time: what the rest of the loop and the codec thread add
-        self.codec_busy = 0.0  # share of wall time the codec thread spends decoding
+        self.codec_frame_s = 0.0  # codec thread seconds per frame decoded (moving average over batches)
         self.num_steps = 0
 
     def observe_step(self, num_rows: int, num_tokens: int, num_context: int, seconds: float) -> None:
@@ -106,10 +106,11 @@ class StepTimer:
             self.overhead = 0.9 * self.overhead + 0.1 * max(1.0, period_s / step_s)
         self.recent_period_s = 0.9 * self.recent_period_s + 0.1 * period_s if self.recent_period_s else period_s
 
-    def observe_codec_busy(self, busy_s: float, period_s: float) -> None:
-        """Between two codec dispatches `period_s` apart, the codec thread was busy for `busy_s`."""
-        if period_s > 0:
-            self.codec_busy = 0.9 * self.codec_busy + 0.1 * min(1.0, busy_s / period_s)
+    def observe_codec_frames(self, num_frames: int, busy_s: float) -> None:
+        """The codec thread took `busy_s` to decode a batch of `num_frames` frames."""
+        if num_frames > 0:
+            per_frame_s = busy_s / num_frames
+            self.codec_frame_s = 0.9 * self.codec_frame_s + 0.1 * per_frame_s if self.codec_frame_s else per_frame_s
 
     def observe_codec(self, seconds: float) -> None:
         self._codec_s = seconds if self._codec_s is None else 0.8 * self._codec_s + 0.2 * seconds
