@@ -94,12 +94,15 @@ class StreamingPolicy(OfflinePolicy):
     name = "streaming"
     _timings: dict[str, tuple[float, float]] = {}
     _num_starting = 0  # running streams with no audio out yet
+    _full_period_s = 0.0  # predicted loop period with every running stream in the step
 
     def begin_step(self, running: list[Request]) -> None:
         self._timings: dict[str, tuple[float, float]] = {}
         streams = self.playback.streams
         self._num_starting = sum(1 for r in running if r.request_id in streams and
                                  streams[r.request_id].first_chunk_s is None)
+        active = [r for r in running if not r.is_held]
+        self._full_period_s = self.timer.period_s(len(active), len(active), sum(_state(r)[0] for r in active))
 
     def _timing(self, request: Request, now: float) -> tuple[float, float]:
         """(slack, tolerance) of a request, computed once per step. Slack: seconds to spare before its next
@@ -204,7 +207,10 @@ class StreamingPolicy(OfflinePolicy):
         ready_s = num_ready_frames * plan.frame_s
         if stream.first_chunk_s is None:
             codec_batches = 1 + math.ceil(self._num_starting * plan.first_chunk_frames / self.config.max_codec_frames)
-            step_s = max(self.timer.recent_period_s, self.timer.recent_step_s * self.timer.overhead)
+            # the step as it is now, or as predicted with every running stream in it (streams just admitted
+            # have not shown in the measured period yet)
+            step_s = max(self.timer.recent_period_s, self.timer.recent_step_s * self.timer.overhead,
+                         self._full_period_s)
             next_chunk_s = plan.frames_per_chunk * plan.lm_steps_per_frame * step_s
             return ready_s >= next_chunk_s + codec_batches * self.timer.codec_s
         left_s = self.playback.deadline_s(request_id) - now
