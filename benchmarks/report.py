@@ -20,15 +20,19 @@ BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
 
 
 def main(results: Path) -> None:
-    repeats = [json.loads(path.read_text()) for path in sorted(results.glob("serve*/serve.json"))]
-    serve = repeats[0]  # the page shows the first repeat in full, and every repeat's goodput
+    runs = [json.loads(path.read_text()) for path in sorted(results.glob("serve*/serve.json"))]
+    # the page shows each system's first run in full, and the goodput of every run of it (the repeats)
+    serve = {"meta": runs[0]["meta"], "systems": {}}
+    for run in runs:
+        for name, result in run["systems"].items():
+            serve["systems"].setdefault(name, result)
     offline = json.loads((results / "offline" / "offline.json").read_text())
     streams_path = results / "streams" / "streams.json"
     streams = json.loads(streams_path.read_text()) if streams_path.exists() else None
     facts = _facts(serve, offline)
-    facts["repeats"] = {name: [r["systems"][name]["goodput_rps"] for r in repeats if name in r["systems"]]
+    facts["repeats"] = {name: [r["systems"][name]["goodput_rps"] for r in runs if name in r["systems"]]
                         for name in serve["systems"]}
-    facts["capacity"] = [r.get("capacity") for r in repeats]
+    facts["capacity"] = [r["capacity"] for r in runs if r.get("capacity")]
     (ROOT / "benchmarks" / "README.md").write_text(_page(serve, offline, facts, streams))
     readme = (ROOT / "README.md").read_text()
     block = f"{BEGIN}\n{_summary(facts)}\n{END}"

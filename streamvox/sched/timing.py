@@ -5,12 +5,15 @@ cost per row (decode work, sampling), a cost per prompt token beyond one per row
 with the positions the step attends over. The four are fitted by exponentially weighted least squares, so the
 estimate follows the machine as load and context lengths change; the engine's warm-up runs several batch sizes and
 context lengths and keeps what it measured as a prior that never decays, so the cost of one more stream is known
-before the engine has ever run that many. Pure Python.
+before the engine has ever run that many. A linear fit is off by some share where the engine actually runs (the
+server and the codec thread take their part of the cores), so predictions are scaled by a moving average of
+measured over fitted step time (`bias`), taken before each step joins the fit. Pure Python.
 """
 
 from __future__ import annotations
 
 PRIOR_WEIGHT = 30.0  # the warm-up counts as this many live samples
+MIN_BIAS, MAX_BIAS = 0.8, 2.0  # bounds of the correction of the fit by recent steps
 RIDGE = 0.05  # pulls an unmeasured direction towards a guess, relative to the samples' weight (see `_fit`)
 NUM_FEATURES = 4
 
@@ -66,6 +69,7 @@ class StepTimer:
         self._prior = _Sums()
         self._codec_s: float | None = None
         self.prefill_token_s: float | None = None  # seconds one prompt token adds to a step
+        self.bias = 1.0  # measured / fitted decode step time lately: corrects the fit where the engine runs
         self._coefficients: list[float] | None = None  # cached fit, cleared by each sample
         self.recent_step_s = 0.0  # moving average of the latest LM steps, whatever their size
         self.recent_period_s = 0.0  # moving average of the latest back-to-back loop periods
@@ -82,6 +86,9 @@ class StepTimer:
             self.prefill_token_s = per_token_s if self.prefill_token_s is None else (
                 0.8 * self.prefill_token_s + 0.2 * per_token_s)
         else:
+            predicted_s = self.step_s(num_rows, num_tokens, num_context) / self.bias
+            if predicted_s > 0:  # how far off the fit is where the engine runs now, before it learns this step
+                self.bias = min(MAX_BIAS, max(MIN_BIAS, 0.95 * self.bias + 0.05 * seconds / predicted_s))
             self._live.add(_features(num_rows, num_tokens, num_context), seconds, self.decay)
             self._coefficients = None
         self.recent_step_s = seconds if not self.num_steps else 0.8 * self.recent_step_s + 0.2 * seconds
@@ -94,6 +101,7 @@ class StepTimer:
     def keep_as_prior(self) -> None:
         """What was measured since `begin_prior` stays as a prior of PRIOR_WEIGHT samples; live samples restart."""
         self.decay = getattr(self, "_decay", self.decay)
+        self.bias = 1.0
         weight = self._live.xx[0][0] + self._prior.xx[0][0]
         if weight > 0:
             self._prior = self._prior.scaled_sum(self._live, PRIOR_WEIGHT / weight)
@@ -131,7 +139,7 @@ class StepTimer:
             features[2], extra_s = 0.0, features[2] * self.prefill_token_s
         else:
             extra_s = 0.0
-        return extra_s + sum(c * x for c, x in zip(self._fit(), features, strict=True))
+        return extra_s + self.bias * sum(c * x for c, x in zip(self._fit(), features, strict=True))
 
     def _fit(self) -> list[float]:
         if self._coefficients is not None:
