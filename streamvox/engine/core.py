@@ -11,6 +11,7 @@ rows that still raise fail. In-process convenience (stream, result, generate) is
 from __future__ import annotations
 
 import logging
+import math
 import os
 import threading
 import time
@@ -40,6 +41,7 @@ __all__ = ["EngineCore", "EngineLoad", "QueueFullError", "RequestFailure", "Step
 
 logger = logging.getLogger(__name__)
 WARM_UP_LONG_WORDS = 150  # words of the warm-up's long prompts, so it measures what context costs
+CAPACITY_EVERY_S = 0.5
 WARM_UP_FRAMES = 12  # per request: long enough for the codec to run beside the LM as it does under load
 
 
@@ -104,6 +106,7 @@ class EngineCore:
         self.text_streams = TextStreams(self)
         self._last_step: tuple[float, float] | None = None  # (perf_counter at its start, its LM seconds)
         self._lock = threading.RLock()
+        self._capacity = (-math.inf, 0)  # (when, streams) of the last capacity computed for load()
         self.lm_busy_s = 0.0  # total LM step time since start (the codec's: self.codec.busy_s)
 
     # -- requests ----------------------------------------------------------------------------------------
@@ -174,10 +177,15 @@ class EngineCore:
         return self.scheduler.has_unfinished() or bool(self.codec_runner.requests)
 
     def load(self) -> EngineLoad:
+        """What the engine holds now; its capacity is recomputed at most every CAPACITY_EVERY_S (it walks the
+        running streams' futures, too much for every step)."""
         scheduler = self.scheduler
         active = [r for r in scheduler.running if not r.is_held]
+        now = self.clock()
+        if now - self._capacity[0] >= CAPACITY_EVERY_S:
+            self._capacity = (now, scheduler.policy.capacity(active))
         return EngineLoad(len(scheduler.waiting), len(scheduler.running), len(scheduler.running) - len(active),
-                          self.pool.num_free_blocks, self.pool.num_blocks, scheduler.policy.capacity(active))
+                          self.pool.num_free_blocks, self.pool.num_blocks, self._capacity[1])
 
     @property
     def num_requests(self) -> int:
