@@ -64,7 +64,8 @@ class _Sums:
 
 class StepTimer:
     def __init__(self, decay: float = 0.98) -> None:
-        self.decay = decay  # weight kept by older samples at each new one
+        self.decay = decay  # weight kept by older samples at each new one (1.0 while the prior is measured)
+        self._live_decay = decay
         self._live = _Sums()
         self._prior = _Sums()
         self._codec_s: float | None = None
@@ -96,11 +97,11 @@ class StepTimer:
 
     def begin_prior(self) -> None:
         """Samples from now to `keep_as_prior` (the warm-up) all count alike: none decays."""
-        self._decay, self.decay = self.decay, 1.0
+        self.decay = 1.0
 
     def keep_as_prior(self) -> None:
         """What was measured since `begin_prior` stays as a prior of PRIOR_WEIGHT samples; live samples restart."""
-        self.decay = getattr(self, "_decay", self.decay)
+        self.decay = self._live_decay
         self.bias = 1.0
         weight = self._live.xx[0][0] + self._prior.xx[0][0]
         if weight > 0:
