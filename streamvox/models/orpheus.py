@@ -160,11 +160,13 @@ def frame_seed(request_seed: int, frame_index: int) -> int:
 TINY_TEXT_VOCAB = 512
 TINY_RESERVED = 16
 TINY_CODEBOOK = 1024
-# LM size chosen for the 2-core CPU the tests and benchmarks run on (see README, "The tiny checkpoint"): small
-# enough that several streams run faster than real time, so scheduling under load can be measured at all.
+# Sizes chosen for the 2-core CPU the tests and benchmarks run on (see README, "The tiny checkpoint"): small
+# enough that about 16 streams of 13 s run in real time at once, so that scheduling near and beyond capacity can
+# be measured (with hidden 256 and 4 layers one engine kept only 2 or 3 streams).
 TINY_LLAMA = dict(
-    hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=2, num_key_value_heads=1,
+    hidden_size=128, intermediate_size=384, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
 )
+TINY_SNAC_DIM = 48  # decoder width of the tiny's SNAC (the real one is 1024)
 TINY_NOTE = (
     "Random-weight tiny Orpheus made by `streamvox make-tiny orpheus`: same architecture and file layout as "
     "canopylabs/orpheus-3b-0.1-ft, but it produces noise, not speech. For real speech serve a real checkpoint: "
@@ -195,13 +197,16 @@ def _write_tiny_files(path: Path, seed: int, num_shards: int) -> None:
         for name, param in model.named_parameters():
             if "norm" not in name:
                 torch.nn.init.normal_(param, std=0.1 if "embed" in name else param.shape[-1] ** -0.5)
+        # logits of spread ~2.3 rather than ~1.1: a trained model's next-token distribution is peaked, and a
+        # flat one makes top-p keep thousands of tokens (a full sort of the vocabulary every step)
+        model.model.norm.weight.data.fill_(2.0)
     save_tensors(path, {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}, num_shards)
     (path / "generation_config.json").write_text(json.dumps({"bos_token_id": TINY_TEXT_VOCAB, "do_sample": True,
                                                               "temperature": 0.6, "top_p": 0.8}, indent=2))
     (path / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<|begin_of_text|>",
                                                             "eos_token": "<|eot_id|>", "model_max_length": 8192}))
     (path / "README.md").write_text(TINY_NOTE + "\n")
-    SnacCodec.write_tiny(path / CODEC_SUBDIR, seed=seed, codebook_size=TINY_CODEBOOK)
+    SnacCodec.write_tiny(path / CODEC_SUBDIR, seed=seed, decoder_dim=TINY_SNAC_DIM, codebook_size=TINY_CODEBOOK)
 
 
 def _tiny_config(vocab_size: int, ids: OrpheusTokenIds) -> dict:

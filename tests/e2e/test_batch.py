@@ -28,7 +28,7 @@ def test_fifty_texts_with_one_bad_line_make_49_files_and_a_rerun_does_no_work(ti
     with wave.open(str(out / "item-03.wav")) as audio:  # a real, complete WAV of the recorded length
         assert audio.getframerate() == 24000
         record = next(r for r in manifest if r["id"] == "item-03")
-        assert audio.getnframes() == round(record["audio_s"] * 24000) > 0
+        assert audio.getnframes() > 0 and abs(audio.getnframes() / 24000 - record["audio_s"]) <= 0.0005  # ms
     assert json.loads((out / "rejected.jsonl").read_text())["line"] == 18
 
     stamps = {p.name: p.stat().st_mtime_ns for p in out.glob("*.wav")}

@@ -61,7 +61,7 @@ def test_missing_shard_is_named(tmp_path):
 @pytest.mark.parametrize("changes, message", [
     (dict(architectures=["BertModel"], model_type="bert"), "LlamaForCausalLM"),  # wrong architecture
     (dict(num_hidden_layers=9), "missing"),  # a config that disagrees with the weights
-    (dict(hidden_size=128), "missing|shape"),
+    (dict(hidden_size=64), "missing|shape"),
 ])
 def test_config_that_does_not_fit_is_rejected(tmp_path, tiny_dir, changes, message):
     broken = tmp_path / "edited"
