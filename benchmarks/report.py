@@ -14,6 +14,7 @@ from datetime import date
 from pathlib import Path
 
 from streamvox.bench.serve import PROMPTS
+from streamvox.bench.streams import table
 
 ROOT = Path(__file__).resolve().parent.parent
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
@@ -131,14 +132,10 @@ def _streams_section(streams: dict | None) -> list[str]:
         return []
     meta = streams["meta"]
     out = ["## Concurrent streams (`streamvox bench streams`)", "",
-           f"Closed loop: N clients each send {meta['rounds']} requests back to back ({meta['max_tokens']} tokens, "
-           "the stop token ignored), so N streams are in flight throughout; one server per policy. No client "
-           "prebuffer.", "",
-           "| policy | streams | TTFA p50 (s) | TTFA p90 (s) | requests with a stall | chunks stalled | "
-           "mean underrun (s) |", "|---|---|---|---|---|---|---|"]
-    for r in streams["rows"]:
-        out.append(f"| {r['policy']} | {r['streams']} | {r['ttfa_p50_s']:.3f} | {r['ttfa_p90_s']:.3f} | "
-                   f"{r['stall_rate']:.0%} | {r['chunk_stall_rate']:.1%} | {r['underrun_s_mean']:.2f} |")
+           f"Closed loop: N clients each send {meta['rounds']} request(s) back to back ({meta['max_tokens']} tokens, "
+           "the stop token ignored), so up to N streams are in flight at once; one server per policy. No client "
+           "prebuffer. A request the server cannot keep real-time is refused (429) and counted apart.", "",
+           *table(streams["rows"])]
     return out + ["", "![TTFA p90 and stalls against concurrent streams](results/streams/streams.png)", ""]
 
 

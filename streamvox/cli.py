@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import shlex
 import sys
 import time
 
@@ -88,6 +89,9 @@ def main(argv: list[str] | None = None) -> int:
                        help="serve: /v1/audio/speech or VoxServe's /generate form")
     bench.add_argument("--tokens-per-second", type=float, default=82.0,
                        help="serve: LM tokens per second of audio, for max_tokens (Orpheus: 82)")
+    bench.add_argument("--serve-args", default="",
+                       help="serve, streams: more flags for the servers the benchmark starts, e.g. "
+                            "'--realtime-headroom 0.85'")
     bench.add_argument("--out", default="bench-results")
 
     args = parser.parse_args(argv)
@@ -184,6 +188,10 @@ def _make_tiny(args) -> int:
     return 0
 
 
+def _server_flags(args) -> list[str]:
+    return ["--device", args.device, "--dtype", args.dtype, *shlex.split(args.serve_args)]
+
+
 def _bench(args) -> int:
     if args.name == "serve":
         from streamvox.bench.serve import SYSTEMS, LoadSpec, realtime_capacity, run_serve
@@ -198,8 +206,7 @@ def _bench(args) -> int:
                         args.window, args.burstiness, args.seed, args.slo, args.prebuffer, args.api,
                         args.tokens_per_second)
         capacity = None if args.no_capacity else realtime_capacity(spec, args.model, args.device, args.dtype)
-        run_serve(spec, args.out, targets, systems, args.model, ["--device", args.device, "--dtype", args.dtype],
-                  capacity)
+        run_serve(spec, args.out, targets, systems, args.model, _server_flags(args), capacity)
         return 0
     if args.name == "gpu":
         from streamvox.bench.gpu import run_gpu
@@ -211,7 +218,7 @@ def _bench(args) -> int:
 
         levels = [int(level) for level in args.streams.split(",")]
         run_streams(args.model, args.policies.split(","), levels, args.rounds, args.max_tokens or 280, args.out,
-                    ["--device", args.device, "--dtype", args.dtype])
+                    _server_flags(args))
         return 0
     from streamvox.bench.offline import run_offline
 

@@ -96,7 +96,7 @@ class SchedulerConfig:
     ttfa_target_s: float = 0.5  # a new request's first chunk is due this long after it arrived
     client_prebuffer_s: float = 0.0  # audio a client buffers before it starts playing
     urgent_slack_s: float = 1.0  # streaming: a request with less slack than this is urgent
-    realtime_headroom: float = 0.75  # streaming: admit while the predicted step time <= this share of real time
+    realtime_headroom: float = 0.9  # streaming: admit while the predicted step time <= this share of real time
     max_codec_frames: int = 8  # frames decoded in one codec call (on CPU a frame costs least at about 8)
     max_chunk_s: float = 0.7  # streaming: a chunk is decoded once it holds this much audio, due or not
     codec_hold_margin_s: float = 1.0  # streaming: decode once the client has less than this (+ codec time) left

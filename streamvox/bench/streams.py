@@ -4,7 +4,8 @@ For each policy a `streamvox serve` process is started on 127.0.0.1; at each lev
 `rounds` requests back to back (so N streams are in flight at any time), every request producing the same
 amount of audio (`max_tokens`, stop token ignored). A client records when each network read arrives and how much
 audio it carried; metrics follow DESIGN.md §8 with no client prebuffer. A request the server refuses (429: it
-cannot keep one more stream real-time) is counted apart; stalls and TTFA are those of the streams admitted.
+cannot keep one more stream real-time) is counted apart, with the longest wait for such an answer; stalls and
+TTFA are those of the streams admitted.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ def run_streams(model: str, policies: list[str], levels: list[int], rounds: int,
 
 
 async def _level(url: str, level: int, rounds: int, max_tokens: int,
-                 sample_rate: int) -> list[StreamTimeline | None]:
+                 sample_rate: int) -> list[StreamTimeline | float]:
     async with httpx.AsyncClient(base_url=url, timeout=600, limits=httpx.Limits(max_connections=level + 4)) as client:
         async def one_client(index: int) -> list[StreamTimeline]:
             timelines = []
@@ -59,15 +60,15 @@ async def _level(url: str, level: int, rounds: int, max_tokens: int,
     return [timeline for timelines in results for timeline in timelines]
 
 
-async def _one_request(client: httpx.AsyncClient, body: dict, sample_rate: int) -> StreamTimeline | None:
-    """The request's timeline; None if the server refused it as at capacity."""
+async def _one_request(client: httpx.AsyncClient, body: dict, sample_rate: int) -> StreamTimeline | float:
+    """The request's timeline, or the seconds its 429 took if the server refused it as at capacity."""
     arrivals, durations = [], []
     body["model"] = (await client.get("/v1/models")).json()["data"][0]["id"]
     started = time.perf_counter()
     async with client.stream("POST", "/v1/audio/speech", json=body) as response:
         if response.status_code == 429:
             await response.aread()
-            return None
+            return time.perf_counter() - started
         response.raise_for_status()
         async for data in response.aiter_raw():
             arrivals.append(time.perf_counter() - started)
@@ -75,15 +76,17 @@ async def _one_request(client: httpx.AsyncClient, body: dict, sample_rate: int) 
     return StreamTimeline(tuple(arrivals), tuple(durations))
 
 
-def _summarise(policy: str, level: int, results: list[StreamTimeline | None]) -> dict:
-    timelines = [t for t in results if t is not None] or [StreamTimeline((0.0,), (0.0,))]
+def _summarise(policy: str, level: int, results: list[StreamTimeline | float]) -> dict:
+    refusals_s = [r for r in results if isinstance(r, float)]
+    timelines = [t for t in results if isinstance(t, StreamTimeline)] or [StreamTimeline((0.0,), (0.0,))]
     counts = [stalls(t) for t in timelines]
     num_pieces = sum(max(0, len(t.arrivals_s) - 1) for t in timelines)
     ttfas = [t.ttfa_s for t in timelines]
     audio_s = sum(sum(t.durations_s) for t in timelines)
     return {
-        "policy": policy, "streams": level, "requests": len(results), "refused": results.count(None),
-        "ttfa_p50_s": percentile(ttfas, 50), "ttfa_p90_s": percentile(ttfas, 90),
+        "policy": policy, "streams": level, "requests": len(results), "refused": len(refusals_s),
+        "refusal_s_max": max(refusals_s, default=0.0),
+        "ttfa_p50_s": percentile(ttfas, 50), "ttfa_p90_s": percentile(ttfas, 90), "ttfa_max_s": max(ttfas),
         "stall_rate": sum(c > 0 for c, _ in counts) / len(timelines),  # share of requests with any stall
         "chunk_stall_rate": sum(c for c, _ in counts) / max(1, num_pieces),
         "underrun_s_mean": sum(u for _, u in counts) / len(timelines),
@@ -95,19 +98,26 @@ def _print_row(row: dict) -> None:
     print(f"{row['policy']:>10} {row['streams']:>3} streams  TTFA p50 {row['ttfa_p50_s']:.3f}s "
           f"p90 {row['ttfa_p90_s']:.3f}s  stalled requests {row['stall_rate']:.0%}  "
           f"stalled chunks {row['chunk_stall_rate']:.1%}  mean underrun {row['underrun_s_mean']:.2f}s  "
-          f"refused {row['refused']}", flush=True)
+          f"refused {row['refused']} (answered within {row['refusal_s_max']:.2f}s)", flush=True)
+
+
+def table(rows: list[dict]) -> list[str]:
+    """The rows as a Markdown table (benchmarks/report.py prints the same one)."""
+    out = ["| policy | streams | admitted | refused (answered within, s) | TTFA p50 / p90 / max (s) | "
+           "admitted with a stall | chunks stalled | mean underrun (s) |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        admitted = r["requests"] - r["refused"]
+        out.append(f"| {r['policy']} | {r['streams']} | {admitted} | {r['refused']} ({r['refusal_s_max']:.2f}) | "
+                   f"{r['ttfa_p50_s']:.3f} / {r['ttfa_p90_s']:.3f} / {r['ttfa_max_s']:.3f} | {r['stall_rate']:.0%} | "
+                   f"{r['chunk_stall_rate']:.1%} | {r['underrun_s_mean']:.2f} |")
+    return out
 
 
 def _report(rows: list[dict], out_dir: str, meta: dict) -> None:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "streams.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-    print("\n| policy | streams | TTFA p50 (s) | TTFA p90 (s) | requests with a stall | chunks stalled | "
-          "mean underrun (s) | refused |\n|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['policy']} | {r['streams']} | {r['ttfa_p50_s']:.3f} | {r['ttfa_p90_s']:.3f} | "
-              f"{r['stall_rate']:.0%} | {r['chunk_stall_rate']:.1%} | {r['underrun_s_mean']:.2f} | "
-              f"{r.get('refused', 0)}/{r['requests']} |")
+    print("\n" + "\n".join(table(rows)))
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display

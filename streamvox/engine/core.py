@@ -102,7 +102,7 @@ class EngineCore:
                                    sched.max_queue_wait_s if is_wait_bounded else None)
         self.lm_runner = LMRunner(model, num_blocks, config.cache.block_size, model.dtype)
         self.codec_runner = CodecRunner(model)
-        self.codec = CodecPipeline(self.codec_runner, self.timer)
+        self.codec = CodecPipeline(self.codec_runner, self.timer, config.scheduler.max_codec_frames)
         self.text_streams = TextStreams(self)
         self._last_step: tuple[float, float] | None = None  # (perf_counter at its start, its LM seconds)
         self._lock = threading.RLock()
@@ -208,7 +208,7 @@ class EngineCore:
         scheduler.max_wait_s = None
         self.timer.begin_prior()
         try:
-            for num_rows, (prompt, text_ids) in [(1, short), (4, short), (8, short), (4, long)]:
+            for num_rows, (prompt, text_ids) in [(1, short), (4, short), (16, short), (16, long)]:
                 for index in range(min(num_rows, scheduler.config.max_num_seqs)):
                     self.add_request(f"warm-up-{index}", prompt, sampling, 0, text_ids)
                 while self.has_unfinished():
@@ -234,7 +234,7 @@ class EngineCore:
     def _execute(self, batch: StepBatch | None, events: StepEvents) -> tuple[StepOutput, list[AudioChunk]]:
         """Hand the planned chunks to the codec thread, run the LM rows, and collect the decoded chunks."""
         if batch is not None:
-            self.codec.dispatch(batch.codec_request_ids, self.config.scheduler.max_codec_frames)
+            self.codec.dispatch(batch.codec_request_ids)
         output = StepOutput((), (), ())
         if batch is not None and batch.has_lm_work:
             output = self._run_lm(batch, events)

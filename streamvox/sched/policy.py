@@ -135,12 +135,15 @@ class StreamingPolicy(OfflinePolicy):
 
     def _keeps_up(self, num_streams: int, num_context: int) -> bool:
         """Whether `num_streams` streams attending over `num_context` positions all stay ahead of playback: the
-        predicted loop period within `realtime_headroom` of real time, and the codec thread (at its measured cost
-        per frame, each stream making one frame per frame_s) busy within that share of its time."""
+        predicted loop period within `realtime_headroom` of real time, and the codec thread busy within that share
+        of its time. Each stream makes a frame per frame_s; they are decoded in calls of up to max_codec_frames
+        frames (a frame's worth of every stream at most, so a few streams pay a call each)."""
         limit, plan = self.config.realtime_headroom, self.playback.plan
         if self.timer.period_s(num_streams, num_streams, num_context) > limit * plan.realtime_step_s:
             return False
-        return num_streams * self.timer.codec_frame_s <= limit * plan.frame_s
+        per_call = min(num_streams, self.config.max_codec_frames)
+        codec_s = self.timer.codec_call_s(per_call) * num_streams / per_call  # per frame_s
+        return codec_s <= limit * plan.frame_s
 
     def _fits(self, streams: list[tuple[int, int]], new: tuple[int, int]) -> bool:
         """Whether streams given as (positions now, steps left) and a new one keep up until the new one ends,

@@ -7,15 +7,20 @@ estimate follows the machine as load and context lengths change; the engine's wa
 context lengths and keeps what it measured as a prior that never decays, so the cost of one more stream is known
 before the engine has ever run that many. A linear fit is off by some share where the engine actually runs (the
 server and the codec thread take their part of the cores), so predictions are scaled by a moving average of
-measured over fitted step time (`bias`), taken before each step joins the fit. Pure Python.
+measured over fitted step time (`bias`), taken before each step joins the fit.
+
+A codec call is modelled as `e + f * num_frames`, fitted the same way (the warm-up's calls of 1 to 8 frames as
+its prior): on a CPU a call of 8 frames costs about half as much per frame as a call of one, so what a stream
+costs the codec depends on how full its batches are. Pure Python.
 """
 
 from __future__ import annotations
 
 PRIOR_WEIGHT = 30.0  # the warm-up counts as this many live samples
 MIN_BIAS, MAX_BIAS = 0.8, 2.0  # bounds of the correction of the fit by recent steps
+OUTLIER = 3.0  # a decode step longer than this many times the prediction counts as this many
 RIDGE = 0.05  # pulls an unmeasured direction towards a guess, relative to the samples' weight (see `_fit`)
-NUM_FEATURES = 4
+NUM_FEATURES = 4  # of an LM step; a codec call has 2
 
 
 def _solve(a: list[list[float]], b: list[float]) -> list[float]:
@@ -44,18 +49,18 @@ def _features(num_rows: int, num_tokens: int | None, num_context: int) -> list[f
 class _Sums:
     """Weighted sums X^T W X and X^T W y of the samples."""
 
-    def __init__(self) -> None:
-        self.xx = [[0.0] * NUM_FEATURES for _ in range(NUM_FEATURES)]
-        self.xy = [0.0] * NUM_FEATURES
+    def __init__(self, num_features: int = NUM_FEATURES) -> None:
+        self.xx = [[0.0] * num_features for _ in range(num_features)]
+        self.xy = [0.0] * num_features
 
     def add(self, x: list[float], y: float, decay: float = 1.0) -> None:
-        for i in range(NUM_FEATURES):
+        for i in range(len(x)):
             self.xy[i] = decay * self.xy[i] + x[i] * y
-            for j in range(NUM_FEATURES):
+            for j in range(len(x)):
                 self.xx[i][j] = decay * self.xx[i][j] + x[i] * x[j]
 
     def scaled_sum(self, other: _Sums, scale: float) -> _Sums:
-        out = _Sums()
+        out = _Sums(len(self.xy))
         out.xx = [[(p + q) * scale for p, q in zip(r1, r2, strict=True)]
                   for r1, r2 in zip(self.xx, other.xx, strict=True)]
         out.xy = [(p + q) * scale for p, q in zip(self.xy, other.xy, strict=True)]
@@ -75,7 +80,7 @@ class StepTimer:
         self.recent_step_s = 0.0  # moving average of the latest LM steps, whatever their size
         self.recent_period_s = 0.0  # moving average of the latest back-to-back loop periods
         self.overhead = 1.0  # loop period / LM step time: what the rest of the loop and the codec thread add
-        self.codec_frame_s = 0.0  # codec thread seconds per frame decoded (moving average over batches)
+        self._codec_live, self._codec_prior = _Sums(2), _Sums(2)  # codec calls: (1, frames) -> seconds
         self.num_steps = 0
 
     def observe_step(self, num_rows: int, num_tokens: int, num_context: int, seconds: float) -> None:
@@ -89,6 +94,7 @@ class StepTimer:
         else:
             predicted_s = self.step_s(num_rows, num_tokens, num_context) / self.bias
             if predicted_s > 0:  # how far off the fit is where the engine runs now, before it learns this step
+                seconds = min(seconds, OUTLIER * predicted_s)  # a pause (GC, another process) is not a cost
                 self.bias = min(MAX_BIAS, max(MIN_BIAS, 0.95 * self.bias + 0.05 * seconds / predicted_s))
             self._live.add(_features(num_rows, num_tokens, num_context), seconds, self.decay)
             self._coefficients = None
@@ -106,7 +112,10 @@ class StepTimer:
         weight = self._live.xx[0][0] + self._prior.xx[0][0]
         if weight > 0:
             self._prior = self._prior.scaled_sum(self._live, PRIOR_WEIGHT / weight)
-        self._live = _Sums()
+        weight = self._codec_live.xx[0][0] + self._codec_prior.xx[0][0]
+        if weight > 0:
+            self._codec_prior = self._codec_prior.scaled_sum(self._codec_live, PRIOR_WEIGHT / weight)
+        self._live, self._codec_live = _Sums(), _Sums(2)
         self._coefficients = None
 
     def observe_period(self, period_s: float, step_s: float) -> None:
@@ -118,8 +127,22 @@ class StepTimer:
     def observe_codec_frames(self, num_frames: int, busy_s: float) -> None:
         """The codec thread took `busy_s` to decode a batch of `num_frames` frames."""
         if num_frames > 0:
-            per_frame_s = busy_s / num_frames
-            self.codec_frame_s = 0.9 * self.codec_frame_s + 0.1 * per_frame_s if self.codec_frame_s else per_frame_s
+            self._codec_live.add([1.0, float(num_frames)], busy_s, self.decay)
+
+    def codec_call_s(self, num_frames: int) -> float:
+        """Predicted codec thread seconds of one call decoding `num_frames` frames (0.0 before any call)."""
+        sums = self._codec_prior.scaled_sum(self._codec_live, 1.0)
+        (n, frames), (_, frames_sq) = sums.xx
+        if n == 0.0:
+            return 0.0
+        mean_frames, mean_s = frames / n, sums.xy[0] / n
+        spread = frames_sq / n - mean_frames**2
+        fixed, per_frame = 0.0, sums.xy[1] / frames_sq  # in proportion to the frames, unless calls of several
+        if spread > 0.01 * mean_frames**2:  # sizes say how much of a call is fixed
+            slope = (sums.xy[1] / n - mean_frames * mean_s) / spread
+            if 0.0 <= slope and mean_s - slope * mean_frames >= 0.0:
+                fixed, per_frame = mean_s - slope * mean_frames, slope
+        return fixed + per_frame * num_frames
 
     def observe_codec(self, seconds: float) -> None:
         self._codec_s = seconds if self._codec_s is None else 0.8 * self._codec_s + 0.2 * seconds

@@ -38,3 +38,31 @@ def test_a_frame_budget_splits_chunks_and_the_pieces_make_the_same_audio(tiny_mo
     assert ("a", 8, 10, True) in batches[-1] or ("a", 8, 10, True) in batches[-2]
     for request_id in ("a", "b"):
         np.testing.assert_allclose(np.concatenate(pieces[request_id]), expected[request_id], atol=1e-5)
+
+
+def test_a_batch_waits_behind_the_one_decoding_only_once_it_is_full(tiny_model):
+    """Frames made while a batch decodes go out together once it is done (a call costs much the same for one
+    frame as for several), unless they already fill a batch."""
+    import threading
+
+    from streamvox.engine.codec_pipeline import CodecPipeline
+    from streamvox.sched.timing import StepTimer
+
+    runner = CodecRunner(tiny_model)
+    pipeline = CodecPipeline(runner, StepTimer(), max_frames=4)
+    release = threading.Event()
+    pipeline.before_decode = lambda pending: release.wait(10)  # the first batch decodes until released
+    try:
+        for request_id in ("a", "b"):
+            runner.add(request_id, seed=1)
+        push_frames(runner, "a", tiny_model, 4)  # a first chunk is ready once its lookahead is known
+        pipeline.dispatch(tuple(r for r, _, _ in pipeline.ready()))
+        assert pipeline.is_busy and not runner.ready()
+        push_frames(runner, "b", tiny_model, 4)
+        assert runner.ready() and not pipeline.ready(), "too few frames to wait behind the batch decoding"
+        push_frames(runner, "b", tiny_model, 4)
+        assert sum(n for _, n, _ in pipeline.ready()) >= 4, "a full batch may wait behind it"
+    finally:
+        release.set()
+        pipeline.collect(wait=True)
+        pipeline.close()

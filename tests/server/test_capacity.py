@@ -36,17 +36,18 @@ def server(start_server):
 
 
 def test_an_overload_gets_streams_that_never_stall_or_a_fast_429(server):
-    """Twelve simultaneous requests of 4 s of audio, several times what the tiny engine keeps real-time on two
+    """Forty simultaneous requests of 4 s of audio, more than twice what the tiny engine keeps real-time on two
     cores: each is a stream that starts within 2 s and never stalls, or a 429 with Retry-After within 2 s."""
 
     async def run():
-        async with httpx.AsyncClient(base_url=server.url, timeout=120) as client:
-            return await asyncio.gather(*(_timed(client, speech(seed=i, max_tokens=350)) for i in range(12)))
+        limits = httpx.Limits(max_connections=48)
+        async with httpx.AsyncClient(base_url=server.url, timeout=120, limits=limits) as client:
+            return await asyncio.gather(*(_timed(client, speech(seed=i, max_tokens=350)) for i in range(40)))
 
     results = asyncio.run(run())
     served = [r for r in results if r[0] == 200]
     refused = [r for r in results if r[0] == 429]
-    assert len(served) + len(refused) == 12 and served and refused, [r[0] for r in results]
+    assert len(served) + len(refused) == 40 and len(served) >= 4 and refused, [r[0] for r in results]
     for _, head_s, headers, _ in refused:
         assert head_s < 2.0 and int(headers["retry-after"]) >= 1
     for _, _, _, timeline in served:

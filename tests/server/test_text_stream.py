@@ -101,8 +101,11 @@ def test_bad_pieces_and_text_after_the_end_are_refused_and_free_the_request(qwen
     for bad in (["not json"], [json.dumps({"text": 5})], [json.dumps({"words": "x"})], after_the_end, too_long):
         with connect(_ws_url(qwen_server), open_timeout=10) as ws:
             ws.send(json.dumps({"model": "tiny-qwen3-tts", "input": "Hello there my", "max_tokens": 400}))
-            for message in bad:
-                ws.send(message)
+            try:
+                for message in bad:
+                    ws.send(message)
+            except ConnectionClosed:  # the server may close on the first bad piece before the client sends all
+                pass
             texts = [m for m in _until_closed(ws) if isinstance(m, str)]
         error = json.loads(texts[-1])
         assert error["type"] == "error" and error["error"]["code"] == 400 and ws.close_code == 1008, bad

@@ -12,6 +12,7 @@ from streamvox.batch import AudioChunk, AudioPlan, StepOutput
 from streamvox.config import SamplingParams, SchedulerConfig
 from streamvox.sched.kv_blocks import BlockPool
 from streamvox.sched.playback import PlaybackTracker
+from streamvox.sched.policy import StreamingPolicy
 from streamvox.sched.request import Request
 from streamvox.sched.scheduler import QueueFullError, Scheduler
 from streamvox.sched.timing import StepTimer
@@ -267,3 +268,27 @@ def test_a_reservation_larger_than_the_pool_does_not_block_the_queue(policy):
                                                           (False,) * len(sampled))):
             finished[request.request_id] = request.finish_reason.value
     assert finished == {"huge": "capacity", "small": "length"} and pool.is_full
+
+
+def test_codec_calls_are_fitted_as_a_cost_per_call_plus_a_cost_per_frame():
+    timer = StepTimer()
+    timer.observe_codec_frames(4, 0.020)
+    assert timer.codec_call_s(8) == pytest.approx(0.040)  # one size seen: in proportion to the frames
+    for num_frames in (1, 2, 4, 8) * 3:
+        timer.observe_codec_frames(num_frames, 0.006 + 0.003 * num_frames)
+    assert timer.codec_call_s(1) == pytest.approx(0.009, rel=0.05)
+    assert timer.codec_call_s(8) == pytest.approx(0.030, rel=0.05)
+
+
+def test_capacity_counts_streams_decoded_together_in_one_codec_call():
+    """A codec call of 6 ms + 3 ms a frame: 8 frames cost 3.75 ms each, so the codec keeps 20 streams of 85 ms
+    frames within 90 % of its time, where one call a frame (9 ms) would keep 8."""
+    config = SchedulerConfig(policy="streaming", realtime_headroom=0.9, max_codec_frames=8)
+    timer = StepTimer()
+    for rows in (1, 4, 16, 32):
+        for _ in range(5):
+            timer.observe_step(rows, rows, rows * 500, 0.001 + 0.0001 * rows)  # the LM keeps far more
+    for num_frames in (1, 2, 4, 8) * 3:
+        timer.observe_codec_frames(num_frames, 0.006 + 0.003 * num_frames)
+    policy = StreamingPolicy(config, PlaybackTracker(PLAN, 1.0, 0.0), timer)
+    assert policy.capacity([]) == 20
