@@ -10,6 +10,7 @@ rows that still raise fail. In-process convenience (stream, result, generate) is
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -42,6 +43,7 @@ __all__ = ["EngineCore", "EngineLoad", "QueueFullError", "RequestFailure", "Step
 logger = logging.getLogger(__name__)
 WARM_UP_LONG_WORDS = 150  # words of the warm-up's long prompts, so it measures what context costs
 CAPACITY_EVERY_S = 0.5
+WARM_UP_ROWS = 16  # the warm-up's largest batch: the cost model extrapolates from here
 WARM_UP_FRAMES = 12  # per request: long enough for the codec to run beside the LM as it does under load
 
 
@@ -203,18 +205,22 @@ class EngineCore:
         long = self.model.prepare_request("warm up " * WARM_UP_LONG_WORDS, None)
         long = (long[0][: self.config.scheduler.max_prompt_tokens], long[1])
         scheduler = self.scheduler
-        policy, max_wait_s = scheduler.policy, scheduler.max_wait_s
+        config, policy, max_wait_s = scheduler.config, scheduler.policy, scheduler.max_wait_s
+        # each round's prompts in one step, so that every decode step measured runs all of its rows (steps
+        # taken while the others still prefill are slower than steady decoding, and would skew the fit)
+        scheduler.config = dataclasses.replace(config, max_num_batched_tokens=max(
+            config.max_num_batched_tokens, WARM_UP_ROWS * len(long[0])))
         scheduler.policy = POLICIES["fcfs"](scheduler.config, scheduler.playback, self.timer)
         scheduler.max_wait_s = None
         self.timer.begin_prior()
         try:
-            for num_rows, (prompt, text_ids) in [(1, short), (4, short), (16, short), (16, long)]:
+            for num_rows, (prompt, text_ids) in [(1, short), (4, short), (WARM_UP_ROWS, short), (WARM_UP_ROWS, long)]:
                 for index in range(min(num_rows, scheduler.config.max_num_seqs)):
                     self.add_request(f"warm-up-{index}", prompt, sampling, 0, text_ids)
                 while self.has_unfinished():
                     self.step()
         finally:
-            scheduler.policy, scheduler.max_wait_s = policy, max_wait_s
+            scheduler.config, scheduler.policy, scheduler.max_wait_s = config, policy, max_wait_s
         self.timer.keep_as_prior()
 
     def close(self) -> None:

@@ -214,7 +214,8 @@ class StreamingPolicy(OfflinePolicy):
             # have not shown in the measured period yet)
             step_s = max(self.timer.recent_period_s, self.timer.recent_step_s * self.timer.overhead,
                          self._full_period_s)
-            next_chunk_s = plan.frames_per_chunk * plan.lm_steps_per_frame * step_s
+            # the next chunk goes to the codec at the step after its last frame is made: one step more
+            next_chunk_s = (plan.frames_per_chunk * plan.lm_steps_per_frame + 1) * step_s
             return ready_s >= next_chunk_s + codec_batches * self.timer.codec_s
         left_s = self.playback.deadline_s(request_id) - now
         margin_s = 2 * self.timer.codec_s + self.config.codec_hold_margin_s
