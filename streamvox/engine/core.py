@@ -10,7 +10,6 @@ rows that still raise fail. In-process convenience (stream, result, generate) is
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import os
@@ -26,6 +25,7 @@ from streamvox.config import EngineConfig, SamplingParams
 from streamvox.engine.codec_pipeline import CodecPipeline
 from streamvox.engine.requests import check_request, codec_seed_for
 from streamvox.engine.text_streams import TextStreams
+from streamvox.engine.warm_up import warm_up
 from streamvox.models.base import SpeechModel
 from streamvox.protocol import Failure
 from streamvox.runner.codec_runner import CodecRunner, audio_plan
@@ -33,7 +33,6 @@ from streamvox.runner.lm_runner import LMRunner
 from streamvox.runner.memory import kv_blocks
 from streamvox.sched.kv_blocks import BlockPool
 from streamvox.sched.playback import PlaybackTracker
-from streamvox.sched.policy import POLICIES
 from streamvox.sched.request import FinishReason, Request
 from streamvox.sched.scheduler import QueueFullError, Scheduler
 from streamvox.sched.timing import StepTimer
@@ -41,10 +40,7 @@ from streamvox.sched.timing import StepTimer
 __all__ = ["EngineCore", "EngineLoad", "QueueFullError", "RequestFailure", "StepEvents"]
 
 logger = logging.getLogger(__name__)
-WARM_UP_LONG_WORDS = 150  # words of the warm-up's long prompts, so it measures what context costs
 CAPACITY_EVERY_S = 0.5
-WARM_UP_ROWS = 16  # the warm-up's largest batch: the cost model extrapolates from here
-WARM_UP_FRAMES = 12  # per request: long enough for the codec to run beside the LM as it does under load
 
 
 @dataclass(frozen=True)
@@ -195,33 +191,8 @@ class EngineCore:
         return len(set(self.scheduler.requests) | set(self.codec_runner.requests) | set(self.lm_runner.requests))
 
     def warm_up(self) -> None:
-        """Run requests through the LM and the codec, alone and in batches, short and with long contexts, so the
-        first real request is not slow and the step-cost model knows what more streams cost before any load
-        comes (kept as its prior)."""
-        num_frames = self.model.chunking.first_chunk_frames + self.model.chunking.lookahead_frames + WARM_UP_FRAMES
-        sampling = self.model.default_sampling.replace(
-            max_tokens=num_frames * self.model.timing.lm_steps_per_frame, ignore_eos=True, seed=0)
-        short = self.model.prepare_request("warm up", None)
-        long = self.model.prepare_request("warm up " * WARM_UP_LONG_WORDS, None)
-        long = (long[0][: self.config.scheduler.max_prompt_tokens], long[1])
-        scheduler = self.scheduler
-        config, policy, max_wait_s = scheduler.config, scheduler.policy, scheduler.max_wait_s
-        # each round's prompts in one step, so that every decode step measured runs all of its rows (steps
-        # taken while the others still prefill are slower than steady decoding, and would skew the fit)
-        scheduler.config = dataclasses.replace(config, max_num_batched_tokens=max(
-            config.max_num_batched_tokens, WARM_UP_ROWS * len(long[0])))
-        scheduler.policy = POLICIES["fcfs"](scheduler.config, scheduler.playback, self.timer)
-        scheduler.max_wait_s = None
-        self.timer.begin_prior()
-        try:
-            for num_rows, (prompt, text_ids) in [(1, short), (4, short), (WARM_UP_ROWS, short), (WARM_UP_ROWS, long)]:
-                for index in range(min(num_rows, scheduler.config.max_num_seqs)):
-                    self.add_request(f"warm-up-{index}", prompt, sampling, 0, text_ids)
-                while self.has_unfinished():
-                    self.step()
-        finally:
-            scheduler.config, scheduler.policy, scheduler.max_wait_s = config, policy, max_wait_s
-        self.timer.keep_as_prior()
+        """Measure what steps and codec calls cost before any load comes (engine/warm_up.py)."""
+        warm_up(self)
 
     def close(self) -> None:
         self.codec.close()

@@ -1,0 +1,45 @@
+"""The engine's warm-up: requests through the LM and the codec, alone and in batches, short and with long
+contexts, so that the first real request is not slow and the step-cost model knows what more streams cost before
+any load comes (what it measures is kept as the model's prior)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import TYPE_CHECKING
+
+from streamvox.sched.policy import POLICIES
+
+if TYPE_CHECKING:
+    from streamvox.engine.core import EngineCore
+
+WARM_UP_LONG_WORDS = 150  # words of the warm-up's long prompts, so it measures what context costs
+WARM_UP_ROWS = 16  # the warm-up's largest batch: the cost model extrapolates from here
+WARM_UP_FRAMES = 12  # per request: long enough for the codec to run beside the LM as it does under load
+
+
+def warm_up(engine: EngineCore) -> None:
+    """Warm `engine` up and keep what its step timer measured as the timer's prior."""
+    num_frames = engine.model.chunking.first_chunk_frames + engine.model.chunking.lookahead_frames + WARM_UP_FRAMES
+    sampling = engine.model.default_sampling.replace(
+        max_tokens=num_frames * engine.model.timing.lm_steps_per_frame, ignore_eos=True, seed=0)
+    short = engine.model.prepare_request("warm up", None)
+    long = engine.model.prepare_request("warm up " * WARM_UP_LONG_WORDS, None)
+    long = (long[0][: engine.config.scheduler.max_prompt_tokens], long[1])
+    scheduler = engine.scheduler
+    config, policy, max_wait_s = scheduler.config, scheduler.policy, scheduler.max_wait_s
+    # each round's prompts in one step, so that every decode step measured runs all of its rows (steps
+    # taken while the others still prefill are slower than steady decoding, and would skew the fit)
+    scheduler.config = dataclasses.replace(config, max_num_batched_tokens=max(
+        config.max_num_batched_tokens, WARM_UP_ROWS * len(long[0])))
+    scheduler.policy = POLICIES["fcfs"](scheduler.config, scheduler.playback, engine.timer)
+    scheduler.max_wait_s = None
+    engine.timer.begin_prior()
+    try:
+        for num_rows, (prompt, text_ids) in [(1, short), (4, short), (WARM_UP_ROWS, short), (WARM_UP_ROWS, long)]:
+            for index in range(min(num_rows, scheduler.config.max_num_seqs)):
+                engine.add_request(f"warm-up-{index}", prompt, sampling, 0, text_ids)
+            while engine.has_unfinished():
+                engine.step()
+    finally:
+        scheduler.config, scheduler.policy, scheduler.max_wait_s = config, policy, max_wait_s
+    engine.timer.keep_as_prior()
