@@ -67,6 +67,12 @@ class _Sums:
         return out
 
 
+def _as_prior(prior: _Sums, live: _Sums) -> _Sums:
+    """`prior` and `live` together, weighing PRIOR_WEIGHT samples."""
+    weight = live.xx[0][0] + prior.xx[0][0]
+    return prior.scaled_sum(live, PRIOR_WEIGHT / weight) if weight > 0 else prior
+
+
 class StepTimer:
     def __init__(self, decay: float = 0.98) -> None:
         self.decay = decay  # weight kept by older samples at each new one (1.0 while the prior is measured)
@@ -81,6 +87,7 @@ class StepTimer:
         self.recent_period_s = 0.0  # moving average of the latest back-to-back loop periods
         self.overhead = 1.0  # loop period / LM step time: what the rest of the loop and the codec thread add
         self._codec_live, self._codec_prior = _Sums(2), _Sums(2)  # codec calls: (1, frames) -> seconds
+        self._codec_fit: tuple[float, float] | None = None  # cached (per call, per frame), cleared by each call
         self.num_steps = 0
 
     def observe_step(self, num_rows: int, num_tokens: int, num_context: int, seconds: float) -> None:
@@ -109,14 +116,10 @@ class StepTimer:
         """What was measured since `begin_prior` stays as a prior of PRIOR_WEIGHT samples; live samples restart."""
         self.decay = self._live_decay
         self.bias = 1.0
-        weight = self._live.xx[0][0] + self._prior.xx[0][0]
-        if weight > 0:
-            self._prior = self._prior.scaled_sum(self._live, PRIOR_WEIGHT / weight)
-        weight = self._codec_live.xx[0][0] + self._codec_prior.xx[0][0]
-        if weight > 0:
-            self._codec_prior = self._codec_prior.scaled_sum(self._codec_live, PRIOR_WEIGHT / weight)
+        self._prior, self._codec_prior = _as_prior(self._prior, self._live), _as_prior(self._codec_prior,
+                                                                                        self._codec_live)
         self._live, self._codec_live = _Sums(), _Sums(2)
-        self._coefficients = None
+        self._coefficients = self._codec_fit = None
 
     def observe_period(self, period_s: float, step_s: float) -> None:
         """One loop iteration took `period_s` wall time, of which the LM step was `step_s`."""
@@ -128,21 +131,27 @@ class StepTimer:
         """The codec thread took `busy_s` to decode a batch of `num_frames` frames."""
         if num_frames > 0:
             self._codec_live.add([1.0, float(num_frames)], busy_s, self.decay)
+            self._codec_fit = None
 
     def codec_call_s(self, num_frames: int) -> float:
         """Predicted codec thread seconds of one call decoding `num_frames` frames (0.0 before any call)."""
+        if self._codec_fit is None:
+            self._codec_fit = self._fit_codec()
+        fixed, per_frame = self._codec_fit
+        return fixed + per_frame * num_frames
+
+    def _fit_codec(self) -> tuple[float, float]:
         sums = self._codec_prior.scaled_sum(self._codec_live, 1.0)
         (n, frames), (_, frames_sq) = sums.xx
         if n == 0.0:
-            return 0.0
+            return 0.0, 0.0
         mean_frames, mean_s = frames / n, sums.xy[0] / n
         spread = frames_sq / n - mean_frames**2
-        fixed, per_frame = 0.0, sums.xy[1] / frames_sq  # in proportion to the frames, unless calls of several
-        if spread > 0.01 * mean_frames**2:  # sizes say how much of a call is fixed
+        if spread > 0.01 * mean_frames**2:  # calls of several sizes say how much of a call is fixed
             slope = (sums.xy[1] / n - mean_frames * mean_s) / spread
             if 0.0 <= slope and mean_s - slope * mean_frames >= 0.0:
-                fixed, per_frame = mean_s - slope * mean_frames, slope
-        return fixed + per_frame * num_frames
+                return mean_s - slope * mean_frames, slope
+        return 0.0, sums.xy[1] / frames_sq  # in proportion to the frames
 
     def observe_codec(self, seconds: float) -> None:
         self._codec_s = seconds if self._codec_s is None else 0.8 * self._codec_s + 0.2 * seconds
