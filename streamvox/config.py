@@ -90,7 +90,7 @@ class SchedulerConfig:
     max_num_seqs: int = 64  # requests in one LM batch
     max_num_batched_tokens: int = 512  # prompt + decode tokens in one LM step
     max_queue_len: int = 64  # waiting requests beyond this are refused (HTTP 429)
-    max_queue_wait_s: float = 1.0  # served: a request predicted to wait longer to start is refused at once (429)
+    max_queue_wait_s: float = 1.5  # served: a request predicted to wait longer to start is refused at once (429)
     max_prompt_tokens: int = 2048  # a longer prompt is refused (HTTP 400)
     max_audio_s: float = 120.0  # the most audio one request may ask for (max_tokens beyond it: HTTP 400)
     ttfa_target_s: float = 0.5  # a new request's first chunk is due this long after it arrived

@@ -16,6 +16,7 @@ the race a tiny error changes the pick only when the two best scores nearly tie,
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -23,6 +24,8 @@ import torch
 from streamvox.config import SamplingParams
 
 CANDIDATES = 1024  # filtering works on this many top tokens when no row's filter can reach past them
+CPU_LIKELY = 4.0  # the CPU first looks at the tokens this many times likelier than average (at least
+CPU_MIN_CANDIDATES = 16  # this many), then at 8 times more until every row's filter fits
 SMALL_VOCAB = 4096  # on a GPU, rows up to this long are sorted whole: one fast kernel, nothing to check
 
 
@@ -50,6 +53,7 @@ class SampleBatch:
     keys: torch.Tensor  # [S] int64: each row's step key
     extra_keys: torch.Tensor  # [S] int64: the key the depth loop's draws derive from (the step after)
     is_all_greedy: bool
+    has_greedy: bool
     has_penalty: bool  # some row's repetition penalty is not 1
     fits_candidates: bool  # every sampling row keeps at most CANDIDATES tokens by its top-k alone
     needs_whole_vocab: bool  # some sampling row has no top-k within the candidates and no top-p: sort it all
@@ -109,7 +113,7 @@ class Sampler:
         sampling = [p for p in params if not p.is_greedy]
         fits = all(0 < p.top_k <= CANDIDATES for p in sampling) or self.vocab_size <= CANDIDATES
         whole = any(not 0 < p.top_k <= CANDIDATES and p.top_p >= 1.0 for p in sampling)
-        return SampleBatch(states, slots, keys, extra_keys, not sampling,
+        return SampleBatch(states, slots, keys, extra_keys, not sampling, len(sampling) < len(params),
                            any(p.repetition_penalty != 1.0 for p in params), fits, whole)
 
     def sample(self, logits: torch.Tensor, batch: SampleBatch, exact: bool = False) -> torch.Tensor:
@@ -143,9 +147,8 @@ class Sampler:
     def _pick(self, logits: torch.Tensor, batch: SampleBatch, keys: torch.Tensor,
               exact: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Token ids [S], and the rows that need an exact redo (GPU only; None when none can)."""
-        greedy = logits.argmax(dim=-1)
         if batch.is_all_greedy:
-            return greedy, None
+            return logits.argmax(dim=-1), None
         floats = self.floats.index_select(0, batch.slots)  # [S, 4]
         is_greedy = floats[:, 0] == 0.0
         temperature = torch.where(is_greedy, 1.0, floats[:, 0])  # greedy rows draw too, and are overruled
@@ -158,7 +161,7 @@ class Sampler:
             mode = "candidates" if batch.fits_candidates else "flag"
         drawn, inexact = _sample_filtered(logits, temperature, self.top_k.index_select(0, batch.slots),
                                           floats[:, 1], floats[:, 2], keys, is_greedy, mode)
-        return torch.where(is_greedy, greedy, drawn), inexact
+        return (torch.where(is_greedy, logits.argmax(dim=-1), drawn) if batch.has_greedy else drawn), inexact
 
 
 def _sample_filtered(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
@@ -170,28 +173,16 @@ def _sample_filtered(logits: torch.Tensor, temperature: torch.Tensor, top_k: tor
 
     Filtering the CANDIDATES most likely tokens alone is exact only if a row keeps no token beyond them: a top-k
     inside them, or no top-k and a top-p whose nucleus they already cover. Modes: "candidates" (the top-k
-    guarantees it), "whole" (sort every token), "check" (CPU: look at the nucleus, sort everything if any row
-    needs it), "flag" (GPU: use the candidates and report the rows to redo, since looking would wait for the
-    device). A full sort of a vocabulary this large is one slow kernel a row on a GPU."""
+    guarantees it), "whole" (sort every token), "check" (CPU: look for the nucleus among the tokens CPU_LIKELY
+    times likelier than average, then among 8 times more until it fits, sorting everything last), "flag" (GPU: use
+    the candidates and report the rows to redo, since looking would wait for the device). A full sort of a
+    vocabulary this large is one slow kernel a row on a GPU; on a CPU even the top 1024 of 8k tokens cost a tenth
+    of a small step."""
     vocab = logits.shape[1]
     scaled = logits / temperature[:, None]
     top_k, top_p, min_p = top_k[:, None], top_p[:, None], min_p[:, None]  # [S, 1]
     log_total = scaled.logsumexp(dim=-1, keepdim=True)
-    inexact = None
-    if mode == "whole":
-        sorted_logits, order = scaled.sort(dim=-1, descending=True)
-    else:
-        sorted_logits, order = scaled.topk(min(CANDIDATES, vocab), dim=-1)  # [S, K], descending
-    sorted_probs = (sorted_logits - log_total).exp()  # true probabilities of the candidates
-    if mode in ("check", "flag"):
-        is_contained = (top_k <= sorted_probs.shape[1]) | (
-            (top_k >= vocab) & (top_p < 1.0) & (sorted_probs.sum(-1, keepdim=True) >= top_p)
-        ) | is_greedy[:, None]
-        if mode == "flag":
-            inexact = ~is_contained[:, 0]
-        elif not bool(is_contained.all()):
-            sorted_logits, order = scaled.sort(dim=-1, descending=True)
-            sorted_probs = (sorted_logits - log_total).exp()
+    sorted_probs, order, inexact = _candidates(scaled, log_total, top_k, top_p, is_greedy, mode)
     rank = torch.arange(sorted_probs.shape[1], device=logits.device)[None, :]
     sorted_probs = sorted_probs.masked_fill(rank >= top_k, 0.0)
     # top-p sees the distribution left by top-k; with top-k off that is the whole (already normalised) one,
@@ -206,6 +197,34 @@ def _sample_filtered(logits: torch.Tensor, temperature: torch.Tensor, top_k: tor
     uniform = ((_mix32(_mix32(keys ^ order) ^ keys) >> 8).to(torch.float32) + 0.5) / 2**24  # (0, 1), per token id
     position = (kept / -uniform.log()).argmax(dim=-1, keepdim=True)
     return order.gather(1, position)[:, 0], inexact
+
+
+def _candidates(scaled: torch.Tensor, log_total: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+                is_greedy: torch.Tensor, mode: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The most likely tokens of each row that `mode` filters over (see `_sample_filtered`): their true
+    probabilities [S, K] (descending), their ids [S, K], and for "flag" the rows that may reach past them."""
+    vocab = scaled.shape[1]
+    if mode == "check":
+        likely = int((scaled >= log_total + math.log(CPU_LIKELY / vocab)).sum(dim=-1).max())
+        num_candidates = max(CPU_MIN_CANDIDATES, likely)
+    else:
+        num_candidates = vocab if mode == "whole" else CANDIDATES
+    while True:
+        if num_candidates >= vocab:
+            sorted_logits, order = scaled.sort(dim=-1, descending=True)
+        else:
+            sorted_logits, order = scaled.topk(num_candidates, dim=-1)  # [S, K], descending
+        sorted_probs = (sorted_logits - log_total).exp()
+        if mode not in ("check", "flag") or num_candidates >= vocab:
+            return sorted_probs, order, None
+        is_contained = (top_k <= num_candidates) | (
+            (top_k >= vocab) & (top_p < 1.0) & (sorted_probs.sum(-1, keepdim=True) > top_p)
+        ) | is_greedy[:, None]
+        if mode == "flag":
+            return sorted_probs, order, ~is_contained[:, 0]
+        if bool(is_contained.all()):
+            return sorted_probs, order, None
+        num_candidates *= 8
 
 
 _MASK32 = 0xFFFFFFFF

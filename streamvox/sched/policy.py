@@ -216,7 +216,9 @@ class StreamingPolicy(OfflinePolicy):
                          self._full_period_s)
             # the next chunk goes to the codec at the step after its last frame is made: one step more
             next_chunk_s = (plan.frames_per_chunk * plan.lm_steps_per_frame + 1) * step_s
-            return ready_s >= next_chunk_s + codec_batches * self.timer.codec_s
+            # and it may wait for a full batch in flight to finish, then for the step that collects it
+            jitter_s = self.timer.codec_call_s(self.config.max_codec_frames) + step_s
+            return ready_s >= next_chunk_s + codec_batches * self.timer.codec_s + jitter_s
         left_s = self.playback.deadline_s(request_id) - now
         margin_s = 2 * self.timer.codec_s + self.config.codec_hold_margin_s
         return left_s <= margin_s or ready_s >= min(self.config.max_chunk_s, max(plan.frame_s, (left_s - margin_s) / 2))

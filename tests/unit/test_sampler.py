@@ -151,6 +151,21 @@ def test_a_row_samples_the_same_alone_or_beside_rows_that_need_the_whole_vocabul
     assert max(ranks) < nucleus_size and max(ranks) > 0.9 * nucleus_size  # the cut is at the true 85 %
 
 
+@pytest.mark.parametrize("spread", [2.5, 1.0, 0.3])  # nucleus within 64, within 512, past 4096 tokens
+def test_the_cpu_draws_from_its_fewest_candidates_what_a_whole_sort_draws(spread):
+    # The CPU filters the top 64 tokens when every row's filter fits in them, else 8x more, else all of them.
+    torch.manual_seed(1)
+    logits = torch.randn(4, 8000) * spread
+    host, sorting = new_sampler(8000, 8), new_sampler(8000, 8)
+    sorting.checks_on_host = False  # sorts vocabularies under 4096 whole; `exact` makes it sort this one too
+    params = [dict(seed=i, temperature=1.0, top_p=0.8, min_p=0.01 * (i == 3), top_k=40 * (i == 2)) for i in range(4)]
+    for _ in range(20):
+        expected_states, states = [open_state(sorting, **p) for p in params], [open_state(host, **p) for p in params]
+        batch = batch_of(sorting, expected_states)
+        assert sample(host, logits.clone(), states) == sorting.sample(logits.clone(), batch, exact=True).tolist()
+        logits = logits.roll(1, dims=1)
+
+
 def test_a_last_bit_change_in_the_logits_almost_never_changes_the_pick():
     # Batching moves logits by ~1e-6; a seeded request must still pick the same tokens under load.
     generator = torch.Generator().manual_seed(0)
