@@ -7,11 +7,13 @@ estimate follows the machine as load and context lengths change; the engine's wa
 context lengths and keeps what it measured as a prior that never decays, so the cost of one more stream is known
 before the engine has ever run that many. A linear fit is off by some share where the engine actually runs (the
 server and the codec thread take their part of the cores), so predictions are scaled by a moving average of
-measured over fitted step time (`bias`), taken before each step joins the fit.
+measured over fitted step time (`bias`), taken before each step joins the fit. A prior measured with nothing else on
+the machine can start with a bias above 1, which relaxes as live steps come (about 60 of them).
 
 A codec call is modelled as `e + f * num_frames`, fitted the same way (the warm-up's calls of 1 to 8 frames as
 its prior): on a CPU a call of 8 frames costs about half as much per frame as a call of one, so what a stream
-costs the codec depends on how full its batches are. Pure Python.
+costs the codec depends on how full its batches are. Its predictions carry a bias of their own (`codec_bias`).
+Pure Python.
 """
 
 from __future__ import annotations
@@ -82,6 +84,7 @@ class StepTimer:
         self._codec_s: float | None = None
         self.prefill_token_s: float | None = None  # seconds one prompt token adds to a step
         self.bias = 1.0  # measured / fitted decode step time lately: corrects the fit where the engine runs
+        self.codec_bias = 1.0  # the same for codec calls
         self._coefficients: list[float] | None = None  # cached fit, cleared by each sample
         self.recent_step_s = 0.0  # moving average of the latest LM steps, whatever their size
         self.recent_period_s = 0.0  # moving average of the latest back-to-back loop periods
@@ -109,13 +112,17 @@ class StepTimer:
         self.num_steps += 1
 
     def begin_prior(self) -> None:
-        """Samples from now to `keep_as_prior` (the warm-up) all count alike: none decays."""
+        """Samples from now to `keep_as_prior` (the warm-up) all count alike: none decays. Earlier ones are
+        forgotten."""
         self.decay = 1.0
+        self._live, self._codec_live = _Sums(), _Sums(2)
+        self._coefficients = self._codec_fit = None
 
-    def keep_as_prior(self) -> None:
-        """What was measured since `begin_prior` stays as a prior of PRIOR_WEIGHT samples; live samples restart."""
+    def keep_as_prior(self, bias: float = 1.0) -> None:
+        """What was measured since `begin_prior` stays as a prior of PRIOR_WEIGHT samples; live samples restart.
+        `bias`: how much slower than measured steps and codec calls are taken to be until live ones say."""
         self.decay = self._live_decay
-        self.bias = 1.0
+        self.bias = self.codec_bias = bias
         self._prior, self._codec_prior = _as_prior(self._prior, self._live), _as_prior(self._codec_prior,
                                                                                         self._codec_live)
         self._live, self._codec_live = _Sums(), _Sums(2)
@@ -130,6 +137,10 @@ class StepTimer:
     def observe_codec_frames(self, num_frames: int, busy_s: float) -> None:
         """The codec thread took `busy_s` to decode a batch of `num_frames` frames."""
         if num_frames > 0:
+            predicted_s = self.codec_call_s(num_frames) / self.codec_bias
+            if predicted_s > 0:
+                ratio = min(busy_s, OUTLIER * predicted_s) / predicted_s
+                self.codec_bias = min(MAX_BIAS, max(MIN_BIAS, 0.95 * self.codec_bias + 0.05 * ratio))
             self._codec_live.add([1.0, float(num_frames)], busy_s, self.decay)
             self._codec_fit = None
 
@@ -138,7 +149,7 @@ class StepTimer:
         if self._codec_fit is None:
             self._codec_fit = self._fit_codec()
         fixed, per_frame = self._codec_fit
-        return fixed + per_frame * num_frames
+        return self.codec_bias * (fixed + per_frame * num_frames)
 
     def _fit_codec(self) -> tuple[float, float]:
         sums = self._codec_prior.scaled_sum(self._codec_live, 1.0)

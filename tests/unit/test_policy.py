@@ -292,3 +292,26 @@ def test_capacity_counts_streams_decoded_together_in_one_codec_call():
         timer.observe_codec_frames(num_frames, 0.006 + 0.003 * num_frames)
     policy = StreamingPolicy(config, PlaybackTracker(PLAN, 1.0, 0.0), timer)
     assert policy.capacity([]) == 20
+
+
+def test_a_warm_up_taken_as_optimistic_relaxes_as_live_codec_calls_come():
+    timer = StepTimer()
+    timer.begin_prior()
+    for num_frames in (1, 2, 4, 8) * 3:
+        timer.observe_codec_frames(num_frames, 0.006 + 0.003 * num_frames)
+    timer.keep_as_prior(bias=1.3)
+    assert timer.codec_call_s(8) == pytest.approx(1.3 * 0.030, rel=0.05)  # serving is taken to be slower
+    for _ in range(100):  # but it is not
+        timer.observe_codec_frames(8, 0.030)
+    assert timer.codec_call_s(8) == pytest.approx(0.030, rel=0.05)
+
+
+def test_a_playing_streams_chunk_goes_to_the_codec_before_a_first_chunk_due_a_little_sooner():
+    config = SchedulerConfig(policy="streaming", ttfa_target_s=0.5)
+    playback = PlaybackTracker(PLAN, config.ttfa_target_s, 0.0)
+    policy = StreamingPolicy(config, playback, StepTimer())
+    playback.add("playing", 0.0)
+    playback.on_chunk("playing", 0.256, 0.3)  # runs dry at 0.556
+    playback.add("starting", 0.0)  # its first chunk is due at 0.5
+    playback.add("late", -0.4)  # due at 0.1
+    assert policy.codec_order(["starting", "playing", "late"], now=0.35) == ["late", "playing", "starting"]
