@@ -19,6 +19,8 @@ from streamvox.sched.request import Request
 from streamvox.sched.timing import StepTimer
 
 DEFAULT_PROMPT, DEFAULT_CONTEXT = 20, 1000  # streaming: a stream's prompt and steps when none runs to compare
+FIRST_CHUNK_GRACE = 0.3  # streaming: a playing stream's chunk goes to the codec before a first chunk due up to
+# this share of the TTFA target sooner
 
 
 def _state(request: Request) -> tuple[int, int]:
@@ -193,9 +195,10 @@ class StreamingPolicy(OfflinePolicy):
         return max(running, key=lambda r: self.slack_s(r, now))
 
     def codec_order(self, request_ids: list[str], now: float) -> list[str]:
-        """Deadline order, a playing stream's chunk before a first chunk due up to the TTFA target later: a late
-        start costs the TTFA percentile a little, a stall makes a stream unusable."""
-        streams, grace_s = self.playback.streams, 0.3 * self.config.ttfa_target_s
+        """Deadline order, except that a playing stream's chunk goes before a first chunk due a little sooner
+        (FIRST_CHUNK_GRACE of the TTFA target): a late start costs the TTFA percentile a little, a stall makes a
+        stream unusable."""
+        streams, grace_s = self.playback.streams, FIRST_CHUNK_GRACE * self.config.ttfa_target_s
 
         def key(request_id: str) -> float:
             stream = streams.get(request_id)
