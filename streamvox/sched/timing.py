@@ -20,7 +20,7 @@ from __future__ import annotations
 
 PRIOR_WEIGHT = 30.0  # the warm-up counts as this many live samples
 MIN_BIAS, MAX_BIAS = 0.8, 2.0  # bounds of the correction of the fit by recent steps
-OUTLIER = 3.0  # a decode step longer than this many times the prediction counts as this many
+OUTLIER = 3.0  # a decode step or codec call longer than this many times the prediction counts as this many
 RIDGE = 0.05  # pulls an unmeasured direction towards a guess, relative to the samples' weight (see `_fit`)
 NUM_FEATURES = 4  # of an LM step; a codec call has 2
 
@@ -69,6 +69,12 @@ class _Sums:
         return out
 
 
+def _corrected(bias: float, seconds: float, predicted_s: float) -> float:
+    """`bias` moved a step towards measured over predicted time (a pause, GC or another process, is not a cost)."""
+    ratio = min(seconds, OUTLIER * predicted_s) / predicted_s
+    return min(MAX_BIAS, max(MIN_BIAS, 0.95 * bias + 0.05 * ratio))
+
+
 def _as_prior(prior: _Sums, live: _Sums) -> _Sums:
     """`prior` and `live` together, weighing PRIOR_WEIGHT samples."""
     weight = live.xx[0][0] + prior.xx[0][0]
@@ -104,8 +110,8 @@ class StepTimer:
         else:
             predicted_s = self.step_s(num_rows, num_tokens, num_context) / self.bias
             if predicted_s > 0:  # how far off the fit is where the engine runs now, before it learns this step
-                seconds = min(seconds, OUTLIER * predicted_s)  # a pause (GC, another process) is not a cost
-                self.bias = min(MAX_BIAS, max(MIN_BIAS, 0.95 * self.bias + 0.05 * seconds / predicted_s))
+                seconds = min(seconds, OUTLIER * predicted_s)
+                self.bias = _corrected(self.bias, seconds, predicted_s)
             self._live.add(_features(num_rows, num_tokens, num_context), seconds, self.decay)
             self._coefficients = None
         self.recent_step_s = seconds if not self.num_steps else 0.8 * self.recent_step_s + 0.2 * seconds
@@ -139,8 +145,7 @@ class StepTimer:
         if num_frames > 0:
             predicted_s = self.codec_call_s(num_frames) / self.codec_bias
             if predicted_s > 0:
-                ratio = min(busy_s, OUTLIER * predicted_s) / predicted_s
-                self.codec_bias = min(MAX_BIAS, max(MIN_BIAS, 0.95 * self.codec_bias + 0.05 * ratio))
+                self.codec_bias = _corrected(self.codec_bias, busy_s, predicted_s)
             self._codec_live.add([1.0, float(num_frames)], busy_s, self.decay)
             self._codec_fit = None
 
