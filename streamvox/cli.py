@@ -8,7 +8,15 @@ import shlex
 import sys
 import time
 
-from streamvox.config import DEVICE_HELP, DTYPES, CacheConfig, EngineConfig, SchedulerConfig, ServerConfig
+from streamvox.config import (
+    ATTENTION_BACKENDS,
+    DEVICE_HELP,
+    DTYPES,
+    CacheConfig,
+    EngineConfig,
+    SchedulerConfig,
+    ServerConfig,
+)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -107,6 +115,11 @@ def _add_device_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help=DEVICE_HELP)
     parser.add_argument("--dtype", default="auto", choices=DTYPES,
                         help="of the backbone and KV cache (auto: bfloat16 on CUDA, float32 on the CPU)")
+    parser.add_argument("--attention", default="auto", choices=ATTENTION_BACKENDS,
+                        help="attention backend: gather (copies each row's context; the CPU's), triton (reads the "
+                             "paged cache in place; auto picks it on CUDA)")
+    parser.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
+                        help="run decode steps eagerly instead of replaying CUDA graphs (CUDA + triton only)")
 
 
 def _add_flags(parser: argparse.ArgumentParser, config_type: type) -> None:
@@ -130,8 +143,8 @@ def _serve(args) -> int:
     scheduler = _from_flags(SchedulerConfig, args)
     scheduler.validate()
     engine = EngineConfig(model=args.model, engine=args.engine, codec=args.codec, device=args.device,
-                          dtype=args.dtype, num_threads=args.num_threads,
-                          cache=_from_flags(CacheConfig, args), scheduler=scheduler)
+                          dtype=args.dtype, num_threads=args.num_threads, attention=args.attention,
+                          cuda_graphs=args.cuda_graphs, cache=_from_flags(CacheConfig, args), scheduler=scheduler)
     server = _from_flags(ServerConfig, args)
     if args.model.startswith("tiny-"):
         print(f"note: {args.model} has random weights and makes noise, not speech; pass --model DIR for a real "
@@ -146,7 +159,8 @@ def _synth(args) -> int:
     from streamvox.audio import write_wav
     from streamvox.engine.local import Engine
 
-    engine = Engine.from_pretrained(args.model, codec=args.codec, device=args.device, dtype=args.dtype)
+    engine = Engine.from_pretrained(args.model, codec=args.codec, device=args.device, dtype=args.dtype,
+                                    attention=args.attention, cuda_graphs=args.cuda_graphs)
     if engine.model.is_random_weights:
         print(f"note: {args.model} has random weights and makes noise, not speech; pass --model DIR for a real "
               "checkpoint", file=sys.stderr)

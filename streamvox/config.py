@@ -72,6 +72,7 @@ class CacheConfig:
 
 POLICY_NAMES = ("streaming", "offline", "fcfs")
 DEVICE_HELP = "auto (CUDA when present), cpu, cuda or cuda:N"
+ATTENTION_BACKENDS = ("auto", "gather", "triton")  # auto: triton on CUDA when it imports, else gather
 DTYPES = ("auto", "float32", "bfloat16", "float16")  # auto: bfloat16 on CUDA, float32 on the CPU
 RANDOM_INIT_KEY = "streamvox_random_init"  # in a weightless full-size config.json: {"seed": N}
 
@@ -124,6 +125,8 @@ class EngineConfig:
     device: str = "auto"  # auto (CUDA when present), cpu, cuda or cuda:N
     dtype: str = "auto"  # of the backbone and KV cache: auto, float32, bfloat16 or float16 (codecs keep their own)
     num_threads: int = 0  # CPU threads for torch ops; 0 = half the cores (the codec thread runs beside the LM)
+    attention: str = "auto"  # attention backend (ATTENTION_BACKENDS): gather copies contexts, triton reads in place
+    cuda_graphs: bool = True  # CUDA + triton: decode steps replay graphs captured per batch size in the warm-up
     cache: CacheConfig = CacheConfig()
     scheduler: SchedulerConfig = SchedulerConfig()
 

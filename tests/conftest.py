@@ -1,6 +1,12 @@
 """Shared fixtures: one tiny random-weight Orpheus checkpoint per test session, written to disk."""
 
+import os
+
 import pytest
+import torch
+
+if not torch.cuda.is_available():  # Triton kernels run on CPU tensors through its interpreter; set before any
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # kernel is defined (they are compiled or interpreted then)
 
 from streamvox.config import CacheConfig, EngineConfig, SchedulerConfig
 from streamvox.engine.local import Engine

@@ -25,6 +25,7 @@ import math
 import platform
 import random
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -40,8 +41,10 @@ from streamvox.bench.serve import PROMPTS, VIABLE_SHARE
 from streamvox.config import CacheConfig, EngineConfig, SamplingParams, SchedulerConfig
 from streamvox.engine.core import EngineCore, QueueFullError
 from streamvox.engine.local import Engine
+from streamvox.layers.attention import resolve_backend
 from streamvox.models.base import ChunkJob, SpeechModel
 from streamvox.models.full_size import write_full
+from streamvox.runner.codec_runner import CodecRunner, PendingChunk
 from streamvox.runner.device import describe, resolve_device, resolve_dtype
 from streamvox.runner.lm_runner import LMRunner
 from streamvox.runner.weights import cache_dir, load_model
@@ -64,12 +67,13 @@ class Plan:
     max_num_seqs: int
     max_codec_frames: int
     correctness_frames: int
+    overlap_rows: int  # LM rows a step in the codec-overlap phase
     drain_s: float  # a rate's run may go on this long past its arrivals and twice the audio, to finish streams
 
 
 FULL = Plan((1, 8, 32, 64, 128, 256), (128, 1024), 8, (1, 8, 32, 128), 10.0, 4.0, (0.25, 0.5, 1.0, 1.5, 2.0),
-            256, 64, 12, 15.0)
-TINY = Plan((1, 8), (128,), 3, (1, 8), 3.0, 1.0, (0.25, 0.5), 16, 8, 4, 3.0)
+            256, 64, 12, 64, 15.0)
+TINY = Plan((1, 8), (128,), 3, (1, 8), 3.0, 1.0, (0.25, 0.5), 16, 8, 4, 8, 3.0)
 
 
 class Budget:
@@ -122,8 +126,9 @@ def run_gpu(out_dir: str, device: str = "auto", dtype: str = "auto", size: str =
             models["orpheus"] = _load(FAMILIES[0], size, torch_device, torch_dtype)
         return models["orpheus"]
 
-    phase("decode sweep", 60 * scale, lambda: report["decode"].extend(_decode_sweep(orpheus(), plan, budget)))
+    phase("decode sweep", 60 * scale, lambda: report["decode"].extend(_decode_sweep(orpheus(), plan, budget, report)))
     phase("step profile", 20 * scale, lambda: report.update(profile=_step_profile(orpheus())))
+    phase("codec overlap", 20 * scale, lambda: report.update(overlap=_codec_overlap(orpheus(), plan)))
     phase("codec cost", 40 * scale,
           lambda: report["codec"].extend(_codec_costs(orpheus(), size, torch_device, torch_dtype, plan)))
     for family in FAMILIES:
@@ -210,6 +215,7 @@ def _run(model: SpeechModel, steps: int) -> tuple[torch.Tensor, list, np.ndarray
         text = "Checking the device against the CPU, step by step."
         prompt, text_ids = model.prepare_request(text, None)
         runner = engine.lm_runner
+        runner.capture_graphs()  # CUDA: the greedy run below replays them
         sampling = SamplingParams(temperature=0.0, seed=0)
         runner.execute(StepBatch((NewRequest("check", tuple(prompt), sampling, 0, tuple(text_ids)),), (), ()))
         blocks = tuple(range(-(-len(prompt) // 16)))
@@ -224,35 +230,55 @@ def _run(model: SpeechModel, steps: int) -> tuple[torch.Tensor, list, np.ndarray
 
 # -- decode sweep ------------------------------------------------------------------------------------------------
 
-def _decode_sweep(model: SpeechModel, plan: Plan, budget: Budget) -> list[dict]:
-    """ms per decode step at each (batch, context), sampling with the family's defaults included."""
+DECODE_VARIANTS = (("gather", "gather", False), ("kernel", "triton", False), ("graphs", "triton", True))
+
+
+def _decode_sweep(model: SpeechModel, plan: Plan, budget: Budget, report: dict) -> list[dict]:
+    """ms per decode step at each (batch, context), sampling with the family's defaults included, for each way
+    of running it: `gather` (contexts copied out of the cache, eager), `kernel` (the Triton kernel reading the
+    cache in place, eager) and `graphs` (the kernel, replayed as CUDA graphs; on a CPU the graphs' static
+    buffers run eagerly). Tokens/s and real-time streams are the fastest way's."""
     block_size = 16
     steps = plan.timed_steps + 2
     blocks_per_row = -(-(max(plan.contexts) + steps + 1) // block_size)
-    dtype = model.dtype
-    runner = LMRunner(model, max(plan.batches) * blocks_per_row, block_size, dtype)
-    runner.kv_cache.normal_()  # timings on data, not zeros
+    points = {(context, batch): {"batch": batch, "context": context} for context in plan.contexts
+              for batch in plan.batches}
     tokens_per_audio_s = model.timing.frame_rate_hz * model.timing.lm_steps_per_frame
-    audio_token = model.ids.audio_offset  # an Orpheus audio code as every input
-    rows = []
-    try:
-        for context in plan.contexts:
-            for batch_size in plan.batches:
+    for name, attention, graphs in DECODE_VARIANTS:
+        runner = LMRunner(model, max(plan.batches) * blocks_per_row, block_size, model.dtype, attention=attention,
+                          graph_rows=max(plan.batches) if graphs else 0, max_context=blocks_per_row * block_size)
+        runner.kv_cache.normal_()  # timings on data, not zeros
+        if graphs and (capture := runner.capture_graphs()) is not None:
+            report["graphs"] = {"buckets": list(capture.buckets), "capture_s": round(capture.seconds, 2),
+                                "memory_mib": round(capture.bytes / 2**20, 1)}
+            print(f"  graphs: {report['graphs']}", flush=True)
+        try:
+            for (context, batch), row in points.items():
                 if budget.left_s < 20:
-                    print("  (decode sweep cut short by the time budget)", flush=True)
-                    return rows
-                rows.append(_decode_point(runner, model, batch_size, context, steps, blocks_per_row, audio_token,
-                                          tokens_per_audio_s))
-                print(f"  {rows[-1]}", flush=True)
-    finally:
-        del runner
+                    print(f"  (decode sweep cut short by the time budget at {name})", flush=True)
+                    break
+                row[f"{name}_ms"] = _decode_point(runner, model, batch, context, steps, blocks_per_row,
+                                                  model.ids.audio_offset)
+                print(f"  {name}: {row}", flush=True)
+        finally:
+            del runner
+    rows = []
+    for row in points.values():
+        times = [row[f"{name}_ms"] for name, *_ in DECODE_VARIANTS if f"{name}_ms" in row]
+        if times:
+            tokens_per_s = row["batch"] / min(times) * 1000
+            row.update(tokens_per_s=round(tokens_per_s, 1),
+                       realtime_streams=round(tokens_per_s / tokens_per_audio_s, 1))
+            if "graphs_ms" in row:
+                row["graphs_vs_gather"] = round(row["gather_ms"] / row["graphs_ms"], 2)
+            rows.append(row)
     return rows
 
 
 def _decode_point(runner: LMRunner, model: SpeechModel, batch_size: int, context: int, steps: int,
-                  blocks_per_row: int, audio_token, tokens_per_audio_s: float,
-                  sampling: SamplingParams | None = None, profiler=None) -> dict:
-    """`profiler` (a torch.profiler.profile, not yet started) records the last step."""
+                  blocks_per_row: int, audio_token, sampling: SamplingParams | None = None, profiler=None) -> float:
+    """Median ms of a decode step of `batch_size` rows at `context`; `profiler` (a torch.profiler.profile, not
+    yet started) records the last step."""
     sampling = (sampling or model.default_sampling).replace(ignore_eos=True, max_tokens=10**6)
     ids = [f"d{batch_size}-{context}-{i}" for i in range(batch_size)]
     tables = [tuple(range(i * blocks_per_row, (i + 1) * blocks_per_row)) for i in range(batch_size)]
@@ -269,10 +295,7 @@ def _decode_point(runner: LMRunner, model: SpeechModel, batch_size: int, context
     if profiler is not None:
         profiler.stop()
     runner.execute(StepBatch((), (), tuple(ids)))
-    step_s = float(np.median(times[2:]))
-    tokens_per_s = batch_size / step_s
-    return {"batch": batch_size, "context": context, "ms_per_step": round(step_s * 1000, 2),
-            "tokens_per_s": round(tokens_per_s, 1), "realtime_streams": round(tokens_per_s / tokens_per_audio_s, 1)}
+    return round(float(np.median(times[2:])) * 1000, 2)
 
 
 # -- where a step's time goes -------------------------------------------------------------------------------------
@@ -285,21 +308,22 @@ def _step_profile(model: SpeechModel, batch_size: int = 64, context: int = 128) 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if model.device.type == "cuda" else [])
     dtype = model.dtype
     blocks_per_row = -(-(context + 8) // 16)
-    runner = LMRunner(model, batch_size * blocks_per_row, 16, dtype)
+    runner = LMRunner(model, batch_size * blocks_per_row, 16, dtype,
+                      attention=resolve_backend("auto", model.device))  # eager: every op shows
     runner.kv_cache.normal_()
     result = {}
     for name, sampling in (("greedy", SamplingParams(temperature=0.0, seed=0)), ("default", None)):
         profiler = profile(activities=activities)
-        point = _decode_point(runner, model, batch_size, context, 6, blocks_per_row, model.ids.audio_offset, 1.0,
-                              sampling, profiler)
+        ms_per_step = _decode_point(runner, model, batch_size, context, 6, blocks_per_row, model.ids.audio_offset,
+                                    sampling, profiler)
         events = profiler.key_averages()
         device_key = next(key for key in ("self_device_time_total", "self_cuda_time_total")
                           if hasattr(events[0], key))
-        result[name] = {"batch": batch_size, "context": context, "ms_per_step": point["ms_per_step"],
+        result[name] = {"batch": batch_size, "context": context, "ms_per_step": ms_per_step,
                         "host_ops": sum(e.count for e in events if e.key.startswith("aten::")),
                         "by_host_time": _top_ops(events, "self_cpu_time_total"),
                         "by_device_time": _top_ops(events, device_key) if model.device.type == "cuda" else []}
-        print(f"  {name}: {point['ms_per_step']} ms per step; most host time: {result[name]['by_host_time'][:4]}; "
+        print(f"  {name}: {ms_per_step} ms per step; most host time: {result[name]['by_host_time'][:4]}; "
               f"most device time: {result[name]['by_device_time'][:4]}", flush=True)
     del runner
     return result
@@ -342,6 +366,62 @@ def _codec_point(name: str, model: SpeechModel, batch_size: int, calls: int = 4)
     audio_s = batch_size * model.timing.samples_per_frame / model.timing.sample_rate
     return {"codec": name, "batch": batch_size, "ms_per_call": round(call_s * 1000, 2),
             "s_per_audio_s": round(call_s / audio_s, 5), "realtime_streams": round(audio_s / call_s, 1)}
+
+
+# -- codec beside the LM ----------------------------------------------------------------------------------------
+
+def _codec_overlap(model: SpeechModel, plan: Plan) -> dict:
+    """How much of the codec's time hides behind LM steps when both run at once, as in the engine: decode steps
+    of `overlap_rows` rows (the fastest way: graphs on CUDA) on this thread, while the codec runner decodes
+    batches of one frame per request back to back on its own thread (and, on CUDA, its own stream).
+
+    hidden share = 1 - (LM step time with the codec beside - alone) / (codec time those steps would have waited
+    for had the two run one after the other): 1 when the codec costs the LM nothing, 0 when they serialise."""
+    rows, context, block_size = plan.overlap_rows, min(plan.contexts), 16
+    blocks_per_row = -(-(context + plan.timed_steps * 4 + 8) // block_size)
+    attention = resolve_backend("auto", model.device)
+    runner = LMRunner(model, rows * blocks_per_row, block_size, model.dtype, attention=attention,
+                      graph_rows=rows if attention == "triton" else 0, max_context=blocks_per_row * block_size)
+    runner.kv_cache.normal_()
+    runner.capture_graphs()
+    codec = CodecRunner(model)
+    frames = torch.randint(0, 64, (4, model.codes_per_frame), generator=torch.Generator().manual_seed(0))
+    pending = [PendingChunk(f"c{i}", 1, 2, False, ChunkJob(frames, 1, 2, False, i, None))
+               for i in range(plan.max_codec_frames)]  # stateless calls: each decodes the same frame afresh
+
+    def codec_calls(stop: threading.Event, times: list[float], calls: int = 0) -> None:
+        """Calls back to back until `stop` (at least `calls`, and one)."""
+        with torch.inference_mode():
+            while not stop.is_set() or len(times) < max(1, calls):
+                started = time.perf_counter()
+                codec.decode(pending)
+                times.append(time.perf_counter() - started)
+
+    def lm_ms(steps: int) -> float:
+        return _decode_point(runner, model, rows, context, steps, blocks_per_row, model.ids.audio_offset)
+
+    alone_times: list[float] = []
+    stop = threading.Event()
+    stop.set()
+    codec_calls(stop, alone_times, calls=5)
+    lm_alone = lm_ms(plan.timed_steps + 2)
+    beside_times: list[float] = []
+    stop = threading.Event()
+    thread = threading.Thread(target=codec_calls, args=(stop, beside_times))
+    thread.start()
+    try:
+        lm_beside = lm_ms(plan.timed_steps * 3 + 2)
+    finally:
+        stop.set()
+        thread.join()
+    codec_alone, codec_beside = float(np.median(alone_times[1:])) * 1000, float(np.median(beside_times)) * 1000
+    waited = lm_beside / codec_beside * codec_alone  # per LM step, had the codec calls run in between
+    result = {"lm_rows": rows, "context": context, "codec_requests": len(pending), "lm_ms": lm_alone,
+              "lm_ms_codec_beside": lm_beside, "codec_ms": round(codec_alone, 2),
+              "codec_ms_lm_beside": round(codec_beside, 2),
+              "hidden_share": round(1 - (lm_beside - lm_alone) / waited, 3)}
+    print(f"  {result}", flush=True)
+    return result
 
 
 # -- Poisson load ------------------------------------------------------------------------------------------------
@@ -457,12 +537,20 @@ def format_report(report: dict) -> str:
     lines += _table("Correctness (tiny checkpoints, against CPU fp32)", report["correctness"])
     lines += ["SNAC (orpheus) adds noise drawn from each request's seed by the device's generator, so its PCM is "
               "not the CPU's; Mimi and the 12 Hz decoder have none.", ""]
-    lines += _table("LM decode step, Orpheus (sampling and copy back included)", report["decode"])
+    lines += _table("LM decode step, Orpheus, ms (sampling and copy back included): contexts gathered, the Triton "
+                    "kernel, the kernel in CUDA graphs", report["decode"])
     for name, profiled in report.get("profile", {}).items():
         lines += _table(f"One decode step, {name} sampling, batch {profiled['batch']}: {profiled['ms_per_step']} ms, "
                         f"{profiled['host_ops']} aten calls; ops by host time", profiled["by_host_time"])
         if profiled["by_device_time"]:
             lines += _table("... and by device time", profiled["by_device_time"])
+    if "graphs" in report:
+        graphs = report["graphs"]
+        lines += [f"CUDA graphs for batch sizes {graphs['buckets']}: captured in {graphs['capture_s']} s, "
+                  f"{graphs['memory_mib']} MiB.", ""]
+    if "overlap" in report:
+        lines += _table("Codec beside the LM (hidden share: the part of codec time the LM step does not wait "
+                        "for)", [report["overlap"]])
     lines += _table("Codec, one frame per request per call", report["codec"])
     for family, rows in report["load"].items():
         lines += _table(f"Poisson load, {family} (streaming policy, TTFA SLO {SLO_S} s; TTFA inf: no audio by the end "

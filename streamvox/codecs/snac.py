@@ -17,6 +17,7 @@ from snac.layers import NoiseBlock
 from torch import nn
 
 from streamvox.config import RANDOM_INIT_KEY, random_init_seed
+from streamvox.layers.hashing import fold32, hashed_normal
 
 SNAC_FRAME_CODES = 7  # codes in one frame: level0 x1, level1 x2, level2 x4
 SUPPORTED_VQ_STRIDES = [4, 2, 1]
@@ -35,14 +36,19 @@ def split_levels(windows: torch.Tensor) -> list[torch.Tensor]:
 
 
 class SeededNoise(nn.Module):
-    """Drop-in for snac's NoiseBlock: row b's noise comes from generators[b], shape (1, 1, T) per row."""
+    """Drop-in for snac's NoiseBlock: row b's noise comes from generators[b], shape (1, 1, T) per row; or, with
+    `keys` set (CUDA), from a hash of (keys[b], the block's index, t) for the whole batch in a few kernels."""
 
-    def __init__(self, block: NoiseBlock) -> None:
+    def __init__(self, block: NoiseBlock, index: int) -> None:
         super().__init__()
         self.linear = block.linear  # same child name, so state-dict keys are unchanged
+        self.index = index
         self.generators: list[torch.Generator] = []  # set by SnacCodec for the duration of one decode
+        self.keys: torch.Tensor | None = None  # [B] int64, or set by SnacCodec instead of generators
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [B, C, T]
+        if self.keys is not None:
+            return x + hashed_normal(self.keys, self.index, x.shape[-1]).to(x.dtype)[:, None] * self.linear(x)
         if len(self.generators) != x.shape[0]:
             raise RuntimeError("SeededNoise needs one generator per row: decode via SnacCodec.decode_windows")
         shape = (1, 1, x.shape[-1])
@@ -58,10 +64,15 @@ def seed_noise(model: SNAC) -> list[SeededNoise]:
     for parent in list(model.modules()):
         for name, child in parent.named_children():
             if isinstance(child, NoiseBlock):
-                seeded = SeededNoise(child)
+                seeded = SeededNoise(child, len(blocks))
                 setattr(parent, name, seeded)
                 blocks.append(seeded)
     return blocks
+
+
+def _bucket(num_windows: int) -> int:
+    """Windows a CUDA call decodes: the next power of two up to 64, then the next multiple of 64."""
+    return 1 << (num_windows - 1).bit_length() if num_windows <= 64 else -(-num_windows // 64) * 64
 
 
 class SnacCodec:
@@ -79,6 +90,8 @@ class SnacCodec:
         self.samples_per_frame = int(model.hop_length) * SUPPORTED_VQ_STRIDES[0]  # 2048 for snac_24khz
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
+        # CUDA: noise hashed from the seed and batches padded to buckets (the CPU keeps the reference's noise)
+        self.hashed_noise = self.device.type == "cuda"
 
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device = "cpu", dtype=torch.float32) -> SnacCodec:
@@ -111,23 +124,38 @@ class SnacCodec:
         return cls(model.to(device=device, dtype=dtype))
 
     def decode_windows(self, windows: torch.Tensor, seeds: list[int]) -> torch.Tensor:
-        """Decode N windows of W frames in one batch: codes [N, W, 7] -> PCM [N, W * samples_per_frame]."""
+        """Decode N windows of W frames in one batch: codes [N, W, 7] -> PCM [N, W * samples_per_frame].
+
+        On the CPU each row's noise is the reference package's for its seed; on CUDA it is hashed from the seed
+        (one draw for the batch instead of a generator a row), and N is padded to a bucket so that the
+        convolutions meet few shapes."""
         if windows.dim() != 3 or windows.shape[-1] != SNAC_FRAME_CODES:
             raise ValueError(f"windows must be [N, W, {SNAC_FRAME_CODES}] codes, got {list(windows.shape)}")
-        if len(seeds) != windows.shape[0]:
-            raise ValueError(f"need one seed per window: {windows.shape[0]} windows, {len(seeds)} seeds")
+        num_windows = windows.shape[0]
+        if len(seeds) != num_windows:
+            raise ValueError(f"need one seed per window: {num_windows} windows, {len(seeds)} seeds")
+        is_hashed = self.hashed_noise
+        if is_hashed and (pad := _bucket(num_windows) - num_windows):
+            windows = torch.cat([windows, windows[:1].expand(pad, -1, -1)])
+            seeds = list(seeds) + [0] * pad
         codes = split_levels(windows.to(self.device, torch.long))  # [N, W], [N, 2W], [N, 4W]
-        generators = [torch.Generator(device=self.device).manual_seed(int(seed)) for seed in seeds]
+        if is_hashed:
+            keys = torch.tensor([fold32(int(seed)) for seed in seeds], dtype=torch.int64).to(self.device)
+        else:
+            generators = [torch.Generator(device=self.device).manual_seed(int(seed)) for seed in seeds]
         for block in self.noise_blocks:
-            block.generators = generators  # shared: each row's draws advance in module order
+            if is_hashed:
+                block.keys = keys
+            else:
+                block.generators = generators  # shared: each row's draws advance in module order
         try:
             with torch.inference_mode():
                 z_q = self.model.quantizer.from_codes(codes)  # [N, latent_dim, 4W]
                 pcm = self.model.decoder(z_q)  # [N, 1, W * samples_per_frame]
         finally:
             for block in self.noise_blocks:
-                block.generators = []
-        return pcm[:, 0].float()
+                block.generators, block.keys = [], None
+        return pcm[:num_windows, 0].float()
 
     @staticmethod
     def write_tiny(path: str | Path, seed: int = 0, decoder_dim: int = 96, codebook_size: int = 4096) -> None:

@@ -26,9 +26,11 @@ from streamvox.engine.codec_pipeline import CodecPipeline
 from streamvox.engine.requests import check_request, codec_seed_for
 from streamvox.engine.text_streams import TextStreams
 from streamvox.engine.warm_up import warm_up
+from streamvox.layers.attention import resolve_backend
 from streamvox.models.base import SpeechModel
 from streamvox.protocol import Failure
 from streamvox.runner.codec_runner import CodecRunner, audio_plan
+from streamvox.runner.graphs import Capture
 from streamvox.runner.lm_runner import LMRunner
 from streamvox.runner.memory import kv_blocks
 from streamvox.sched.kv_blocks import BlockPool
@@ -98,7 +100,14 @@ class EngineCore:
         playback = PlaybackTracker(audio_plan(model), sched.ttfa_target_s, sched.client_prebuffer_s)
         self.scheduler = Scheduler(sched, self.pool, playback, self.timer,
                                    sched.max_queue_wait_s if is_wait_bounded else None)
-        self.lm_runner = LMRunner(model, num_blocks, config.cache.block_size, model.dtype)
+        attention = resolve_backend(config.attention, model.device)
+        graph_rows = sched.max_num_seqs if config.cuda_graphs and attention == "triton" and \
+            model.device.type == "cuda" else 0
+        max_context = sched.max_prompt_tokens + model.timing.lm_steps_per_frame * math.ceil(
+            sched.max_audio_s * model.timing.frame_rate_hz)
+        self.lm_runner = LMRunner(model, num_blocks, config.cache.block_size, model.dtype, attention=attention,
+                                  graph_rows=graph_rows, max_context=max_context)
+        self.graph_capture: Capture | None = None  # what capturing the decode graphs cost (warm_up)
         self.codec_runner = CodecRunner(model)
         self.codec = CodecPipeline(self.codec_runner, self.timer, config.scheduler.max_codec_frames)
         self.text_streams = TextStreams(self)
@@ -191,7 +200,9 @@ class EngineCore:
         return len(set(self.scheduler.requests) | set(self.codec_runner.requests) | set(self.lm_runner.requests))
 
     def warm_up(self) -> None:
-        """Measure what steps and codec calls cost before any load comes (engine/warm_up.py)."""
+        """Capture the decode graphs (CUDA), then measure what steps and codec calls cost before any load comes
+        (engine/warm_up.py)."""
+        self.graph_capture = self.lm_runner.capture_graphs()
         warm_up(self)
 
     def close(self) -> None:

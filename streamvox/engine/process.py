@@ -251,9 +251,10 @@ def main(argv: list[str] | None = None) -> None:
         else:
             engine = EngineCore(load_model(config.model, config.codec, config.dtype, config.device), config)
             lm = engine.lm_runner
-            logger.info("engine on %s, %s, KV cache of %d blocks of %d positions (%.2f GiB)",
-                        describe(lm.device), str(lm.kv_cache.dtype).replace("torch.", ""), engine.pool.num_blocks,
-                        lm.block_size, lm.kv_cache.numel() * lm.kv_cache.element_size() / 2**30)
+            logger.info("engine on %s, %s, %s attention, KV cache of %d blocks of %d positions (%.2f GiB)",
+                        describe(lm.device), str(lm.kv_cache.dtype).replace("torch.", ""), lm.attention,
+                        engine.pool.num_blocks, lm.block_size,
+                        lm.kv_cache.numel() * lm.kv_cache.element_size() / 2**30)
         engine.warm_up()
         model = engine.model
         push.send(protocol.encode(protocol.EngineReady(

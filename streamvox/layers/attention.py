@@ -1,4 +1,4 @@
-"""Attention over a paged KV cache for a ragged batch of prefill chunks and decode rows (plain PyTorch).
+"""Attention over a paged KV cache for a ragged batch of prefill chunks and decode rows.
 
 The cache of one layer is a pair of tensors [num_blocks, block_size, num_kv_heads, head_dim]. A batch is T
 flattened tokens; each new token's K/V is written to its slot (block * block_size + offset) and every query
@@ -8,15 +8,23 @@ Decode rows are attended in groups planned once per step (`plan_decode`, on the 
 layer: rows of similar context length, on the CPU few enough that a group's gathered K/V stays in the CPU
 cache between the gather and the attention that reads it. Each row gathers only the blocks its context covers,
 so a step costs about the sum of its rows' context lengths rather than batch size times the longest one.
+
+Two backends plan a step's decode rows (`ATTENTION_BACKENDS`): `gather` (the groups above, plain PyTorch: the
+CPU's) and `triton`, whose rows read the cache in place through their block tables (`PagedDecode`: the kernel in
+triton_attention.py on CUDA or under Triton's interpreter, else the same sum in PyTorch). Prefill chunks run
+through SDPA over their gathered context in both.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch.nn import functional as F
+
+from streamvox.config import ATTENTION_BACKENDS
 
 # Bytes of K+V one decode group gathers on the CPU (2048 positions of one 128-dim fp32 KV head): the copy must
 # still be in the core's own cache when attention reads it. Measured on 2 cores (2 MB L2 each), 16 rows of 922
@@ -70,12 +78,39 @@ class DecodeGroup:
 
 
 @dataclass(frozen=True)
+class PagedDecode:
+    """Decode rows that read the cache in place through their block tables (the `triton` backend)."""
+
+    num_rows: int  # R: the batch's first R tokens are these rows
+    block_tables: torch.Tensor  # [R, width] int64: each row's block ids (entries past its context unread)
+    context_lens: torch.Tensor  # [R] int64: positions each row attends, itself included
+
+
+@dataclass(frozen=True)
 class AttentionMetadata:
     """Where each batch token's K/V goes and what each query may see."""
 
     slot_mapping: torch.Tensor  # [T] int64: flat cache slot of every batch token
     decode_groups: tuple[DecodeGroup, ...]
     prefills: tuple[PrefillSpan, ...]
+    paged: PagedDecode | None = None
+
+
+def resolve_backend(name: str, device: torch.device) -> str:
+    """The backend `name` asks for on `device`; ValueError for an unknown name or a triton that does not import
+    where it would have to run."""
+    if name not in ATTENTION_BACKENDS:
+        raise ValueError(f"unknown attention backend {name!r}; use one of: {', '.join(ATTENTION_BACKENDS)}")
+    if name == "gather" or (name == "auto" and device.type != "cuda"):
+        return "gather"
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        if name == "triton":
+            raise ValueError("--attention triton needs the triton package (it comes with CUDA builds of torch)") \
+                from None
+        return "gather"
+    return "triton"
 
 
 def plan_decode(token_index: Sequence[int], block_tables: Sequence[Sequence[int]], context_lens: Sequence[int],
@@ -125,6 +160,11 @@ def paged_attention(
     k_cache.view(-1, num_kv_heads, head_dim)[meta.slot_mapping] = k
     v_cache.view(-1, num_kv_heads, head_dim)[meta.slot_mapping] = v
     out = torch.empty_like(q)
+    if (paged := meta.paged) is not None:
+        decoded = paged_decode(q[: paged.num_rows], k_cache, v_cache, paged.block_tables, paged.context_lens, scale)
+        if paged.num_rows == q.shape[0]:
+            return decoded
+        out[: paged.num_rows] = decoded
     for group in meta.decode_groups:
         out[group.token_index] = _decode(q[group.token_index], k_cache, v_cache, group, scale)
     for span in meta.prefills:
@@ -163,3 +203,29 @@ def _prefill(q, k_cache, v_cache, span: PrefillSpan, scale: float) -> torch.Tens
         enable_gqa=q.shape[1] != keys.shape[1],
     )  # [1, Hq, n, D]
     return out[0].transpose(0, 1)
+
+
+def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                 context_lens: torch.Tensor, scale: float) -> torch.Tensor:
+    """One query per row over its context read through its block table: [R, Hq, D] -> [R, Hq, D]. The Triton
+    kernel where it runs (CUDA, or the CPU under TRITON_INTERPRET=1), else a PyTorch gather with the same result."""
+    if q.is_cuda or os.environ.get("TRITON_INTERPRET") == "1":
+        from streamvox.layers import triton_attention
+
+        return triton_attention.paged_decode(q, k_cache, v_cache, block_tables, context_lens, scale)
+    return paged_decode_torch(q, k_cache, v_cache, block_tables, context_lens, scale)
+
+
+def paged_decode_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                       context_lens: torch.Tensor, scale: float) -> torch.Tensor:
+    """paged_decode in PyTorch: every row gathers its table's blocks, and a mask hides what lies past its
+    context."""
+    rows, width = block_tables.shape
+    block_size = k_cache.shape[1]
+    keys = _gather(k_cache, block_tables.reshape(-1), rows)  # [R, Hkv, width * bs, D]
+    values = _gather(v_cache, block_tables.reshape(-1), rows)
+    hidden = torch.arange(width * block_size, device=q.device)[None, :] >= context_lens[:, None]
+    mask = torch.zeros(hidden.shape, dtype=q.dtype, device=q.device).masked_fill_(hidden, float("-inf"))
+    grouped = q.view(rows, keys.shape[1], -1, q.shape[2])
+    out = F.scaled_dot_product_attention(grouped, keys, values, attn_mask=mask[:, None, None], scale=scale)
+    return out.reshape(q.shape)

@@ -9,6 +9,7 @@ one batch. `take_ready` -> `decode` (any thread) -> `complete` lets the codec ru
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -53,6 +54,9 @@ class CodecRunner:
         self.plan = audio_plan(model)
         self.requests: dict[str, _CodecRequest] = {}
         self._pinned: torch.Tensor | None = None  # CUDA: page-locked host buffer the codec's PCM is copied into
+        # CUDA: the codec's own stream, so its kernels overlap the LM step running on the default one (codec
+        # state is made and used on this stream only; its inputs come from the host)
+        self._stream = torch.cuda.Stream(model.device) if model.device.type == "cuda" else None
 
     def add(self, request_id: str, seed: int) -> None:
         self.requests[request_id] = _CodecRequest(self.model.new_frame_builder(), seed, self.model.new_codec_state())
@@ -115,10 +119,12 @@ class CodecRunner:
 
     def decode(self, pending: list[PendingChunk]) -> list[np.ndarray]:
         """Run the codec on taken chunks (safe on another thread: touches no runner state but its own host
-        buffer, and one codec call runs at a time). The batch's PCM reaches the host in one copy."""
+        buffer and stream, and one codec call runs at a time). The batch's PCM reaches the host in one copy."""
         jobs = [p.job for p in pending if p.job is not None]
-        decoded = self.model.decode_chunks(jobs) if jobs else []
-        pcm = self._to_host(torch.cat([d.reshape(-1).float() for d in decoded])) if decoded else np.zeros(0, np.float32)
+        with torch.cuda.stream(self._stream) if self._stream is not None else contextlib.nullcontext():
+            decoded = self.model.decode_chunks(jobs) if jobs else []
+            pcm = self._to_host(torch.cat([d.reshape(-1).float() for d in decoded])) if decoded else \
+                np.zeros(0, np.float32)
         pieces = iter(np.split(pcm, np.cumsum([d.numel() for d in decoded])[:-1]) if decoded else [])
         return [next(pieces) if p.job is not None else np.zeros(0, np.float32) for p in pending]
 

@@ -10,6 +10,8 @@ for depth-decoder families) comes back in one copy at the end.
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -20,12 +22,16 @@ from streamvox.layers.attention import (
     GPU_GROUP_BYTES,
     AttentionMetadata,
     DecodeGroup,
+    PagedDecode,
     PrefillSpan,
     plan_decode,
 )
 from streamvox.models.base import SpeechModel, StepToken
+from streamvox.runner.graphs import Capture, DecodeGraphs, DepthGraphs
 from streamvox.runner.sampler import SampleBatch, Sampler, SamplingState
 from streamvox.runner.staging import Staging
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -48,12 +54,21 @@ class _RunnerRequest:
 
 
 @dataclass(frozen=True)
-class _Step:
-    """One step's batch on the device."""
+class _Forward:
+    """Tokens run through the backbone eagerly."""
 
     input_ids: torch.Tensor  # [T] or [T, C] int64
     positions: torch.Tensor  # [T] int64
     meta: AttentionMetadata
+
+
+@dataclass(frozen=True)
+class _Step:
+    """One step's batch on the device: decode rows first, then prefill tokens."""
+
+    graph: tuple[int, int, torch.Tensor] | None  # decode rows through DecodeGraphs: (bucket, table width, layout)
+    num_graph_rows: int
+    eager: _Forward | None  # every token, or the prefill tokens after the graph's rows
     last_index: torch.Tensor  # [S] int64: batch index of each sampled row's last token
     early: torch.Tensor | None  # [E] int64: sampled rows that may not stop yet (None: no such row)
     sampling: SampleBatch
@@ -61,20 +76,51 @@ class _Step:
 
 class LMRunner:
     def __init__(self, model: SpeechModel, num_blocks: int, block_size: int, dtype: torch.dtype,
-                 device: torch.device | None = None) -> None:
+                 device: torch.device | None = None, attention: str = "gather", graph_rows: int = 0,
+                 max_context: int = 0) -> None:
+        """`attention`: a backend of layers/attention.py (resolved). `graph_rows` > 0 runs decode rows through
+        DecodeGraphs up to that many rows a step (needs the triton backend; the graphs are captured by
+        `capture_graphs`), `max_context` then bounds one row's context (0: the whole cache)."""
         self.model = model
         self.block_size = block_size
         self.device = device or model.device
+        self.attention = attention
         config = model.backbone.config
-        shape = (config.num_hidden_layers, 2, num_blocks, block_size, config.num_key_value_heads, config.head_dim)
+        # one block past the pool's: the scratch block the graphs' padded rows write to
+        shape = (config.num_hidden_layers, 2, num_blocks + (graph_rows > 0), block_size,
+                 config.num_key_value_heads, config.head_dim)
         # [layers, k/v, blocks, block_size, kv_heads, head_dim]
         self.kv_cache = torch.zeros(shape, dtype=dtype, device=self.device)
         self.position_bytes = 2 * config.num_key_value_heads * config.head_dim * self.kv_cache.element_size()
         self.group_bytes = GPU_GROUP_BYTES if self.device.type == "cuda" else CPU_GROUP_BYTES
         self.requests: dict[str, _RunnerRequest] = {}
-        self.sampler = Sampler(config.vocab_size, self.device)
+        # with graphs, room for every row a step may hold: the depth graphs read the sampler's tables in place
+        self.sampler = Sampler(config.vocab_size, self.device, capacity=max(16, 2 * graph_rows))
         self.staging = Staging(self.device)
         self.stop_ids = torch.tensor(sorted(model.stop_token_ids), dtype=torch.int64).to(self.device)
+        self.graphs = self.depth_graphs = None
+        if graph_rows:
+            if attention != "triton":
+                raise ValueError("decode graphs need the triton attention backend (a gather's shapes change)")
+            max_blocks = -(-max_context // block_size) if max_context else num_blocks
+            first = model.prepare_request("a", None)[0][0]  # an input: one id, or a row of codes
+            self.graphs = DecodeGraphs(model.backbone, self.kv_cache, num_blocks, graph_rows,
+                                       min(max_blocks, num_blocks), len(first) if isinstance(first, tuple) else 0)
+            if type(model).complete_step is not SpeechModel.complete_step:  # a depth loop completes each frame
+                self.depth_graphs = DepthGraphs(model, self.sampler, graph_rows, config.hidden_size, dtype)
+
+    def capture_graphs(self) -> Capture | None:
+        """Capture the decode (and depth loop) graphs (CUDA; elsewhere their buffers run eagerly) -> what it
+        cost, or None."""
+        if self.graphs is None or self.device.type != "cuda":
+            return None
+        with torch.inference_mode():
+            captures = [graphs.capture() for graphs in (self.graphs, self.depth_graphs) if graphs is not None]
+        capture = Capture(captures[0].buckets, sum(c.seconds for c in captures), sum(c.bytes for c in captures))
+        logger.info("captured %s graphs for batch sizes %s in %.1f s, %.0f MiB",
+                    "decode and depth loop" if len(captures) > 1 else "decode", ",".join(map(str, capture.buckets)),
+                    capture.seconds, capture.bytes / 2**20)
+        return capture
 
     @staticmethod
     def kv_bytes_per_block(model: SpeechModel, block_size: int, dtype: torch.dtype) -> int:
@@ -101,7 +147,7 @@ class LMRunner:
         if not batch.rows:
             return StepOutput((), (), ())
         step = self._stage(batch.rows)
-        hidden = self.model.backbone(step.input_ids, step.positions, step.meta, self.kv_cache)  # [T, H]
+        hidden = self._forward(step)  # [T, H]
         states = step.sampling.states
         if not states:
             return StepOutput((), (), ())
@@ -129,8 +175,11 @@ class LMRunner:
         the host in the step's one copy), or values None when a row must be drawn again with `exact`."""
         sampler = self.sampler
         first = sampler.sample(logits, batch, exact)  # [S]
-        produced = self.model.complete_step(hidden, first,
-                                            lambda extra, index: sampler.sample_extra(extra, batch, index))
+        if self.depth_graphs is not None and len(batch.states) <= self.depth_graphs.max_rows:
+            produced = self.depth_graphs.run(hidden, first, batch)
+        else:
+            produced = self.model.complete_step(hidden, first,
+                                                lambda extra, index: sampler.sample_extra(extra, batch, index))
         if batch.inexact is None:
             return first, produced.tolist()
         rows = produced.reshape(len(batch.states), -1)
@@ -143,58 +192,128 @@ class LMRunner:
     def logits(self, row: ScheduledRow) -> torch.Tensor:
         """Logits [num_tokens, vocab] fp32 at every position of one scheduled row of a request the runner holds
         (its KV is written, nothing is sampled): for checks against a reference model."""
-        step = self._stage((row,))
-        return self.model.backbone.compute_logits(
-            self.model.backbone(step.input_ids, step.positions, step.meta, self.kv_cache))
+        return self.model.backbone.compute_logits(self._forward(self._stage((row,))))
+
+    def _forward(self, step: _Step) -> torch.Tensor:
+        """Final hidden states [T, H] of a staged step: the graph's decode rows, then the eager tokens."""
+        parts = []
+        if step.graph is not None:
+            parts.append(self.graphs.run(*step.graph)[: step.num_graph_rows])
+        if step.eager is not None:
+            eager = step.eager
+            parts.append(self.model.backbone(eager.input_ids, eager.positions, eager.meta, self.kv_cache))
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     def _stage(self, rows: tuple[ScheduledRow, ...]) -> _Step:
-        """Lay the step's metadata out on the host, send it in one copy, and wrap the device views."""
-        input_ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        decode_index, decode_tables, decode_lens, prefills = [], [], [], []
+        """Lay the step's metadata out on the host, decode rows first, send it in one copy, and wrap the device
+        views."""
+        decode = [row for row in rows if row.num_tokens == 1]
+        ordered = decode + [row for row in rows if row.num_tokens > 1]
+        graphs = self.graphs
+        num_graph_rows = len(decode) if graphs is not None and 0 < len(decode) <= graphs.max_rows else 0
+        host = _HostStep()
+        for row in ordered:
+            host.add(row, self.requests[row.request_id], self.block_size, num_graph_rows)
         last_index, states, early = [], [], []
-        width = 0
-        bs = self.block_size
         for row in rows:
-            request = self.requests[row.request_id]
-            span = range(row.start_position, row.start_position + row.num_tokens)
-            token_start = len(positions)
-            for p in span:
-                token = request.inputs[p]
-                if isinstance(token, tuple):
-                    input_ids.extend(token)
-                    width = len(token)
-                else:
-                    input_ids.append(token)
-            positions.extend(span)
-            slots.extend(row.block_ids[p // bs] * bs + p % bs for p in span)
-            if row.num_tokens == 1:
-                decode_index.append(token_start)
-                decode_tables.append(row.block_ids)
-                decode_lens.append(row.start_position + 1)
-            else:
-                context_len = row.start_position + row.num_tokens
-                prefills.append((token_start, row.num_tokens, row.start_position,
-                                 row.block_ids[: -(-context_len // bs)]))
             if row.is_sampled:
+                request = self.requests[row.request_id]
                 if len(request.sampling.history) < self.model.min_steps and self.model.stop_token_ids:
                     early.append(len(states))
-                last_index.append(len(positions) - 1)
+                last_index.append(host.last_token[row.request_id])
                 states.append(request.sampling)
-        plans = plan_decode(decode_index, decode_tables, decode_lens, bs, self.position_bytes, self.group_bytes)
-        arrays = [input_ids, positions, slots, last_index, early]
-        for plan in plans:
-            arrays += [plan.token_index, plan.block_ids, plan.context_lens or []]
-        arrays += [list(table) for *_, table in prefills]
+        arrays = [last_index, early]
+        graph = None
+        if num_graph_rows:
+            bucket, width, layout = graphs.layout(*host.decode_rows(num_graph_rows))
+            graph = (bucket, width)
+            arrays.append(layout)
+        eager_from = num_graph_rows * max(1, host.width)
+        eager_arrays, build_eager = host.eager(num_graph_rows, eager_from, self._plan_decode)
+        arrays += eager_arrays
         arrays += self.sampler.stage(states)
         views = iter(self.staging.upload(arrays))
-        ids, positions_d, slots_d, last_d, early_d = (next(views) for _ in range(5))
-        groups = []
-        for plan in plans:
-            groups.append(DecodeGroup.on_device(plan, next(views), next(views), next(views)))
-        spans = tuple(PrefillSpan(start, num, position, next(views)) for start, num, position, _ in prefills)
-        meta = AttentionMetadata(slots_d, tuple(groups), spans)
+        last_d, early_d = next(views), next(views)
+        if graph is not None:
+            graph = (*graph, next(views))
+        eager = build_eager(views)
         sampling = self.sampler.batch(states, list(views))
-        return _Step(ids.view(-1, width) if width else ids, positions_d, meta, last_d, early_d if early else None,
-                     sampling)
+        return _Step(graph, num_graph_rows, eager, last_d, early_d if early else None, sampling)
+
+    def _plan_decode(self, tables: list, lens: list[int]) -> tuple[list[list[int]], Callable]:
+        """The eager decode rows' attention metadata -> (host arrays, builder taking their device views)."""
+        if self.attention == "triton":
+            width = max(-(-n // self.block_size) for n in lens)
+            flat = [b for t, n in zip(tables, lens, strict=True)
+                    for b in list(t[: -(-n // self.block_size)]) + [0] * (width - -(-n // self.block_size))]
+
+            def paged(views) -> tuple[tuple[DecodeGroup, ...], PagedDecode]:
+                return (), PagedDecode(len(lens), next(views).view(len(lens), width), next(views))
+
+            return [flat, lens], paged
+        plans = plan_decode(range(len(lens)), tables, lens, self.block_size, self.position_bytes, self.group_bytes)
+
+        def grouped(views) -> tuple[tuple[DecodeGroup, ...], None]:
+            return tuple(DecodeGroup.on_device(plan, next(views), next(views), next(views)) for plan in plans), None
+
+        return [a for plan in plans for a in (plan.token_index, plan.block_ids, plan.context_lens or [])], grouped
+
+
+class _HostStep:
+    """A step's tokens on the host, decode rows first."""
+
+    def __init__(self) -> None:
+        self.input_ids: list[int] = []
+        self.positions: list[int] = []
+        self.slots: list[int] = []
+        self.tables: list = []  # decode rows' block tables
+        self.lens: list[int] = []  # decode rows' context lengths
+        self.prefills: list[tuple[int, int, int, list[int]]] = []  # (token start, tokens, start position, table)
+        self.last_token: dict[str, int] = {}
+        self.width = 0  # codebooks per input (0: one id)
+
+    def add(self, row: ScheduledRow, request: _RunnerRequest, block_size: int, num_graph_rows: int) -> None:
+        span = range(row.start_position, row.start_position + row.num_tokens)
+        token_start = len(self.positions)
+        for p in span:
+            token = request.inputs[p]
+            if isinstance(token, tuple):
+                self.input_ids.extend(token)
+                self.width = len(token)
+            else:
+                self.input_ids.append(token)
+        self.positions.extend(span)
+        self.slots.extend(row.block_ids[p // block_size] * block_size + p % block_size for p in span)
+        if row.num_tokens == 1:
+            self.tables.append(row.block_ids)
+            self.lens.append(row.start_position + 1)
+        else:
+            context_len = row.start_position + row.num_tokens
+            self.prefills.append((token_start - num_graph_rows, row.num_tokens, row.start_position,
+                                  list(row.block_ids[: -(-context_len // block_size)])))
+        self.last_token[row.request_id] = len(self.positions) - 1
+
+    def decode_rows(self, count: int) -> tuple:
+        """The first `count` (decode) rows' ids, positions, slots, context lengths and block tables."""
+        return (self.input_ids[: count * max(1, self.width)], self.positions[:count], self.slots[:count],
+                self.lens[:count], self.tables[:count])
+
+    def eager(self, skip_rows: int, skip_ids: int, plan_decode: Callable) -> tuple[list, Callable]:
+        """Host arrays of the tokens past the first `skip_rows` (taken by the graphs), and a builder of their
+        _Forward from the device views (None when no token is left)."""
+        tables, lens = self.tables[skip_rows:], self.lens[skip_rows:]
+        decode_arrays, build_decode = plan_decode(tables, lens) if lens else ([], lambda views: ((), None))
+        arrays = [self.input_ids[skip_ids:], self.positions[skip_rows:], self.slots[skip_rows:], *decode_arrays]
+        arrays += [table for *_, table in self.prefills]
+        width, prefills = self.width, self.prefills
+
+        def build(views) -> _Forward | None:
+            ids, positions, slots = next(views), next(views), next(views)
+            groups, paged = build_decode(views)
+            spans = tuple(PrefillSpan(start, num, position, next(views)) for start, num, position, _ in prefills)
+            if not positions.numel():
+                return None
+            return _Forward(ids.view(-1, width) if width else ids, positions, AttentionMetadata(slots, groups, spans,
+                                                                                                 paged))
+
+        return arrays, build

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 import torch
 
 from streamvox.config import SamplingParams
+from streamvox.layers.hashing import MASK32 as _MASK32
+from streamvox.layers.hashing import mix32 as _mix32
 
 CANDIDATES = 1024  # filtering works on this many top tokens when no row's filter can reach past them
 CPU_LIKELY = 4.0  # the CPU first looks at the tokens this many times likelier than average (at least
@@ -225,17 +227,3 @@ def _candidates(scaled: torch.Tensor, log_total: torch.Tensor, top_k: torch.Tens
         if bool(is_contained.all()):
             return sorted_probs, order, None
         num_candidates *= 8
-
-
-_MASK32 = 0xFFFFFFFF
-
-
-def _mix32(x):
-    """A 32-bit integer hash (xor-shift-multiply rounds) of an int or int64 tensor holding values below 2**32.
-
-    The multiplier is under 2**27, so products stay inside int64."""
-    x = x ^ (x >> 16)
-    x = (x * 0x45D9F3B) & _MASK32
-    x = x ^ (x >> 16)
-    x = (x * 0x45D9F3B) & _MASK32
-    return x ^ (x >> 16)

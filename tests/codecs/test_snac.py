@@ -143,3 +143,26 @@ def test_bad_window_shape_and_seed_count(codec):
         codec.decode_windows(random_windows(2), seeds=[1])
     with pytest.raises(ValueError, match="windows must be"):
         codec.decode_windows(torch.zeros(2, 4, 6, dtype=torch.long), seeds=[1, 2])
+
+
+def test_hashed_noise_as_cuda_draws_it(tiny_dir):
+    """The CUDA way (noise hashed from the seed, batches padded to a bucket), run on the CPU: a window's PCM
+    does not depend on its batch or its padding, the noise follows the seed, and it is noise of the reference's
+    strength (the PCM stays as far from a noiseless decode as the reference's is)."""
+    codec = SnacCodec.load(tiny_dir)
+    codec.hashed_noise = True
+    windows, seeds = random_windows(5, seed=7), [3, 1_000_003 * 5 + 2, 2**62 + 17, 8, 9]
+    together = codec.decode_windows(windows, seeds)  # 5 windows: padded to 8
+    assert together.shape == (5, W * SPF)
+    for b in range(5):
+        alone = codec.decode_windows(windows[b : b + 1], seeds[b : b + 1])[0]
+        assert (together[b] - alone).abs().max() <= 1e-5
+    again = codec.decode_windows(windows[:1].repeat(2, 1, 1), [3, 4])
+    assert (again[0] - together[0]).abs().max() <= 1e-5 and (again[0] - again[1]).abs().max() > 1e-3
+    reference = SnacCodec.load(tiny_dir)
+    noisy = reference.decode_windows(windows[:1], [3])[0]
+    for block in reference.noise_blocks:  # the same window with every noise block silenced
+        block.forward = lambda x: x
+    quiet = reference.decode_windows(windows[:1], [3])[0]
+    want, got = (noisy - quiet).pow(2).mean().sqrt(), (together[0] - quiet).pow(2).mean().sqrt()
+    assert 0.5 < got / want < 2.0
