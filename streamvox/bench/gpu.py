@@ -362,6 +362,8 @@ def _codec_point(name: str, model: SpeechModel, batch_size: int, calls: int = 4)
             pcm = model.decode_chunks(jobs)
             torch.cat(pcm).cpu()  # synchronised, as the engine's one copy per batch
             times.append(time.perf_counter() - started)
+    for state in states:
+        model.release_codec_state(state)
     call_s = float(np.median(times[1:]))
     audio_s = batch_size * model.timing.samples_per_frame / model.timing.sample_rate
     return {"codec": name, "batch": batch_size, "ms_per_call": round(call_s * 1000, 2),

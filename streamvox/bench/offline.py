@@ -128,7 +128,10 @@ def _codec_time(model, frames_per_request: list[torch.Tensor], per_call: int) ->
     started = time.perf_counter()
     for start in range(0, len(jobs), per_call):
         model.decode_chunks(jobs[start:start + per_call])
-    return time.perf_counter() - started
+    elapsed = time.perf_counter() - started
+    for state in states:
+        model.release_codec_state(state)
+    return elapsed
 
 
 def _row(system: str, batch_size: int, tokens: int, audio_s: float, wall_s: float, lm_s: float | None = None,

@@ -15,7 +15,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from streamvox.codecs.mimi import QUANTIZER_PREFIX, Transformer, _quantizer_tables
-from streamvox.codecs.streaming import StateBatch, StreamState
+from streamvox.codecs.streaming import StateBatch, StatePool, StreamState
 
 ENCODER_PREFIXES = ("encoder.", "encoder_transformer.", "downsample.")
 
@@ -114,7 +114,8 @@ class MimiEncoder:
         if pcm.dim() != 1 or pcm.numel() == 0:
             raise ValueError("reference audio must be a non-empty mono clip")
         x = self.net.encoder(pcm.float()[None, None])  # [1, hidden, T at 25 Hz]
-        x = self.net.encoder_transformer(x.transpose(1, 2), StateBatch([StreamState()])).transpose(1, 2)
+        whole = StateBatch([StreamState()], StatePool(x.device))  # one stream, no past
+        x = self.net.encoder_transformer(x.transpose(1, 2), whole).transpose(1, 2)
         latent = self.net.downsample(x)[0].T  # [frames, hidden]
         groups = ((0, self.num_semantic), (self.num_semantic, self.num_codebooks))
         codes = []

@@ -9,13 +9,15 @@ carries its left context from one chunk to the next (`StreamState`):
 - windowed attention keeps the keys and values of its last `sliding_window` - 1 positions, and the number of
   positions seen (for RoPE).
 
-A batch may hold requests at different points of their streams; layers read each row's context from its
-state and stage the new context, committed only once the whole batch has decoded (`StateBatch`).
+A batch may hold requests at different points of their streams; layers read each row's context from the
+codec's `StatePool` (fixed device buffers, a row per request) and stage the new context, committed only once the
+whole batch has decoded (`StateBatch`).
 """
 
 from __future__ import annotations
 
 import math
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -28,53 +30,117 @@ from streamvox.layers.rotary import RotaryEmbedding
 
 @dataclass
 class StreamState:
-    """The left context of one request's decode, updated in place by each of its chunks (one at a time)."""
+    """One request's stream: its row of the codec's StatePool (given at its first decode) and how far it got."""
 
-    tensors: dict[int, torch.Tensor] = field(default_factory=dict)  # per streaming layer slot: [C, context]
-    keys: dict[int, torch.Tensor] = field(default_factory=dict)  # per transformer layer: [H, num_kept, D]
-    values: dict[int, torch.Tensor] = field(default_factory=dict)
+    row: int | None = None
     num_positions: int = 0  # transformer (25 Hz) positions decoded so far
+    kept: dict[int, int] = field(default_factory=dict)  # per transformer layer: real past keys held (< window)
+    is_released: bool = False
+
+
+class StatePool:
+    """Every request's left context in fixed device buffers, a row per request: [rows, channels, length] per
+    streaming layer slot, [rows, kv_heads, window - 1, head_dim] keys and values per transformer layer (a row's
+    kept keys right-aligned). A row is zeroed when it is handed out (the context before a stream's first chunk)
+    and comes back when its request is released; the buffers grow (double) only when every row is taken, so a
+    chunk allocates no state. Rows are handed out by the decoding thread; `release` may come from another."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.capacity = 0
+        self.buffers: dict[tuple[str, int], torch.Tensor] = {}
+        self._free: list[int] = []
+        self._released: deque[int] = deque()  # appended by any thread, taken back by `assign`
+
+    def assign(self, states: list[StreamState]) -> torch.Tensor:
+        """The rows of `states` on the device [B] int64, handing fresh (zeroed) rows to new streams."""
+        while self._released:
+            self._free.append(self._released.popleft())
+        for state in states:
+            if state.row is None:
+                if not self._free:
+                    self._grow()
+                state.row = self._free.pop()
+                for buffer in self.buffers.values():
+                    buffer[state.row].zero_()
+        return torch.tensor([state.row for state in states], dtype=torch.int64).to(self.device)
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free) + len(self._released)
+
+    def release(self, state: StreamState) -> None:
+        """The stream is over: its row may go to another (at the next `assign`)."""
+        if state.row is not None and not state.is_released:
+            state.is_released = True
+            self._released.append(state.row)
+
+    def buffer(self, key: tuple[str, int], shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """[capacity, *shape] of one layer's context (made, zeroed, on its first use)."""
+        if (buffer := self.buffers.get(key)) is None:
+            with torch.inference_mode(False):  # updated in place by decodes in and out of inference mode
+                buffer = torch.zeros((self.capacity, *shape), dtype=dtype, device=self.device)
+            self.buffers[key] = buffer
+        return buffer
+
+    def _grow(self) -> None:
+        capacity = max(8, 2 * self.capacity)
+        for key, old in self.buffers.items():
+            with torch.inference_mode(False):
+                new = old.new_zeros((capacity, *old.shape[1:]))
+                new[: self.capacity] = old
+            self.buffers[key] = new
+        self._free += range(capacity - 1, self.capacity - 1, -1)  # lowest first
+        self.capacity = capacity
 
 
 class StateBatch:
-    """The states of the requests decoded together (rows in batch order). Layers read the old context and stage
-    the new one; `commit` applies it only once the whole batch has decoded, so a failed batch leaves every
-    state as it was and its chunks can be retried."""
+    """The streams decoded together (rows in batch order). Layers read the old context from the pool and stage
+    the new one; `commit` writes it only once the whole batch has decoded, so a failed batch leaves every stream
+    as it was and its chunks can be retried."""
 
-    def __init__(self, states: list[StreamState]) -> None:
+    def __init__(self, states: list[StreamState], pool: StatePool) -> None:
         self.states = states
-        self._staged: list[tuple[str, int, list[torch.Tensor]]] = []  # (state field, slot, one tensor per row)
+        self.pool = pool
+        self.rows = pool.assign(states)
+        self._staged: list[tuple[tuple[str, int], torch.Tensor]] = []  # (buffer key, [B, ...] new context)
+        self._kept: list[tuple[int, list[int]]] = []
         self._num_new_positions = 0
 
     def past(self, slot: int, channels: int, length: int, like: torch.Tensor) -> torch.Tensor:
         """[B, channels, length] context of one layer; zeros for a request's first chunk."""
-        zeros = None
-        rows = []
-        for state in self.states:
-            row = state.tensors.get(slot)
-            if row is None:
-                zeros = like.new_zeros(channels, length) if zeros is None else zeros
-                row = zeros
-            rows.append(row)
-        return torch.stack(rows)
+        return self.pool.buffer(("conv", slot), (channels, length), like.dtype).index_select(0, self.rows)
 
     def keep(self, slot: int, context: torch.Tensor) -> None:
-        self._staged.append(("tensors", slot, list(context.clone().unbind(0))))
+        self._staged.append((("conv", slot), context))
 
-    def keep_kv(self, layer_index: int, keys: list[torch.Tensor], values: list[torch.Tensor]) -> None:
-        self._staged += [("keys", layer_index, keys), ("values", layer_index, values)]
+    def past_kv(self, layer_index: int, shape: tuple[int, int, int],
+                like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """[B, kv_heads, window - 1, head_dim] past keys and values of one transformer layer (right-aligned;
+        `kept` says how many of each row's are real)."""
+        return tuple(self.pool.buffer((name, layer_index), shape, like.dtype).index_select(0, self.rows)
+                     for name in ("keys", "values"))
+
+    def kept(self, layer_index: int) -> list[int]:
+        return [state.kept.get(layer_index, 0) for state in self.states]
+
+    def keep_kv(self, layer_index: int, keys: torch.Tensor, values: torch.Tensor, kept: list[int]) -> None:
+        self._staged += [(("keys", layer_index), keys), (("values", layer_index), values)]
+        self._kept.append((layer_index, kept))
 
     def advance(self, num_positions: int) -> None:
         """The attention positions this chunk adds (applied with the rest at commit)."""
         self._num_new_positions = num_positions
 
     def commit(self) -> None:
-        for name, slot, rows in self._staged:
-            for state, row in zip(self.states, rows, strict=True):
-                getattr(state, name)[slot] = row
+        for key, context in self._staged:
+            self.pool.buffers[key].index_copy_(0, self.rows, context)
+        for layer_index, kept in self._kept:
+            for state, num_kept in zip(self.states, kept, strict=True):
+                state.kept[layer_index] = num_kept
         for state in self.states:
             state.num_positions += self._num_new_positions
-        self._staged = []
+        self._staged, self._kept = [], []
         self._num_new_positions = 0
 
 
@@ -174,12 +240,11 @@ class WindowedAttention(nn.Module):
         q = q.view(num_rows, num_new, self.num_heads, self.head_dim).transpose(1, 2)  # [B, H, T, D]
         k = k.view(num_rows, num_new, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = v.transpose(1, 2)
-        pasts = [state.keys.get(self.layer_index) for state in batch.states]
-        kept = [0 if past is None else past.shape[1] for past in pasts]
-        num_past = max(kept)
-        if num_past:  # left-pad every row's kept keys to the longest
-            k = torch.cat([self._padded(batch, "keys", kept, num_past, k), k], dim=2)
-            v = torch.cat([self._padded(batch, "values", kept, num_past, v), v], dim=2)
+        # every row's past is the pool's window - 1 columns; those before its kept keys are masked
+        num_past = self.window - 1
+        kept = batch.kept(self.layer_index)
+        past_k, past_v = batch.past_kv(self.layer_index, (self.num_kv_heads, num_past, self.head_dim), k)
+        k, v = torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2)
         # key column j sits (num_past + i - j) positions before query i; it is visible if that distance is in
         # [0, window) and the column holds a real key of this row
         columns = torch.arange(num_past + num_new, device=device)
@@ -193,18 +258,9 @@ class WindowedAttention(nn.Module):
         scores = torch.matmul(q, keys.transpose(2, 3)) / math.sqrt(self.head_dim)
         scores = scores.masked_fill(~mask[:, None], float("-inf"))
         out = torch.matmul(F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype), values)  # [B, H, T, D]
-        num_keeps = [min(self.window - 1, num_kept + num_new) for num_kept in kept]
-        batch.keep_kv(self.layer_index, [k[row, :, k.shape[2] - n :].clone() for row, n in enumerate(num_keeps)],
-                      [v[row, :, v.shape[2] - n :].clone() for row, n in enumerate(num_keeps)])
+        batch.keep_kv(self.layer_index, k[:, :, num_new:], v[:, :, num_new:],
+                      [min(num_past, num_kept + num_new) for num_kept in kept])
         return self.o_proj(out.transpose(1, 2).reshape(num_rows, num_new, -1))
-
-    def _padded(self, batch: StateBatch, name: str, kept: list[int], num_past: int, like: torch.Tensor) -> torch.Tensor:
-        rows = []
-        for state, num_kept in zip(batch.states, kept, strict=True):
-            row = getattr(state, name).get(self.layer_index)
-            pad = like.new_zeros(self.num_kv_heads, num_past - num_kept, self.head_dim)
-            rows.append(pad if row is None else torch.cat([pad, row], dim=1))
-        return torch.stack(rows)
 
 
 def random_tensors(shapes: dict[str, tuple[int, ...]], generator: torch.Generator, ones: tuple[str, ...],
@@ -244,6 +300,17 @@ class StreamingCodec:
     def new_state(self) -> StreamState:
         return StreamState()
 
+    def release(self, state: StreamState) -> None:
+        """A stream is over: its row of the state pool may serve another."""
+        if (pool := getattr(self, "_pool", None)) is not None:
+            pool.release(state)
+
+    @property
+    def pool(self) -> StatePool:
+        if getattr(self, "_pool", None) is None or self._pool.device != self.device:
+            self._pool = StatePool(self.device)
+        return self._pool
+
     def decode(self, codes: list[torch.Tensor], states: list[StreamState]) -> list[torch.Tensor]:
         """codes [num_frames, num_codebooks] per request, each with its own state (a request appears at most
         once) -> float32 PCM per request. Chunks of the same length run as one batch."""
@@ -262,7 +329,7 @@ class StreamingCodec:
                 for index in indices:
                     out[index] = torch.zeros(0, device=self.device)
                 continue
-            batch = StateBatch([states[i] for i in indices])
+            batch = StateBatch([states[i] for i in indices], self.pool)
             pcm = self._decode_batch(torch.stack([codes[i] for i in indices]).to(self.device), batch)
             batches.append(batch)
             for row, index in enumerate(indices):

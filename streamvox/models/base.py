@@ -173,6 +173,10 @@ class SpeechModel(ABC):
         """Fresh per-request codec state, handed back in every ChunkJob (None for a stateless codec)."""
         return None
 
+    def release_codec_state(self, state: Any) -> None:
+        """A request's stream is over (no chunk of it is decoding): what its state holds may serve another."""
+        return None
+
     def resolve_voice(self, voice: str | None) -> str | None:
         """The voice to use; ValueError listing the choices when `voice` is unknown."""
         if voice is None:

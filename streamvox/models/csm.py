@@ -279,6 +279,9 @@ class CsmModel(SpeechModel):
     def new_codec_state(self):
         return self.codec.new_state()
 
+    def release_codec_state(self, state) -> None:
+        self.codec.release(state)
+
     def decode_chunks(self, jobs: list[ChunkJob]) -> list[torch.Tensor]:
         codes = [job.frames[job.start_frame : job.end_frame].clamp(0, self.num_codes - 1) for job in jobs]
         return self.codec.decode(codes, [job.state for job in jobs])

@@ -53,6 +53,7 @@ class CodecRunner:
         self.model = model
         self.plan = audio_plan(model)
         self.requests: dict[str, _CodecRequest] = {}
+        self._orphans: dict[str, Any] = {}  # codec states of requests dropped while a chunk of theirs decodes
         self._pinned: torch.Tensor | None = None  # CUDA: page-locked host buffer the codec's PCM is copied into
         # CUDA: the codec's own stream, so its kernels overlap the LM step running on the default one (codec
         # state is made and used on this stream only; its inputs come from the host)
@@ -74,8 +75,13 @@ class CodecRunner:
             self.requests[request_id].is_complete = True
 
     def drop(self, request_id: str) -> None:
-        """Forget a request (cancelled, or failed); a chunk of it still decoding is then ignored."""
-        self.requests.pop(request_id, None)
+        """Forget a request (cancelled, or failed); a chunk of it still decoding is then ignored (and its codec
+        state released once that chunk is back)."""
+        request = self.requests.pop(request_id, None)
+        if request is not None and request.is_in_flight:
+            self._orphans[request_id] = request.state
+        elif request is not None:
+            self.model.release_codec_state(request.state)
 
     def ready(self) -> list[tuple[str, int, bool]]:
         """(request_id, frames ready to decode, is_complete) of every request with a chunk ready and none in
@@ -144,12 +150,15 @@ class CodecRunner:
         chunks = []
         for chunk, pcm in zip(pending, pcms, strict=True):
             request = self.requests.get(chunk.request_id)
-            if request is None:
-                continue  # dropped while it was decoding
+            if request is None:  # dropped while it was decoding
+                if (state := self._orphans.pop(chunk.request_id, None)) is not None:
+                    self.model.release_codec_state(state)
+                continue
             request.is_in_flight = False
             chunks.append(AudioChunk(chunk.request_id, pcm, chunk.start_frame, chunk.end_frame, chunk.is_last))
             if chunk.is_last:
                 del self.requests[chunk.request_id]
+                self.model.release_codec_state(request.state)
         return chunks
 
     def _ready_end(self, request: _CodecRequest) -> int | None:

@@ -89,6 +89,11 @@ class DecodeGraphs:
     def max_rows(self) -> int:
         return self.buckets[-1]
 
+    @property
+    def max_context(self) -> int:
+        """The longest context a row's table can hold (longer rows run eagerly)."""
+        return self.block_tables.shape[1] * self.block_size
+
     def bucket(self, num_rows: int) -> int:
         """The smallest bucket that holds `num_rows` (at most max_rows)."""
         return next(b for b in self.buckets if b >= num_rows)

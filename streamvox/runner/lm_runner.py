@@ -95,7 +95,7 @@ class LMRunner:
         self.group_bytes = GPU_GROUP_BYTES if self.device.type == "cuda" else CPU_GROUP_BYTES
         self.requests: dict[str, _RunnerRequest] = {}
         # with graphs, room for every row a step may hold: the depth graphs read the sampler's tables in place
-        self.sampler = Sampler(config.vocab_size, self.device, capacity=max(16, 2 * graph_rows))
+        self.sampler = Sampler(config.vocab_size, self.device, capacity=max(16, graph_rows + 16))
         self.staging = Staging(self.device)
         self.stop_ids = torch.tensor(sorted(model.stop_token_ids), dtype=torch.int64).to(self.device)
         self.graphs = self.depth_graphs = None
@@ -114,8 +114,15 @@ class LMRunner:
         cost, or None."""
         if self.graphs is None or self.device.type != "cuda":
             return None
-        with torch.inference_mode():
-            captures = [graphs.capture() for graphs in (self.graphs, self.depth_graphs) if graphs is not None]
+        try:
+            with torch.inference_mode():
+                captures = [graphs.capture() for graphs in (self.graphs, self.depth_graphs) if graphs is not None]
+        except Exception:  # noqa: BLE001 - serve eagerly rather than not at all
+            logger.exception("capturing CUDA graphs failed; decode steps run eagerly through the same buffers")
+            for graphs in (self.graphs, self.depth_graphs):
+                if graphs is not None:
+                    graphs.graphs = {}
+            return None
         capture = Capture(captures[0].buckets, sum(c.seconds for c in captures), sum(c.bytes for c in captures))
         logger.info("captured %s graphs for batch sizes %s in %.1f s, %.0f MiB",
                     "decode and depth loop" if len(captures) > 1 else "decode", ",".join(map(str, capture.buckets)),
@@ -210,7 +217,10 @@ class LMRunner:
         decode = [row for row in rows if row.num_tokens == 1]
         ordered = decode + [row for row in rows if row.num_tokens > 1]
         graphs = self.graphs
-        num_graph_rows = len(decode) if graphs is not None and 0 < len(decode) <= graphs.max_rows else 0
+        num_graph_rows = 0
+        if graphs is not None and 0 < len(decode) <= graphs.max_rows and \
+                all(row.start_position < graphs.max_context for row in decode):
+            num_graph_rows = len(decode)
         host = _HostStep()
         for row in ordered:
             host.add(row, self.requests[row.request_id], self.block_size, num_graph_rows)

@@ -58,6 +58,8 @@ def _profile(model: SpeechModel, num_tokens: int, num_blocks: int, block_size: i
     frames = torch.zeros(1, model.codes_per_frame, dtype=torch.int64)
     jobs = [ChunkJob(frames, 0, 1, True, seed, model.new_codec_state()) for seed in range(num_codec_jobs)]
     model.decode_chunks(jobs)
+    for job in jobs:
+        model.release_codec_state(job.state)
 
 
 def kv_blocks(model: SpeechModel, cache: CacheConfig, scheduler: SchedulerConfig) -> int:

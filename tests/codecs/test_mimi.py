@@ -97,7 +97,8 @@ def test_attention_context_is_bounded_by_the_sliding_window(tiny_dir):
     assert _relative_error(chunked, whole) < 1e-5
     state = codec.new_state()
     codec.decode([codes], [state])
-    assert all(keys.shape[1] == 5 for keys in state.keys.values())  # window - 1 positions kept, no more
+    assert set(state.kept.values()) == {5}  # window - 1 positions kept, no more
+    assert all(buffer.shape[2] == 5 for (name, _), buffer in codec.pool.buffers.items() if name == "keys")
     unbounded = MimiCodec.load(tiny_dir).decode([codes], [MimiCodec.load(tiny_dir).new_state()])[0]
     assert _relative_error(whole, unbounded) > 1e-3  # the window really limits what is attended
 
@@ -150,3 +151,28 @@ def test_encoder_codes_equal_the_reference(tiny_dir, reference, num_samples):
         expected = reference.encode(pcm[None, None]).audio_codes[0].T  # [frames, 32]
     ours = encoder.encode(pcm)
     assert ours.shape == expected.shape == (-(-num_samples // SPF), K) and torch.equal(ours, expected)
+
+
+def test_streams_keep_their_context_in_a_fixed_pool_of_rows(tiny_dir):
+    """Eight streams decoding chunk after chunk use the same state buffers throughout (nothing reallocated per
+    chunk), and once released their rows serve new streams, which start from silence like any fresh one."""
+    codec = MimiCodec.load(tiny_dir)
+    streams = [_codes(6, seed=30 + i) for i in range(8)]
+    expected = [codec.decode([codes], [codec.new_state()])[0] for codes in streams]
+    states = [codec.new_state() for _ in streams]
+    pieces = [codec.decode([codes[:2] for codes in streams], states)]
+    pool = codec.pool
+    layout = {key: (buffer.data_ptr(), buffer.shape) for key, buffer in pool.buffers.items()}
+    for start in (2, 4):
+        pieces.append(codec.decode([codes[start : start + 2] for codes in streams], states))
+    assert {key: (buffer.data_ptr(), buffer.shape) for key, buffer in pool.buffers.items()} == layout
+    for i, want in enumerate(expected):
+        assert _relative_error(torch.cat([piece[i] for piece in pieces]), want) < 1e-5
+    capacity = pool.capacity
+    for state in states:
+        codec.release(state)
+    again = [codec.new_state() for _ in streams]
+    fresh = codec.decode([codes[:3] for codes in streams], again)  # on the rows the first streams left
+    assert pool.capacity == capacity and {state.row for state in again} <= {state.row for state in states}
+    for i, want in enumerate(expected):
+        assert _relative_error(fresh[i], want[: 3 * SPF]) < 1e-5

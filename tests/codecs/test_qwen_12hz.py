@@ -109,6 +109,6 @@ def test_a_call_failing_in_its_second_group_commits_no_state(codec, monkeypatch)
         patch.setattr(codec, "_decode_batch", second_fails)
         with pytest.raises(RuntimeError, match="injected"):
             codec.decode([short, long], states)
-    assert len(calls) == 2 and all(state.num_positions == 0 and not state.tensors for state in states)
+    assert len(calls) == 2 and all(state.num_positions == 0 and not state.kept for state in states)
     retried = codec.decode([short], [states[0]])[0]
     assert torch.equal(retried, codec.decode([short], [codec.new_state()])[0])

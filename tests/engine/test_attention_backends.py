@@ -145,3 +145,25 @@ def test_padded_rows_write_only_the_scratch_block(tiny_model):
                              ()))  # 3 rows: bucket 4, one padded row
     written = (runner.kv_cache != before).flatten(3).any(-1).any(0).any(0).nonzero().flatten().tolist()
     assert written == sorted([tables[n][len(p) // 16] for n, p in prompts.items()] + [num_blocks])
+
+
+def test_rows_longer_than_the_graphs_tables_run_eagerly(tiny_model):
+    """A decode row past the static tables' reach (here 32 positions) is not squeezed into them: the step runs
+    eagerly and samples what the gather backend samples."""
+    from streamvox.batch import NewRequest, ScheduledRow, StepBatch
+    from streamvox.config import SamplingParams
+
+    sampling = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True, seed=0)
+    prompt = tiny_model.prepare(" ".join(TEXTS[2:]), None)
+    assert 32 < len(prompt) < 120
+    tokens = []
+    for options in ({"attention": "gather"}, {"attention": "triton", "graph_rows": 4, "max_context": 32}):
+        runner = LMRunner(tiny_model, 16, 16, torch.float32, **options)
+        table = tuple(range(8))
+        out = [runner.execute(StepBatch((NewRequest("a", tuple(prompt), sampling, 0),),
+                                        (ScheduledRow("a", 0, len(prompt), table, True),), ()))]
+        out += [runner.execute(StepBatch((), (ScheduledRow("a", len(prompt) + i, 1, table, True),), ()))
+                for i in range(3)]
+        tokens.append([o.step_tokens for o in out])
+    assert tokens[0] == tokens[1]
+    assert runner.graphs.max_context == 32 and runner.kv_cache[:, :, 16].abs().sum() == 0  # scratch untouched

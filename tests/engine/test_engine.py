@@ -148,3 +148,26 @@ def test_request_too_long_for_the_whole_cache_ends_its_stream_with_capacity(make
     assert engine.pool.is_full and not engine.has_unfinished()
     healthy = engine.submit("next", None, greedy(7, seed=2))
     assert engine.result(healthy).finish_reason == "length"
+
+
+def test_codec_state_rows_come_back_when_streams_end_or_are_cancelled(engine_for, tmp_path):
+    """CSM's Mimi keeps each stream's context in a pooled row: finished and cancelled streams (some cancelled
+    while a chunk of theirs is decoding) give their rows back, and later streams reuse them."""
+    from streamvox.models.csm import write_tiny
+    from streamvox.runner.weights import load_model
+
+    model = load_model(str(write_tiny(tmp_path / "csm")))
+    engine = engine_for(model, max_num_seqs=4)
+    pool = model.codec.pool
+    ids = []
+    for i in range(12):
+        ids.append(engine.submit(TEXTS[i % len(TEXTS)], None, model.default_sampling.replace(
+            seed=i, max_tokens=4 + i % 5, ignore_eos=True)))
+        for _ in range(2):
+            engine.step()
+        if i % 3 == 2:
+            engine.cancel(ids[-2])
+    while engine.has_unfinished():
+        engine.step()
+    assert pool.capacity <= 8 and pool.num_free == pool.capacity  # 4 at a time, every row back
+    assert not engine.codec_runner.requests and not engine.codec_runner._orphans
