@@ -183,7 +183,7 @@ def _batch(args) -> int:
     from streamvox.jobs import run_batch
 
     summary = run_batch(args.texts, args.out, args.model, args.format, args.max_num_seqs, device=args.device,
-                        dtype=args.dtype)
+                        dtype=args.dtype, attention=args.attention, cuda_graphs=args.cuda_graphs)
     return 1 if summary["failed"] else 0
 
 

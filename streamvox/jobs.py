@@ -39,7 +39,8 @@ class Item:
 
 
 def run_batch(texts_path: str, out_dir: str, model: str = "tiny-orpheus", fmt: str = "wav",
-              max_num_seqs: int = 32, stream=sys.stderr, device: str = "auto", dtype: str = "auto") -> dict:
+              max_num_seqs: int = 32, stream=sys.stderr, device: str = "auto", dtype: str = "auto",
+              attention: str = "auto", cuda_graphs: bool = True) -> dict:
     if fmt not in available_formats():
         raise ValueError(f"unknown or unavailable format {fmt!r}; use one of {', '.join(available_formats())}")
     out = Path(out_dir)
@@ -55,7 +56,8 @@ def run_batch(texts_path: str, out_dir: str, model: str = "tiny-orpheus", fmt: s
         is_cuda = resolve_device(device).type == "cuda"  # a GPU's KV cache takes its share of the memory
         engine = Engine.from_pretrained(model, device=device, dtype=dtype, scheduler=SchedulerConfig(
             policy="offline", max_num_seqs=max_num_seqs, max_queue_len=1_000_000, max_num_batched_tokens=2048),
-            cache=CacheConfig(kv_cache_mb=0 if is_cuda else 1024))
+            cache=CacheConfig(kv_cache_mb=0 if is_cuda else 1024), attention=attention, cuda_graphs=cuda_graphs)
+        engine.lm_runner.capture_graphs()  # CUDA: decode steps replay graphs (no warm-up: no cost model needed)
         for number, record in todo_records:
             try:
                 todo.append(_item(record, engine))

@@ -9,10 +9,10 @@ layer: rows of similar context length, on the CPU few enough that a group's gath
 cache between the gather and the attention that reads it. Each row gathers only the blocks its context covers,
 so a step costs about the sum of its rows' context lengths rather than batch size times the longest one.
 
-Two backends plan a step's decode rows (`ATTENTION_BACKENDS`): `gather` (the groups above, plain PyTorch: the
-CPU's) and `triton`, whose rows read the cache in place through their block tables (`PagedDecode`: the kernel in
-triton_attention.py on CUDA or under Triton's interpreter, else the same sum in PyTorch). Prefill chunks run
-through SDPA over their gathered context in both.
+Two backends (`ATTENTION_BACKENDS`): `gather` (the decode groups above, and prefill chunks through SDPA over
+their gathered context; plain PyTorch, the CPU's) and `triton`, whose decode rows and prefill chunks read the
+cache in place through their block tables (`PagedDecode`, `PagedPrefill`: the kernel in triton_attention.py on
+CUDA or under Triton's interpreter, else the same sums in PyTorch).
 """
 
 from __future__ import annotations
@@ -86,6 +86,17 @@ class PagedDecode:
     context_lens: torch.Tensor  # [R] int64: positions each row attends, itself included
 
 
+PREFILL_TOKENS = 16  # triton: prefill tokens one kernel program takes
+
+
+@dataclass(frozen=True)
+class PagedPrefill:
+    """Prefill chunks that read the cache in place (the `triton` backend), cut in tiles of PREFILL_TOKENS."""
+
+    block_tables: torch.Tensor  # [S, width] int64: each chunk's sequence's block ids
+    tiles: torch.Tensor  # [N, 4] int64: first token in the batch, tokens, block-table row, first token's position + 1
+
+
 @dataclass(frozen=True)
 class AttentionMetadata:
     """Where each batch token's K/V goes and what each query may see."""
@@ -94,6 +105,7 @@ class AttentionMetadata:
     decode_groups: tuple[DecodeGroup, ...]
     prefills: tuple[PrefillSpan, ...]
     paged: PagedDecode | None = None
+    paged_prefill: PagedPrefill | None = None
 
 
 def resolve_backend(name: str, device: torch.device) -> str:
@@ -161,10 +173,10 @@ def paged_attention(
     v_cache.view(-1, num_kv_heads, head_dim)[meta.slot_mapping] = v
     out = torch.empty_like(q)
     if (paged := meta.paged) is not None:
-        decoded = paged_decode(q[: paged.num_rows], k_cache, v_cache, paged.block_tables, paged.context_lens, scale)
-        if paged.num_rows == q.shape[0]:
-            return decoded
-        out[: paged.num_rows] = decoded
+        rows = paged.num_rows
+        paged_decode(q[:rows], k_cache, v_cache, paged.block_tables, paged.context_lens, scale, out[:rows])
+    if (chunks := meta.paged_prefill) is not None:
+        paged_prefill(q, k_cache, v_cache, chunks.block_tables, chunks.tiles, out, scale)
     for group in meta.decode_groups:
         out[group.token_index] = _decode(q[group.token_index], k_cache, v_cache, group, scale)
     for span in meta.prefills:
@@ -205,15 +217,36 @@ def _prefill(q, k_cache, v_cache, span: PrefillSpan, scale: float) -> torch.Tens
     return out[0].transpose(0, 1)
 
 
+def _runs_kernel(q: torch.Tensor) -> bool:
+    """Whether the Triton kernel runs for `q`: on CUDA, or on the CPU under TRITON_INTERPRET=1."""
+    return q.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+
+
 def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-                 context_lens: torch.Tensor, scale: float) -> torch.Tensor:
-    """One query per row over its context read through its block table: [R, Hq, D] -> [R, Hq, D]. The Triton
-    kernel where it runs (CUDA, or the CPU under TRITON_INTERPRET=1), else a PyTorch gather with the same result."""
-    if q.is_cuda or os.environ.get("TRITON_INTERPRET") == "1":
+                 context_lens: torch.Tensor, scale: float, out: torch.Tensor | None = None) -> torch.Tensor:
+    """One query per row over its context read through its block table: [R, Hq, D] -> [R, Hq, D] (into `out`
+    when given). The Triton kernel where it runs, else a PyTorch gather with the same result."""
+    if _runs_kernel(q):
         from streamvox.layers import triton_attention
 
-        return triton_attention.paged_decode(q, k_cache, v_cache, block_tables, context_lens, scale)
-    return paged_decode_torch(q, k_cache, v_cache, block_tables, context_lens, scale)
+        return triton_attention.paged_decode(q, k_cache, v_cache, block_tables, context_lens, scale, out)
+    result = paged_decode_torch(q, k_cache, v_cache, block_tables, context_lens, scale)
+    return result if out is None else out.copy_(result)
+
+
+def paged_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                  tiles: torch.Tensor, out: torch.Tensor, scale: float) -> None:
+    """Each tile's tokens attend causally over their sequence's cache, written into `out` (PagedPrefill); the
+    kernel where it runs, else each tile through SDPA over its gathered context."""
+    if _runs_kernel(q):
+        from streamvox.layers import triton_attention
+
+        triton_attention.paged_prefill(q, k_cache, v_cache, block_tables, tiles, out, scale)
+        return
+    for first, count, seq, context in tiles.tolist():  # the CPU: reading the tiles costs nothing
+        rows = slice(first, first + count)
+        out[rows] = _prefill(q[rows], k_cache, v_cache, PrefillSpan(first, count, context - 1, block_tables[seq]),
+                             scale)
 
 
 def paged_decode_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,

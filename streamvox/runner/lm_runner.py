@@ -20,9 +20,11 @@ from streamvox.batch import ScheduledRow, StepBatch, StepOutput
 from streamvox.layers.attention import (
     CPU_GROUP_BYTES,
     GPU_GROUP_BYTES,
+    PREFILL_TOKENS,
     AttentionMetadata,
     DecodeGroup,
     PagedDecode,
+    PagedPrefill,
     PrefillSpan,
     plan_decode,
 )
@@ -239,7 +241,7 @@ class LMRunner:
             graph = (bucket, width)
             arrays.append(layout)
         eager_from = num_graph_rows * max(1, host.width)
-        eager_arrays, build_eager = host.eager(num_graph_rows, eager_from, self._plan_decode)
+        eager_arrays, build_eager = host.eager(num_graph_rows, eager_from, self._plan_decode, self._plan_prefill)
         arrays += eager_arrays
         arrays += self.sampler.stage(states)
         views = iter(self.staging.upload(arrays))
@@ -267,6 +269,25 @@ class LMRunner:
             return tuple(DecodeGroup.on_device(plan, next(views), next(views), next(views)) for plan in plans), None
 
         return [a for plan in plans for a in (plan.token_index, plan.block_ids, plan.context_lens or [])], grouped
+
+    def _plan_prefill(self, prefills: list[tuple[int, int, int, list[int]]]) -> tuple[list[list[int]], Callable]:
+        """The prefill chunks' attention metadata -> (host arrays, builder taking their device views)."""
+        if self.attention == "triton":
+            width = max(len(table) for *_, table in prefills)
+            flat = [b for *_, table in prefills for b in table + [0] * (width - len(table))]
+            tiles = [value for seq, (start, count, position, _) in enumerate(prefills)
+                     for i in range(0, count, PREFILL_TOKENS)
+                     for value in (start + i, min(PREFILL_TOKENS, count - i), seq, position + i + 1)]
+
+            def paged(views) -> tuple[tuple[PrefillSpan, ...], PagedPrefill]:
+                return (), PagedPrefill(next(views).view(len(prefills), width), next(views).view(-1, 4))
+
+            return [flat, tiles], paged
+
+        def spans(views) -> tuple[tuple[PrefillSpan, ...], None]:
+            return tuple(PrefillSpan(start, num, position, next(views)) for start, num, position, _ in prefills), None
+
+        return [table for *_, table in prefills], spans
 
 
 class _HostStep:
@@ -308,22 +329,25 @@ class _HostStep:
         return (self.input_ids[: count * max(1, self.width)], self.positions[:count], self.slots[:count],
                 self.lens[:count], self.tables[:count])
 
-    def eager(self, skip_rows: int, skip_ids: int, plan_decode: Callable) -> tuple[list, Callable]:
+    def eager(self, skip_rows: int, skip_ids: int, plan_decode: Callable,
+              plan_prefill: Callable) -> tuple[list, Callable]:
         """Host arrays of the tokens past the first `skip_rows` (taken by the graphs), and a builder of their
         _Forward from the device views (None when no token is left)."""
         tables, lens = self.tables[skip_rows:], self.lens[skip_rows:]
-        decode_arrays, build_decode = plan_decode(tables, lens) if lens else ([], lambda views: ((), None))
-        arrays = [self.input_ids[skip_ids:], self.positions[skip_rows:], self.slots[skip_rows:], *decode_arrays]
-        arrays += [table for *_, table in self.prefills]
-        width, prefills = self.width, self.prefills
+        nothing = ([], lambda views: ((), None))
+        decode_arrays, build_decode = plan_decode(tables, lens) if lens else nothing
+        prefill_arrays, build_prefill = plan_prefill(self.prefills) if self.prefills else nothing
+        arrays = [self.input_ids[skip_ids:], self.positions[skip_rows:], self.slots[skip_rows:], *decode_arrays,
+                  *prefill_arrays]
+        width = self.width
 
         def build(views) -> _Forward | None:
             ids, positions, slots = next(views), next(views), next(views)
             groups, paged = build_decode(views)
-            spans = tuple(PrefillSpan(start, num, position, next(views)) for start, num, position, _ in prefills)
+            spans, paged_prefill = build_prefill(views)
             if not positions.numel():
                 return None
-            return _Forward(ids.view(-1, width) if width else ids, positions, AttentionMetadata(slots, groups, spans,
-                                                                                                 paged))
+            meta = AttentionMetadata(slots, groups, spans, paged, paged_prefill)
+            return _Forward(ids.view(-1, width) if width else ids, positions, meta)
 
         return arrays, build

@@ -1,9 +1,10 @@
 """The GPU path's attention and decode graphs, checked on the CPU.
 
-The Triton kernel runs here under Triton's interpreter (TRITON_INTERPRET=1, set in conftest.py), on random
-block tables, ragged context lengths, GQA ratios and padded rows, against attention computed row by row in
-float64. The static-buffer decode runner (what CUDA graphs replay) runs its padded buffers eagerly here: it must
-give exactly the eager engine's tokens, and its padded rows must write nothing but the scratch block."""
+The Triton kernel runs here under Triton's interpreter (TRITON_INTERPRET=1, set in conftest.py), for decode rows
+and prefill chunks over cached prefixes, on random block tables, ragged context lengths, GQA ratios and padded
+rows, against attention computed row by row in float64. The static-buffer decode runner (what CUDA graphs
+replay) runs its padded buffers eagerly here: it must give exactly the eager engine's tokens, and its padded rows
+must write nothing but the scratch block."""
 
 import os
 
@@ -66,6 +67,42 @@ def test_the_kernel_attends_like_the_reference(heads, kv_heads, dim, block_size,
     # the PyTorch fallback (CUDA-less machines without the interpreter) computes the same thing
     fallback = attention.paged_decode_torch(q, k_cache, v_cache, tables, lens, scale)
     assert (fallback.double() - want).abs().max().item() < tolerance
+
+
+@pytest.mark.parametrize(("heads", "kv_heads", "dim", "block_size", "dtype"), CASES[1:])
+def test_prefill_chunks_attend_causally_over_their_cached_prefix(heads, kv_heads, dim, block_size, dtype,
+                                                                 monkeypatch):
+    """Chunks of 1, 16, 23 and 40 tokens starting at positions 0, 5, 31 and 64 of their sequences (the ones not at
+    0 continue a prefix already in the cache), cut into tiles of 16: every token sees exactly its own positions
+    0 .. itself."""
+    from streamvox.layers.triton_attention import paged_prefill
+
+    generator = torch.Generator().manual_seed(heads + dim)
+    num_blocks = 64
+    k_cache = torch.randn(num_blocks, block_size, kv_heads, dim, generator=generator).to(dtype)
+    v_cache = torch.randn(num_blocks, block_size, kv_heads, dim, generator=generator).to(dtype)
+    chunks = [(1, 0), (16, 5), (23, 31), (40, 64)]  # (tokens, start position)
+    tables = torch.stack([torch.randperm(num_blocks, generator=generator)[:16] for _ in chunks])
+    total = sum(count for count, _ in chunks) + 3  # 3 rows of decode tokens in front, left alone
+    q = torch.randn(total, heads, dim, generator=generator).to(dtype)
+    tiles, first = [], 3
+    for seq, (count, start) in enumerate(chunks):
+        tiles += [[first + i, min(16, count - i), seq, start + i + 1] for i in range(0, count, 16)]
+        first += count
+    out = torch.full_like(q, 7.0)
+    paged_prefill(q, k_cache, v_cache, tables, torch.tensor(tiles), out, dim**-0.5)
+    assert (out[:3] == 7.0).all()
+    token_tables, lens = [], []
+    for seq, (count, start) in enumerate(chunks):  # each prefill token as a row of its own
+        token_tables += [tables[seq]] * count
+        lens += [start + i + 1 for i in range(count)]
+    want = reference(q[3:], k_cache, v_cache, torch.stack(token_tables), torch.tensor(lens), dim**-0.5)
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    assert (out[3:].double() - want).abs().max().item() < tolerance
+    monkeypatch.delenv("TRITON_INTERPRET")  # the PyTorch way, for CUDA-less machines without the interpreter
+    fallback = torch.full_like(q, 7.0)
+    attention.paged_prefill(q, k_cache, v_cache, tables, torch.tensor(tiles), fallback, dim**-0.5)
+    assert (fallback[:3] == 7.0).all() and (fallback[3:].double() - want).abs().max().item() < tolerance
 
 
 def test_a_batch_of_prefills_and_decodes_is_the_same_on_both_backends(tiny_model):
