@@ -89,6 +89,8 @@ class StatePool:
             with torch.inference_mode(False):
                 new = old.new_zeros((capacity, *old.shape[1:]))
                 new[: self.capacity] = old
+            if old.is_cuda:  # made on another stream perhaps (a memory profile's): not reused before this copy
+                old.record_stream(torch.cuda.current_stream(old.device))
             self.buffers[key] = new
         self._free += range(capacity - 1, self.capacity - 1, -1)  # lowest first
         self.capacity = capacity

@@ -82,7 +82,7 @@ class CodecPipeline:
             good = [(p, r) for p, r in zip(batch.pending, results, strict=True) if not isinstance(r, Exception)]
             for chunk, result in zip(batch.pending, results, strict=True):
                 if isinstance(result, Exception):
-                    self.runner.drop(chunk.request_id)
+                    self.runner.fail(chunk.request_id)
                     failures.append((chunk.request_id, f"audio decoding failed: {result}"))
             chunks += self.runner.complete([p for p, _ in good], [r for _, r in good])
             self.busy_s += busy_s

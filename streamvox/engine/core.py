@@ -100,7 +100,7 @@ class EngineCore:
         playback = PlaybackTracker(audio_plan(model), sched.ttfa_target_s, sched.client_prebuffer_s)
         self.scheduler = Scheduler(sched, self.pool, playback, self.timer,
                                    sched.max_queue_wait_s if is_wait_bounded else None)
-        attention = resolve_backend(config.attention, model.device)
+        attention = resolve_backend(config.attention, model.device, config.cache.block_size)
         graph_rows = sched.max_num_seqs if config.cuda_graphs and attention == "triton" and \
             model.device.type == "cuda" else 0
         max_context = sched.max_prompt_tokens + model.timing.lm_steps_per_frame * math.ceil(

@@ -108,19 +108,24 @@ class AttentionMetadata:
     paged_prefill: PagedPrefill | None = None
 
 
-def resolve_backend(name: str, device: torch.device) -> str:
-    """The backend `name` asks for on `device`; ValueError for an unknown name or a triton that does not import
-    where it would have to run."""
+def resolve_backend(name: str, device: torch.device, block_size: int = 16) -> str:
+    """The backend `name` asks for on `device` with KV blocks of `block_size`; ValueError for an unknown name, or
+    for triton where it cannot run (no triton package, a block size the kernel does not take)."""
     if name not in ATTENTION_BACKENDS:
         raise ValueError(f"unknown attention backend {name!r}; use one of: {', '.join(ATTENTION_BACKENDS)}")
     if name == "gather" or (name == "auto" and device.type != "cuda"):
         return "gather"
     try:
-        import triton  # noqa: F401
+        from streamvox.layers.triton_attention import MIN_DOT, kernel_takes
     except ImportError:
         if name == "triton":
             raise ValueError("--attention triton needs the triton package (it comes with CUDA builds of torch)") \
                 from None
+        return "gather"
+    if not kernel_takes(block_size):
+        if name == "triton":
+            raise ValueError(f"--attention triton needs a power-of-two --block-size of at least {MIN_DOT}, got "
+                             f"{block_size}")
         return "gather"
     return "triton"
 

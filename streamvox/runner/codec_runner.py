@@ -83,6 +83,12 @@ class CodecRunner:
         elif request is not None:
             self.model.release_codec_state(request.state)
 
+    def fail(self, request_id: str) -> None:
+        """Forget a request whose chunk failed to decode (the call is over: its codec state is released now)."""
+        request = self.requests.pop(request_id, None)
+        if request is not None:
+            self.model.release_codec_state(request.state)
+
     def ready(self) -> list[tuple[str, int, bool]]:
         """(request_id, frames ready to decode, is_complete) of every request with a chunk ready and none in
         flight."""

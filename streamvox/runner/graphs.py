@@ -8,8 +8,9 @@ the CPU the same buffers run eagerly, which is how the tests check the padding a
 read the cache in place (the `triton` backend): a gather's shapes would change with the rows' contexts.
 
 The depth loop of multi-codebook families (CSM's 31 small transformer steps a frame, Qwen3-TTS's 15) is captured
-the same way, sampling included: the sampler's per-slot parameter tables are read by the graph, so a bucket's
-graph serves any mix of greedy and sampled rows, and padded rows (slot 0, key 0) draw codes nobody reads.
+the same way, sampling included: each row's sampling parameters are copied into static buffers beside its
+inputs, so a bucket's graph serves any mix of greedy and sampled rows however the sampler's tables grow, and
+padded rows (greedy, key 0) draw codes nobody reads.
 """
 
 from __future__ import annotations
@@ -47,6 +48,11 @@ def buckets_up_to(max_rows: int) -> tuple[int, ...]:
 def _capture_all(buckets: tuple[int, ...], forward, device: torch.device) -> tuple[dict, Capture]:
     """Warm every bucket up eagerly on a side stream (kernels compiled, allocations settled), then capture each,
     largest first, into one memory pool -> ({bucket: (graph, output)}, what it cost)."""
+    with torch.cuda.device(device):  # the capture stream is the current device's
+        return _capture_on_device(buckets, forward, device)
+
+
+def _capture_on_device(buckets: tuple[int, ...], forward, device: torch.device) -> tuple[dict, Capture]:
     started = time.perf_counter()
     before = torch.cuda.memory_reserved(device)
     side = torch.cuda.Stream(device)
@@ -162,10 +168,10 @@ class DepthGraphs:
         device = sampler.device
         self.hidden = torch.zeros(max_rows, hidden_size, dtype=dtype, device=device)
         self.first = torch.zeros(max_rows, dtype=torch.int64, device=device)
-        self.slots = torch.zeros(max_rows, dtype=torch.int64, device=device)
         self.extra_keys = torch.zeros(max_rows, dtype=torch.int64, device=device)
+        self.floats = torch.zeros(max_rows, 4, device=device)  # each row's sampling parameters (padded: greedy)
+        self.top_k = torch.full((max_rows,), sampler.vocab_size, dtype=torch.int64, device=device)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
-        self._tables: torch.Tensor | None = None  # the sampler's parameter table the graphs read
 
     @property
     def max_rows(self) -> int:
@@ -175,13 +181,13 @@ class DepthGraphs:
         """Frames [S, num_codebooks] of the step's sampled rows, as complete_step would give them."""
         rows = hidden.shape[0]
         bucket = next(b for b in self.buckets if b >= rows)
-        for static, value in ((self.hidden, hidden), (self.first, first), (self.slots, batch.slots),
-                              (self.extra_keys, batch.extra_keys)):
+        floats, top_k = self.sampler.params(batch.slots)
+        for static, value in ((self.hidden, hidden), (self.first, first), (self.extra_keys, batch.extra_keys),
+                              (self.floats, floats), (self.top_k, top_k)):
             static[:rows].copy_(value)
+        for static in (self.hidden, self.first, self.extra_keys, self.floats):
             static[rows:bucket].zero_()
-        if self.graphs and self._tables is not self.sampler.floats:  # the sampler grew: its tables moved
-            logger.warning("the sampler's tables grew past the captured depth graphs; the depth loop runs eagerly")
-            self.graphs = {}
+        self.top_k[rows:bucket].fill_(self.sampler.vocab_size)
         if (graph := self.graphs.get(bucket)) is not None:
             graph[0].replay()
             return graph[1][:rows]
@@ -189,16 +195,17 @@ class DepthGraphs:
 
     def _forward(self, bucket: int) -> torch.Tensor:
         # every row draws and greedy rows are overruled, so one graph serves any mix of them
-        batch = SampleBatch([], self.slots[:bucket], self.extra_keys[:bucket], self.extra_keys[:bucket],
-                            is_all_greedy=False, has_greedy=True, has_penalty=False, fits_candidates=True,
-                            needs_whole_vocab=True)
+        keys = self.extra_keys[:bucket]
+        batch = SampleBatch([], keys, keys, keys, is_all_greedy=False, has_greedy=True, has_penalty=False,
+                            fits_candidates=True, needs_whole_vocab=True,
+                            params=(self.floats[:bucket], self.top_k[:bucket]))
         return self.model.complete_step(self.hidden[:bucket], self.first[:bucket],
                                         lambda logits, index: self.sampler.sample_extra(logits, batch, index))
 
     def capture(self) -> Capture:
         """Capture every bucket (CUDA only)."""
-        for static in (self.hidden, self.first, self.slots, self.extra_keys):
+        for static in (self.hidden, self.first, self.extra_keys, self.floats):
             static.zero_()
-        self._tables = self.sampler.floats
+        self.top_k.fill_(self.sampler.vocab_size)
         self.graphs, capture = _capture_all(self.buckets, self._forward, self.sampler.device)
         return capture

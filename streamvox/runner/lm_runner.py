@@ -96,8 +96,7 @@ class LMRunner:
         self.position_bytes = 2 * config.num_key_value_heads * config.head_dim * self.kv_cache.element_size()
         self.group_bytes = GPU_GROUP_BYTES if self.device.type == "cuda" else CPU_GROUP_BYTES
         self.requests: dict[str, _RunnerRequest] = {}
-        # with graphs, room for every row a step may hold: the depth graphs read the sampler's tables in place
-        self.sampler = Sampler(config.vocab_size, self.device, capacity=max(16, graph_rows + 16))
+        self.sampler = Sampler(config.vocab_size, self.device)
         self.staging = Staging(self.device)
         self.stop_ids = torch.tensor(sorted(model.stop_token_ids), dtype=torch.int64).to(self.device)
         self.graphs = self.depth_graphs = None
@@ -113,22 +112,24 @@ class LMRunner:
 
     def capture_graphs(self) -> Capture | None:
         """Capture the decode (and depth loop) graphs (CUDA; elsewhere their buffers run eagerly) -> what it
-        cost, or None."""
+        cost, or None when nothing was captured. A capture that fails leaves its part eager."""
         if self.graphs is None or self.device.type != "cuda":
             return None
-        try:
-            with torch.inference_mode():
-                captures = [graphs.capture() for graphs in (self.graphs, self.depth_graphs) if graphs is not None]
-        except Exception:  # noqa: BLE001 - serve eagerly rather than not at all
-            logger.exception("capturing CUDA graphs failed; decode steps run eagerly through the same buffers")
-            for graphs in (self.graphs, self.depth_graphs):
-                if graphs is not None:
-                    graphs.graphs = {}
+        captures = []
+        for name, graphs in (("decode", self.graphs), ("depth loop", self.depth_graphs)):
+            if graphs is None:
+                continue
+            try:
+                with torch.inference_mode():
+                    captures.append(graphs.capture())
+            except Exception:  # noqa: BLE001 - serve eagerly rather than not at all
+                logger.exception("capturing the %s graphs failed; it runs eagerly through the same buffers", name)
+                graphs.graphs = {}
+        if not captures:
             return None
         capture = Capture(captures[0].buckets, sum(c.seconds for c in captures), sum(c.bytes for c in captures))
-        logger.info("captured %s graphs for batch sizes %s in %.1f s, %.0f MiB",
-                    "decode and depth loop" if len(captures) > 1 else "decode", ",".join(map(str, capture.buckets)),
-                    capture.seconds, capture.bytes / 2**20)
+        logger.info("captured %d graph sets for batch sizes %s in %.1f s, %.0f MiB", len(captures),
+                    ",".join(map(str, capture.buckets)), capture.seconds, capture.bytes / 2**20)
         return capture
 
     @staticmethod

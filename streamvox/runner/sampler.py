@@ -62,6 +62,9 @@ class SampleBatch:
     # GPU, large vocabularies: [S] bool, rows whose draw from the candidates may differ from the whole vocabulary's
     # (set by `sample`; the runner copies it back with the tokens and, if any is set, samples again with `exact`)
     inexact: torch.Tensor | None = None
+    # each row's (floats [S, 4], top_k [S]) already gathered from the tables (a captured graph's static copy);
+    # None: read the tables at `slots`
+    params: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 class Sampler:
@@ -118,6 +121,11 @@ class Sampler:
         return SampleBatch(states, slots, keys, extra_keys, not sampling, len(sampling) < len(params),
                            any(p.repetition_penalty != 1.0 for p in params), fits, whole)
 
+    def params(self, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The sampling parameters of the rows at `slots`: floats [S, 4] (temperature, top_p, min_p, repetition
+        penalty) and top_k [S]."""
+        return self.floats.index_select(0, slots), self.top_k.index_select(0, slots)
+
     def sample(self, logits: torch.Tensor, batch: SampleBatch, exact: bool = False) -> torch.Tensor:
         """logits [S, V] fp32, one row per state -> token ids [S] int64 on the device (histories are unchanged
         until `commit`). `exact`: filter over the whole vocabulary, never over the candidates alone."""
@@ -151,7 +159,7 @@ class Sampler:
         """Token ids [S], and the rows that need an exact redo (GPU only; None when none can)."""
         if batch.is_all_greedy:
             return logits.argmax(dim=-1), None
-        floats = self.floats.index_select(0, batch.slots)  # [S, 4]
+        floats, top_k = batch.params or self.params(batch.slots)  # [S, 4], [S]
         is_greedy = floats[:, 0] == 0.0
         temperature = torch.where(is_greedy, 1.0, floats[:, 0])  # greedy rows draw too, and are overruled
         vocab = logits.shape[1]
@@ -161,8 +169,8 @@ class Sampler:
             mode = "whole"
         else:
             mode = "candidates" if batch.fits_candidates else "flag"
-        drawn, inexact = _sample_filtered(logits, temperature, self.top_k.index_select(0, batch.slots),
-                                          floats[:, 1], floats[:, 2], keys, is_greedy, mode)
+        drawn, inexact = _sample_filtered(logits, temperature, top_k, floats[:, 1], floats[:, 2], keys, is_greedy,
+                                          mode)
         return (torch.where(is_greedy, logits.argmax(dim=-1), drawn) if batch.has_greedy else drawn), inexact
 
 

@@ -38,8 +38,8 @@ def reference(q, k_cache, v_cache, tables, lens, scale):
 CASES = [  # (query heads, KV heads, head dim, block size, dtype)
     (2, 1, 64, 16, torch.float32),  # tiny Orpheus
     (24, 8, 128, 16, torch.float32),  # Orpheus-3B's ratio and head size
-    (12, 4, 48, 8, torch.float32),  # a head size that is no power of two
-    (8, 8, 32, 32, torch.float32),  # no grouping, blocks as big as a tile
+    (12, 4, 48, 16, torch.float32),  # a head size that is no power of two
+    (8, 8, 32, 32, torch.float32),  # no grouping, bigger blocks
     (32, 8, 64, 16, torch.bfloat16),
 ]
 
@@ -204,3 +204,47 @@ def test_rows_longer_than_the_graphs_tables_run_eagerly(tiny_model):
         tokens.append([o.step_tokens for o in out])
     assert tokens[0] == tokens[1]
     assert runner.graphs.max_context == 32 and runner.kv_cache[:, :, 16].abs().sum() == 0  # scratch untouched
+
+
+def test_the_backend_is_chosen_by_what_can_run():
+    cpu = torch.device("cpu")
+    assert attention.resolve_backend("auto", cpu) == "gather"  # the CPU's, whatever is installed
+    assert attention.resolve_backend("triton", cpu, 32) == "triton"
+    with pytest.raises(ValueError, match="block-size of at least 16"):
+        attention.resolve_backend("triton", cpu, 8)
+    with pytest.raises(ValueError, match="unknown attention backend"):
+        attention.resolve_backend("flash", cpu)
+
+
+COMPILE = """
+import sys
+import triton
+from triton.backends.compiler import GPUTarget
+from streamvox.layers.triton_attention import MIN_DOT, _paged_attention_kernel as kernel
+
+for arch, dtype, group, tokens, head_dim in [(90, "bf16", 3, 1, 128), (90, "bf16", 3, 16, 128), (90, "fp32", 3, 1, 128),
+                                             (90, "fp16", 2, 16, 64), (80, "bf16", 4, 1, 64), (80, "bf16", 1, 16, 128)]:
+    signature = {name: "*" + dtype if name in ("q_ptr", "k_cache_ptr", "v_cache_ptr", "out_ptr") else "*i64"
+                 for name in kernel.arg_names[:7]}
+    signature |= {"scale": "fp32"} | {name: "i32" for name in kernel.arg_names[8:16]}
+    constants = dict(GROUP=group, GROUP_PAD=max(triton.next_power_of_2(group), MIN_DOT // tokens), TOKENS=tokens,
+                     HEAD_DIM=head_dim, DIM_PAD=head_dim, BLOCK_SIZE=16, NATIVE=dtype != "fp32")
+    signature |= {name: "constexpr" for name in constants}
+    source = triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constants)
+    options = {"num_warps": 4 if tokens == 1 else 8}
+    compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
+    assert "mma" in compiled.asm["ptx"] or dtype == "fp32", (arch, dtype)
+    print("compiled", arch, dtype, group, tokens, head_dim, flush=True)
+"""
+
+
+def test_the_kernel_compiles_for_the_gpus_it_serves_on():
+    """The interpreter checks what the kernel computes, not that it compiles: here it is compiled for an H100/H200
+    (sm_90) and an A100 (sm_80), decode and prefill, 16-bit and fp32, without a GPU (Triton's own ptxas)."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # the interpreter would stand in
+    done = subprocess.run([sys.executable, "-c", COMPILE], capture_output=True, text=True, timeout=240, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("compiled") == 6

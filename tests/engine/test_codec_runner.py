@@ -66,3 +66,46 @@ def test_a_batch_waits_behind_the_one_decoding_only_once_it_is_full(tiny_model):
         release.set()
         pipeline.collect(wait=True)
         pipeline.close()
+
+
+def test_codec_state_rows_come_back_from_failed_dropped_and_finished_streams(tmp_path):
+    """Mimi keeps each stream's context in a pooled row. A stream whose chunk fails to decode, one dropped while
+    a chunk of it decodes, and one that finishes all give their row back."""
+    from streamvox.engine.codec_pipeline import CodecPipeline
+    from streamvox.models.csm import write_tiny
+    from streamvox.runner.weights import load_model
+    from streamvox.sched.timing import StepTimer
+
+    model = load_model(str(write_tiny(tmp_path / "csm")))
+    runner = CodecRunner(model)
+    pipeline = CodecPipeline(runner, StepTimer(), 64)
+    failing = set()
+
+    def before(pending):
+        if any(chunk.request_id in failing for chunk in pending):
+            raise RuntimeError("injected")
+
+    pipeline.before_decode = before
+    frame = tuple([1] * model.codes_per_frame)
+    plan = runner.plan
+    try:
+        for request_id in ("fails", "dropped", "finishes"):
+            runner.add(request_id, seed=0)
+            runner.requests[request_id].frames.extend([frame] * (plan.first_chunk_frames + plan.lookahead_frames))
+        pipeline.dispatch(("fails", "dropped", "finishes"))  # first chunks: every stream takes a row
+        chunks, failures = pipeline.collect(wait=True)
+        assert len(chunks) == 3 and not failures and model.codec.pool.num_free == model.codec.pool.capacity - 3
+        for request_id in ("fails", "dropped", "finishes"):
+            runner.requests[request_id].frames.extend([frame] * 4)
+            runner.mark_complete(request_id)
+        failing.add("fails")
+        pipeline.dispatch(("fails",))  # alone, so the retry chunk by chunk fails it too
+        chunks, failures = pipeline.collect(wait=True)
+        assert [request_id for request_id, _ in failures] == ["fails"]
+        pipeline.dispatch(("dropped", "finishes"))
+        runner.drop("dropped")  # while its chunk is decoding
+        chunks, failures = pipeline.collect(wait=True)
+        assert [chunk.request_id for chunk in chunks] == ["finishes"] and chunks[0].is_last
+        assert not runner.requests and model.codec.pool.num_free == model.codec.pool.capacity
+    finally:
+        pipeline.close()
