@@ -116,12 +116,12 @@ class StateBatch:
     def keep(self, slot: int, context: torch.Tensor) -> None:
         self._staged.append((("conv", slot), context))
 
-    def past_kv(self, layer_index: int, shape: tuple[int, int, int],
+    def past_kv(self, layer_index: int, shape: tuple[int, int, int], num_past: int,
                 like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """[B, kv_heads, window - 1, head_dim] past keys and values of one transformer layer (right-aligned;
-        `kept` says how many of each row's are real)."""
-        return tuple(self.pool.buffer((name, layer_index), shape, like.dtype).index_select(0, self.rows)
-                     for name in ("keys", "values"))
+        """[B, kv_heads, num_past, head_dim]: the last `num_past` of the window - 1 past keys and values the pool
+        holds for one transformer layer (right-aligned; `kept` says how many of each row's are real)."""
+        return tuple(self.pool.buffer((name, layer_index), shape, like.dtype).narrow(2, shape[1] - num_past, num_past)
+                     .index_select(0, self.rows) for name in ("keys", "values"))
 
     def kept(self, layer_index: int) -> list[int]:
         return [state.kept.get(layer_index, 0) for state in self.states]
@@ -135,8 +135,9 @@ class StateBatch:
         self._num_new_positions = num_positions
 
     def commit(self) -> None:
-        for key, context in self._staged:
-            self.pool.buffers[key].index_copy_(0, self.rows, context)
+        for key, context in self._staged:  # into the last columns (a young stream's keys fill fewer than all)
+            buffer = self.pool.buffers[key]
+            buffer.narrow(2, buffer.shape[2] - context.shape[2], context.shape[2]).index_copy_(0, self.rows, context)
         for layer_index, kept in self._kept:
             for state, num_kept in zip(self.states, kept, strict=True):
                 state.kept[layer_index] = num_kept
@@ -242,10 +243,12 @@ class WindowedAttention(nn.Module):
         q = q.view(num_rows, num_new, self.num_heads, self.head_dim).transpose(1, 2)  # [B, H, T, D]
         k = k.view(num_rows, num_new, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = v.transpose(1, 2)
-        # every row's past is the pool's window - 1 columns; those before its kept keys are masked
-        num_past = self.window - 1
+        # the rows' pasts, as many columns as the longest has (at most window - 1); columns before a row's own
+        # kept keys are masked
         kept = batch.kept(self.layer_index)
-        past_k, past_v = batch.past_kv(self.layer_index, (self.num_kv_heads, num_past, self.head_dim), k)
+        num_past = max(kept)
+        past_k, past_v = batch.past_kv(self.layer_index, (self.num_kv_heads, self.window - 1, self.head_dim),
+                                       num_past, k)
         k, v = torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2)
         # key column j sits (num_past + i - j) positions before query i; it is visible if that distance is in
         # [0, window) and the column holds a real key of this row
@@ -260,8 +263,9 @@ class WindowedAttention(nn.Module):
         scores = torch.matmul(q, keys.transpose(2, 3)) / math.sqrt(self.head_dim)
         scores = scores.masked_fill(~mask[:, None], float("-inf"))
         out = torch.matmul(F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype), values)  # [B, H, T, D]
-        batch.keep_kv(self.layer_index, k[:, :, num_new:], v[:, :, num_new:],
-                      [min(num_past, num_kept + num_new) for num_kept in kept])
+        num_keep = min(self.window - 1, num_past + num_new)
+        batch.keep_kv(self.layer_index, k[:, :, k.shape[2] - num_keep :], v[:, :, v.shape[2] - num_keep :],
+                      [min(self.window - 1, num_kept + num_new) for num_kept in kept])
         return self.o_proj(out.transpose(1, 2).reshape(num_rows, num_new, -1))
 
 

@@ -73,6 +73,8 @@ def _capture_on_device(buckets: tuple[int, ...], forward, device: torch.device) 
 
 
 class DecodeGraphs:
+    """The backbone's decode forward over static buffers, a graph per bucket once captured."""
+
     def __init__(self, backbone: nn.Module, kv_cache: torch.Tensor, scratch_block: int, max_rows: int,
                  max_blocks: int, input_width: int) -> None:
         """`kv_cache` [layers, 2, blocks, block_size, heads, dim]; `scratch_block` a block of it no request gets;
@@ -106,7 +108,7 @@ class DecodeGraphs:
 
     def layout(self, input_ids: Sequence[int], positions: Sequence[int], slots: Sequence[int],
                context_lens: Sequence[int], block_tables: Sequence[Sequence[int]]) -> tuple[int, int, list[int]]:
-        """The rows' metadata padded to their bucket, flat as `load` takes it -> (bucket, table width, array)."""
+        """The rows' metadata padded to their bucket, flat as `run` takes it -> (bucket, table width, array)."""
         num_rows = len(positions)
         bucket = self.bucket(num_rows)
         pad = bucket - num_rows
