@@ -70,10 +70,7 @@ class DecodeGroup:
     def on_device(cls, plan: DecodePlan, token_index: torch.Tensor, block_ids: torch.Tensor,
                   context_lens: torch.Tensor) -> DecodeGroup:
         """The group of `plan` from its staged arrays; the mask is built once a step, on the device."""
-        mask = None
-        if plan.context_lens is not None:
-            hidden = torch.arange(plan.context_len, device=context_lens.device)[None, :] >= context_lens[:, None]
-            mask = torch.zeros(hidden.shape, device=hidden.device).masked_fill_(hidden, float("-inf"))[:, None, None]
+        mask = None if plan.context_lens is None else _past_context_mask(plan.context_len, context_lens)
         return cls(token_index, block_ids, plan.num_blocks, plan.context_len, mask)
 
 
@@ -128,6 +125,22 @@ def resolve_backend(name: str, device: torch.device, block_size: int = 16) -> st
                              f"{block_size}")
         return "gather"
     return "triton"
+
+
+def _past_context_mask(num_positions: int, context_lens: torch.Tensor) -> torch.Tensor:
+    """[R, 1, 1, num_positions] fp32: 0 where row r may look (positions below context_lens[r]), -inf past it."""
+    hidden = torch.arange(num_positions, device=context_lens.device)[None, :] >= context_lens[:, None]
+    return torch.zeros(hidden.shape, device=hidden.device).masked_fill_(hidden, float("-inf"))[:, None, None]
+
+
+def flat_tables(tables: Sequence[Sequence[int]], num_blocks: Sequence[int], pad: int) -> tuple[int, list[int]]:
+    """Block tables cut to each row's `num_blocks` and padded with `pad` to the longest, end to end -> (width,
+    flat ids): the [rows, width] layout paged kernels read."""
+    width = max(num_blocks)
+    flat: list[int] = []
+    for table, count in zip(tables, num_blocks, strict=True):
+        flat += list(table[:count]) + [pad] * (width - count)
+    return width, flat
 
 
 def plan_decode(token_index: Sequence[int], block_tables: Sequence[Sequence[int]], context_lens: Sequence[int],
@@ -262,8 +275,7 @@ def paged_decode_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Te
     block_size = k_cache.shape[1]
     keys = _gather(k_cache, block_tables.reshape(-1), rows)  # [R, Hkv, width * bs, D]
     values = _gather(v_cache, block_tables.reshape(-1), rows)
-    hidden = torch.arange(width * block_size, device=q.device)[None, :] >= context_lens[:, None]
-    mask = torch.zeros(hidden.shape, dtype=q.dtype, device=q.device).masked_fill_(hidden, float("-inf"))
+    mask = _past_context_mask(width * block_size, context_lens).to(q.dtype)
     grouped = q.view(rows, keys.shape[1], -1, q.shape[2])
-    out = F.scaled_dot_product_attention(grouped, keys, values, attn_mask=mask[:, None, None], scale=scale)
+    out = F.scaled_dot_product_attention(grouped, keys, values, attn_mask=mask, scale=scale)
     return out.reshape(q.shape)

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from streamvox.layers.attention import AttentionMetadata, PagedDecode
+from streamvox.layers.attention import AttentionMetadata, PagedDecode, flat_tables
 from streamvox.models.base import SpeechModel
 from streamvox.runner.sampler import SampleBatch, Sampler
 
@@ -112,11 +112,8 @@ class DecodeGraphs:
         num_rows = len(positions)
         bucket = self.bucket(num_rows)
         pad = bucket - num_rows
-        width = max(-(-length // self.block_size) for length in context_lens)
-        tables: list[int] = []
-        for table, length in zip(block_tables, context_lens, strict=True):
-            used = list(table[: -(-length // self.block_size)])
-            tables += used + [self.scratch_block] * (width - len(used))
+        width, tables = flat_tables(block_tables, [-(-length // self.block_size) for length in context_lens],
+                                    pad=self.scratch_block)
         flat = list(input_ids) + [0] * pad * max(1, self.input_width)
         flat += list(positions) + [0] * pad
         flat += list(slots) + [self.scratch_block * self.block_size] * pad

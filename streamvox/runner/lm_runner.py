@@ -26,6 +26,7 @@ from streamvox.layers.attention import (
     PagedDecode,
     PagedPrefill,
     PrefillSpan,
+    flat_tables,
     plan_decode,
 )
 from streamvox.models.base import SpeechModel, StepToken
@@ -256,9 +257,7 @@ class LMRunner:
     def _plan_decode(self, tables: list, lens: list[int]) -> tuple[list[list[int]], Callable]:
         """The eager decode rows' attention metadata -> (host arrays, builder taking their device views)."""
         if self.attention == "triton":
-            width = max(-(-n // self.block_size) for n in lens)
-            flat = [b for t, n in zip(tables, lens, strict=True)
-                    for b in list(t[: -(-n // self.block_size)]) + [0] * (width - -(-n // self.block_size))]
+            width, flat = flat_tables(tables, [-(-n // self.block_size) for n in lens], pad=0)
 
             def paged(views) -> tuple[tuple[DecodeGroup, ...], PagedDecode]:
                 return (), PagedDecode(len(lens), next(views).view(len(lens), width), next(views))
@@ -274,8 +273,8 @@ class LMRunner:
     def _plan_prefill(self, prefills: list[tuple[int, int, int, list[int]]]) -> tuple[list[list[int]], Callable]:
         """The prefill chunks' attention metadata -> (host arrays, builder taking their device views)."""
         if self.attention == "triton":
-            width = max(len(table) for *_, table in prefills)
-            flat = [b for *_, table in prefills for b in table + [0] * (width - len(table))]
+            width, flat = flat_tables([table for *_, table in prefills], [len(table) for *_, table in prefills],
+                                      pad=0)
             tiles = [value for seq, (start, count, position, _) in enumerate(prefills)
                      for i in range(0, count, PREFILL_TOKENS)
                      for value in (start + i, min(PREFILL_TOKENS, count - i), seq, position + i + 1)]

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from streamvox.config import SamplingParams
-from streamvox.layers.hashing import MASK32 as _MASK32
+from streamvox.layers.hashing import fold32, uniform
 from streamvox.layers.hashing import mix32 as _mix32
 
 CANDIDATES = 1024  # filtering works on this many top tokens when no row's filter can reach past them
@@ -43,7 +43,7 @@ class SamplingState:
     def step_key(self, ahead: int = 0) -> int:
         """The 32-bit key of the draw `ahead` steps after the next one: the seed and the tokens sampled by then."""
         seed = self.params.seed
-        return _mix32(_mix32((seed ^ _mix32(seed >> 32)) & _MASK32) ^ (len(self.history) + ahead))
+        return _mix32(_mix32(fold32(seed)) ^ (len(self.history) + ahead))
 
 
 @dataclass
@@ -204,8 +204,8 @@ def _sample_filtered(logits: torch.Tensor, temperature: torch.Tensor, top_k: tor
     drop[:, 0] = False  # the most likely token always survives
     kept = sorted_probs.masked_fill(drop, 0.0)
     keys = keys[:, None]
-    uniform = ((_mix32(_mix32(keys ^ order) ^ keys) >> 8).to(torch.float32) + 0.5) / 2**24  # (0, 1), per token id
-    position = (kept / -uniform.log()).argmax(dim=-1, keepdim=True)
+    draws = uniform(_mix32(keys ^ order) ^ keys)  # (0, 1), per token id
+    position = (kept / -draws.log()).argmax(dim=-1, keepdim=True)
     return order.gather(1, position)[:, 0], inexact
 
 
