@@ -87,6 +87,11 @@ class AudioPlan:
     first_chunk_frames: int
     frames_per_chunk: int
     lookahead_frames: int
+    codec_cost_per_frame: float = 1.0  # a frame's share of the codec batch budget (SpeechModel.codec_cost_per_frame)
+
+    def frames_per_call(self, budget: int) -> int:
+        """Frames one codec call takes under a budget of `budget` (max_codec_frames): at least one."""
+        return max(1, int(budget / self.codec_cost_per_frame))
 
     @property
     def realtime_step_s(self) -> float:

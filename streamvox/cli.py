@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     _add_device_flags(batch)
 
     tiny = commands.add_parser("make-tiny", help="write a random-weight test checkpoint in the publisher layout")
-    tiny.add_argument("family", choices=["orpheus", "csm", "qwen3-tts"])
+    tiny.add_argument("family", help="the family to write (orpheus, csm, qwen3-tts, ...: a wrong name lists them)")
     tiny.add_argument("directory")
     tiny.add_argument("--seed", type=int, default=0)
     tiny.add_argument("--shards", type=int, default=1, help="number of safetensors shards")
@@ -188,6 +188,9 @@ def _batch(args) -> int:
 
 
 def _make_tiny(args) -> int:
+    from streamvox.models.registry import family_named
+
+    family_named(args.family)  # ValueError naming the families when it is unknown
     if args.size == "full":
         from streamvox.models.full_size import write_full
 
@@ -195,9 +198,7 @@ def _make_tiny(args) -> int:
         print(f"wrote a full-size {args.family} config without weights to {path}: they are drawn on the device from "
               f"seed {args.seed} when it loads (it makes noise, not speech)")
         return 0
-    from streamvox.models.registry import TINY_WRITERS
-
-    path = TINY_WRITERS[args.family](args.directory, seed=args.seed, num_shards=args.shards)
+    path = family_named(args.family).write_tiny(args.directory, seed=args.seed, num_shards=args.shards)
     print(f"wrote a random-weight tiny {args.family} checkpoint to {path} (it makes noise, not speech)")
     return 0
 

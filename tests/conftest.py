@@ -10,7 +10,7 @@ if not torch.cuda.is_available():  # Triton kernels run on CPU tensors through i
 
 from streamvox.config import CacheConfig, EngineConfig, SchedulerConfig
 from streamvox.engine.local import Engine
-from streamvox.models.orpheus import write_tiny
+from streamvox.models.tiny.orpheus import write_tiny
 from streamvox.runner.weights import load_model
 
 

@@ -213,11 +213,12 @@ def _run(model: SpeechModel, steps: int) -> tuple[torch.Tensor, list, np.ndarray
                                         scheduler=SchedulerConfig(policy="fcfs")))
     try:
         text = "Checking the device against the CPU, step by step."
-        prompt, text_ids = model.prepare_request(text, None)
+        prepared = model.prepare_request(text, None)
+        prompt = prepared.prompt
         runner = engine.lm_runner
         runner.capture_graphs()  # CUDA: the greedy run below replays them
         sampling = SamplingParams(temperature=0.0, seed=0)
-        runner.execute(StepBatch((NewRequest("check", tuple(prompt), sampling, 0, tuple(text_ids)),), (), ()))
+        runner.execute(StepBatch((NewRequest("check", tuple(prompt), sampling, 0, tuple(prepared.text_ids)),), (), ()))
         blocks = tuple(range(-(-len(prompt) // 16)))
         logits = runner.logits(ScheduledRow("check", 0, len(prompt), blocks, True))[-1].float().cpu()
         runner.execute(StepBatch((), (), ("check",)))
@@ -353,7 +354,7 @@ def _codec_point(name: str, model: SpeechModel, batch_size: int, calls: int = 4)
     generator = torch.Generator().manual_seed(batch_size)
     frames = [torch.randint(0, 64, (calls + 3, model.codes_per_frame), generator=generator)
               for _ in range(batch_size)]
-    states = [model.new_codec_state() for _ in range(batch_size)]
+    states = [model.new_codec_state(None, seed) for seed in range(batch_size)]
     times = []
     with torch.inference_mode():
         for call in range(calls + 1):
@@ -487,9 +488,9 @@ def _load_at(engine: EngineCore, model: SpeechModel, rate: float, plan: Plan, se
             text = rng.choice(PROMPTS)
             sampling = engine.check_request(text, None, model.default_sampling.replace(
                 max_tokens=steps, ignore_eos=True, seed=next_arrival))
-            prompt, text_ids = model.prepare_request(text, None)
+            prepared = model.prepare_request(text, None)
             try:
-                engine.add_request(request_id, prompt, sampling, steps, text_ids)
+                engine.add_request(request_id, prepared, sampling, steps)
                 sent[request_id], chunks[request_id] = arrivals[next_arrival], []
                 active.add(request_id)
             except QueueFullError:

@@ -122,7 +122,7 @@ def _raw(model, sampling, batch_size: int, engine_row: dict) -> dict:
 def _codec_time(model, frames_per_request: list[torch.Tensor], per_call: int) -> float:
     """Decode every frame of every request, one frame per request per call, `per_call` frames a call (frame by
     frame across requests, so a stateful codec gets each request's frames in order)."""
-    states = [model.new_codec_state() for _ in frames_per_request]
+    states = [model.new_codec_state(None, seed) for seed in range(len(frames_per_request))]
     jobs = [ChunkJob(frames, f, f + 1, False, seed, states[seed]) for f in range(max(map(len, frames_per_request)))
             for seed, frames in enumerate(frames_per_request) if f < len(frames)]
     started = time.perf_counter()

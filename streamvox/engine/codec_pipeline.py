@@ -38,7 +38,8 @@ class _Batch:
 class CodecPipeline:
     def __init__(self, runner: CodecRunner, timer: StepTimer, max_frames: int) -> None:
         self.runner = runner
-        self.max_frames = max_frames  # frames decoded in one call, at most
+        # frames decoded in one call, at most: the budget over what the model declares a frame costs
+        self.max_frames = runner.plan.frames_per_call(max_frames)
         self.timer = timer
         self.busy_s = 0.0  # total codec time since start
         self.before_decode: Callable[[list[PendingChunk]], None] | None = None  # fault injection; may raise

@@ -27,7 +27,7 @@ from streamvox.engine.requests import check_request, codec_seed_for
 from streamvox.engine.text_streams import TextStreams
 from streamvox.engine.warm_up import warm_up
 from streamvox.layers.attention import resolve_backend
-from streamvox.models.base import SpeechModel
+from streamvox.models.base import Prepared, SpeechModel
 from streamvox.protocol import Failure
 from streamvox.runner.codec_runner import CodecRunner, audio_plan
 from streamvox.runner.graphs import Capture
@@ -121,24 +121,28 @@ class EngineCore:
     def check_request(self, text: str, voice: str | None, sampling: SamplingParams | dict | None) -> SamplingParams:
         return check_request(self.model, text, voice, sampling, self.config.scheduler.max_audio_s)
 
-    def add_request(self, request_id: str, prompt_token_ids: list, sampling: SamplingParams,
-                    expected_tokens: int = 0, text_ids: list[int] = (), is_text_complete: bool = True) -> None:
-        """Queue a prepared request (`text_ids`: text riding along with its generated steps, see
-        SpeechModel.prepare_request). ValueError if it cannot be served; QueueFullError when it cannot start
-        within the queue bound."""
+    def add_request(self, request_id: str, prepared: Prepared, sampling: SamplingParams, expected_tokens: int = 0,
+                    is_text_complete: bool = True) -> None:
+        """Queue a prepared request (see SpeechModel.prepare_request). ValueError if it cannot be served;
+        QueueFullError when it cannot start within the queue bound."""
         with self._lock:
             if request_id in self.codec_runner.requests or request_id in self.scheduler.requests or \
                     request_id in self.codec.in_flight_ids():
                 raise ValueError(f"request id {request_id!r} is still in use; pick another")
             limit = self.config.scheduler.max_prompt_tokens
-            if len(prompt_token_ids) > limit:
-                raise ValueError(f"the prompt is {len(prompt_token_ids)} tokens; the limit is {limit}: shorten the "
+            if len(prepared.prompt) > limit:
+                raise ValueError(f"the prompt is {len(prepared.prompt)} tokens; the limit is {limit}: shorten the "
                                  "text or split it into several requests")
             codec_seed = codec_seed_for(sampling.seed)
-            request = Request(request_id, tuple(prompt_token_ids), sampling, codec_seed, expected_tokens,
-                              text_ids=list(text_ids), is_text_complete=is_text_complete)
-            self.scheduler.add_request(request, self.clock())
-            self.codec_runner.add(request_id, codec_seed)
+            plan = audio_plan(self.model, prepared.chunking) if prepared.chunking is not None else None
+            request = Request(request_id, tuple(prepared.prompt), sampling, codec_seed, expected_tokens,
+                              text_ids=list(prepared.text_ids), is_text_complete=is_text_complete, plan=plan)
+            self.codec_runner.add(request_id, codec_seed, prepared.conditioning, plan)
+            try:
+                self.scheduler.add_request(request, self.clock())
+            except Exception:
+                self.codec_runner.drop(request_id)
+                raise
 
     def open_text_stream(self, request_id: str, text: str, voice: str | None,
                          sampling: SamplingParams | dict | None) -> None:

@@ -63,10 +63,10 @@ class Engine(EngineCore):
                request_id: str | None = None) -> str:
         """Queue `text`; returns its request id. ValueError (with what to change) for bad input."""
         sampling = self.check_request(text, voice, sampling)
-        prompt, text_ids = self.model.prepare_request(text, voice)
+        prepared = self.model.prepare_request(text, voice)
         with self._lock:
             request_id = self._new_id(request_id)
-            self.add_request(request_id, prompt, sampling, expected_tokens(self.model, text), text_ids)
+            self.add_request(request_id, prepared, sampling, expected_tokens(self.model, text))
             self._outputs[request_id] = _Output()
         return request_id
 

@@ -28,8 +28,9 @@ from streamvox.codecs.snac import split_levels
 from streamvox.config import EngineConfig, SamplingParams
 from streamvox.engine.requests import check_request
 from streamvox.models.orpheus import decode_windows
+from streamvox.models.registry import detect_family
 from streamvox.runner.device import resolve_device, resolve_dtype
-from streamvox.runner.weights import default_codec_dir, detect_family, read_config, resolve_checkpoint
+from streamvox.runner.weights import default_codec_dir, resolve_checkpoint
 
 logger = logging.getLogger("streamvox.engine")
 LOOKAHEAD_FRAMES = 2  # frame f is decoded from the window [f-1, f+2], as in the engine (edges repeated)
@@ -63,9 +64,9 @@ class NaiveEngine:
         from streamvox.runner.weights import load_model
 
         path = resolve_checkpoint(config.model)
-        family = detect_family(read_config(path), config.model)
-        if family not in FAMILIES:
-            raise ValueError(f"there is no naive baseline for the {family} family yet")
+        family = detect_family(path, config.model)
+        if family.name not in FAMILIES:
+            raise ValueError(f"there is no naive baseline for the {family.name} family yet")
         self.device = resolve_device(config.device)
         dtype = resolve_dtype(config.dtype, self.device)
         # the prompt format, voices and frames (its backbone stays on the meta device: no copy of the weights)

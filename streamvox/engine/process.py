@@ -171,9 +171,8 @@ class EngineLoop:
             if preparing.is_cancelled:
                 continue
             try:
-                prompt, text_ids = preparing.future.result()
                 expected = expected_tokens(self.engine.model, preparing.text)
-                self.engine.add_request(request_id, prompt, preparing.sampling, expected, text_ids)
+                self.engine.add_request(request_id, preparing.future.result(), preparing.sampling, expected)
             except (QueueFullError, ValueError) as error:
                 self._refuse(request_id, error)
             except Exception as error:  # noqa: BLE001 - this request fails, the engine goes on

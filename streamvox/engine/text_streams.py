@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 from streamvox.config import SamplingParams
 from streamvox.engine.requests import expected_tokens
-from streamvox.models.base import TextStream
+from streamvox.models.base import Prepared, TextStream
 
 if TYPE_CHECKING:
     from streamvox.engine.core import EngineCore
@@ -74,7 +74,7 @@ class TextStreams:
         if state.has_words and (len(state.held) >= 2 or (state.held and not is_final)):
             prompt = engine.model.prompt_for(state.held[0], state.voice)  # the first text id makes the prompt
             expected = expected_tokens(engine.model, "x" * max(state.num_chars, 40))
-            engine.add_request(request_id, prompt, state.sampling, expected, state.held[1:], is_final)
+            engine.add_request(request_id, Prepared(prompt, state.held[1:]), state.sampling, expected, is_final)
             state.is_added = True
         elif is_final:
             raise ValueError("text is empty; give at least one word to speak")

@@ -28,22 +28,22 @@ def warm_up(engine: EngineCore) -> None:
         max_tokens=num_frames * engine.model.timing.lm_steps_per_frame, ignore_eos=True, seed=0)
     short = engine.model.prepare_request("warm up", None)
     long = engine.model.prepare_request("warm up " * WARM_UP_LONG_WORDS, None)
-    long = (long[0][: engine.config.scheduler.max_prompt_tokens], long[1])
+    long = dataclasses.replace(long, prompt=long.prompt[: engine.config.scheduler.max_prompt_tokens])
     scheduler = engine.scheduler
     config, policy, max_wait_s = scheduler.config, scheduler.policy, scheduler.max_wait_s
     # each round's prompts in one step, so that every decode step measured runs all of its rows (steps
     # taken while the others still prefill are slower than steady decoding, and would skew the fit)
     scheduler.config = dataclasses.replace(config, max_num_batched_tokens=max(
-        config.max_num_batched_tokens, WARM_UP_ROWS * len(long[0])))
+        config.max_num_batched_tokens, WARM_UP_ROWS * len(long.prompt)))
     scheduler.policy = POLICIES["fcfs"](scheduler.config, scheduler.playback, engine.timer)
     scheduler.max_wait_s = None
     try:
         for is_kept in (False, True):  # the first pass meets every shape cold: it is not what they cost
             if is_kept:
                 engine.timer.begin_prior()
-            for num_rows, (prompt, text_ids) in [(1, short), (4, short), (WARM_UP_ROWS, short), (WARM_UP_ROWS, long)]:
+            for num_rows, prepared in [(1, short), (4, short), (WARM_UP_ROWS, short), (WARM_UP_ROWS, long)]:
                 for index in range(min(num_rows, scheduler.config.max_num_seqs)):
-                    engine.add_request(f"warm-up-{index}", prompt, sampling, 0, text_ids)
+                    engine.add_request(f"warm-up-{index}", prepared, sampling, 0)
                 while engine.has_unfinished():
                     engine.step()
     finally:

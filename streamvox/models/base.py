@@ -1,21 +1,26 @@
-"""The model-execution abstraction every SpeechLM family implements.
+"""The model-execution abstraction every SpeechLM family implements (interface v2).
 
-Stages, in order: prepare (text -> prompt tokens, CPU) -> forward (ragged batch over the paged KV cache) ->
-sample (per-row parameters) -> frame bookkeeping (tokens -> codec frames, end of speech) -> decode chunk
-(frames -> PCM, batched across requests). A family knows nothing of requests, queues or HTTP: it is the
-backbone wiring, the prompt format, the frame layout and the codec.
+Stages, in order: prepare (text [+ reference audio] -> a `Prepared`: prompt, text riding along, the
+detokenizer's conditioning, the request's chunk plan; CPU) -> forward (ragged batch over the paged KV cache) ->
+sample (per-row parameters) -> frame bookkeeping (tokens -> frames, end of speech) -> decode chunk (frames ->
+PCM through the detokenizer: a codec, or flow matching + a vocoder; batched across requests). A family knows
+nothing of requests, queues or HTTP: it is the backbone wiring, the prompt format, the frame layout, the
+detokenizer and the loader of its publisher's checkpoint layout. Its registry entry (models/registry.py) says
+how a checkpoint is recognised and how a tiny one is written.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 
 from streamvox.config import SamplingParams
+from streamvox.models.checkpoint import load_hf_layout
 
 
 @dataclass(frozen=True)
@@ -73,6 +78,16 @@ class Reference:
     pcm: torch.Tensor  # float32 mono at the model's sample rate
 
 
+@dataclass(frozen=True)
+class Prepared:
+    """What `prepare_request` makes of one request, off the step loop."""
+
+    prompt: list[StepToken]  # backbone inputs, one per position
+    text_ids: list[int] = field(default_factory=list)  # text riding along with the generated steps (empty: none)
+    conditioning: Any = None  # the detokenizer's per-request input (speaker embedding, prompt tokens/features)
+    chunking: Chunking | None = None  # this request's chunk plan; None: the family's `chunking`
+
+
 class TextStream(Protocol):
     """One request's text arriving in pieces."""
 
@@ -102,14 +117,35 @@ class SpeechModel(ABC):
     is_random_weights: bool  # a tiny test checkpoint: its audio is noise
     min_steps: int = 0  # the stop tokens are not drawn before this many steps
     takes_reference_audio: bool = False  # prepare_request accepts a Reference
+    # what decoding one frame costs, in units of the engine's codec batch budget (`max_codec_frames`): 1 for a
+    # codec whose frames cost alike; more for a detokenizer whose frames cost more (flow matching + vocoder)
+    codec_cost_per_frame: float = 1.0
+
+    # -- the checkpoint: each family recognises and loads its publisher's layout -----------------------------
+
+    # (subdirectory of the checkpoint, hub id used when it is absent) of a codec shipped apart from the model;
+    # None when the checkpoint carries its detokenizer itself
+    codec_location: tuple[str, str] | None = None
 
     @classmethod
     @abstractmethod
+    def detect(cls, path: Path, name: str) -> bool:
+        """Whether checkpoint directory `path` (which the user called `name`) belongs to this family. ValueError,
+        saying why, for one of this family that cannot be served."""
+
+    @classmethod
+    def load(cls, path: Path, codec_dir: Path | None, dtype: torch.dtype, device: torch.device) -> SpeechModel:
+        """Build from checkpoint directory `path` in the publisher's layout, the backbone in `dtype` on `device`;
+        `codec_dir`: where the codec is (see `codec_location`). The default reads the Hugging Face layout."""
+        return load_hf_layout(cls, path, codec_dir, dtype, device)
+
+    @classmethod
     def from_parts(cls, config: dict, state_dict: dict | None, tokenizer_path, codec_dir, dtype: torch.dtype,
                    device: torch.device) -> SpeechModel:
-        """Build from a checkpoint's config.json, its tensors, its tokenizer.json and its codec directory, the
-        backbone in `dtype` on `device`. `state_dict` None: the config asks for random weights
-        (config.RANDOM_INIT_KEY), drawn on the device."""
+        """Build from a Hugging Face layout's config.json, its tensors, its tokenizer.json and its codec
+        directory. `state_dict` None: the config asks for random weights (config.RANDOM_INIT_KEY), drawn on the
+        device."""
+        raise NotImplementedError(f"{cls.__name__} loads its checkpoint with its own `load`")
 
     @property
     def device(self) -> torch.device:
@@ -125,14 +161,13 @@ class SpeechModel(ABC):
     def prepare(self, text: str, voice: str | None) -> list[StepToken]:
         """Prompt inputs (one per position) for `text` spoken by `voice` (None = the default voice). CPU only."""
 
-    def prepare_request(self, text: str, voice: str | None,
-                        reference: Reference | None = None) -> tuple[list[StepToken], list[int]]:
-        """Prompt inputs, and the text ids that ride along with the generated steps (families that take text
-        during generation; empty for the others). `reference`: audio of the voice to speak in, with its
-        transcript, for families that take one (ValueError for the others)."""
+    def prepare_request(self, text: str, voice: str | None, reference: Reference | None = None) -> Prepared:
+        """Everything the engine needs to run one request. `reference`: audio of the voice to speak in, with its
+        transcript, for families that take one (ValueError for the others). CPU only; ValueError, with what to
+        change, for input the family cannot speak."""
         if reference is not None:
             raise ValueError(f"the {self.family} family does not take reference audio; leave it out")
-        return self.prepare(text, voice), []
+        return Prepared(self.prepare(text, voice))
 
     def open_text_stream(self) -> TextStream | None:
         """A tokenizer for text arriving in pieces, for families that can start speaking before the text is
@@ -169,8 +204,11 @@ class SpeechModel(ABC):
         """Whether a step's output ends the speech."""
         return token in self.stop_token_ids
 
-    def new_codec_state(self) -> Any:
-        """Fresh per-request codec state, handed back in every ChunkJob (None for a stateless codec)."""
+    # -- the detokenizer contract: per-request state, batched decode of chunks, a declared cost ----------------
+
+    def new_codec_state(self, conditioning: Any = None, seed: int = 0) -> Any:
+        """Fresh per-request detokenizer state from the request's conditioning (`Prepared.conditioning`) and its
+        seed, handed back in every ChunkJob (None for a stateless codec)."""
         return None
 
     def release_codec_state(self, state: Any) -> None:

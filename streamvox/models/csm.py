@@ -23,7 +23,6 @@ import torch
 from tokenizers import Tokenizer
 from torch import nn
 
-from streamvox.codecs.mimi import TINY_CONFIG as TINY_MIMI_CONFIG
 from streamvox.codecs.mimi import MimiCodec, read_tensors
 from streamvox.codecs.mimi import tiny_tensors as tiny_mimi_tensors
 from streamvox.codecs.mimi_encoder import ENCODER_PREFIXES, MimiEncoder
@@ -36,15 +35,16 @@ from streamvox.models.base import (
     Chunking,
     ChunkJob,
     ExtraSampler,
+    Prepared,
     Reference,
     SpeechModel,
     StepToken,
     TimingFacts,
 )
+from streamvox.models.checkpoint import read_config_if_any
 from streamvox.models.depth import DepthDecoder
 from streamvox.models.llama import LlamaConfig, LlamaDecoderLayer
 from streamvox.models.params import load_checked, on_meta, random_init
-from streamvox.models.tiny import build_tiny_tokenizer, save_tensors, write_atomically
 
 CODEC_PREFIX = "codec_model."
 CODEC_HUB_ID = "kyutai/mimi"
@@ -187,6 +187,7 @@ class CsmModel(SpeechModel):
     default_sampling = SamplingParams(temperature=0.9, top_k=50, max_tokens=1125)
     chunking = Chunking(first_chunk_frames=1, frames_per_chunk=1, lookahead_frames=0, is_stateful=True)
     stop_token_ids = frozenset()
+    codec_location = (".", CODEC_HUB_ID)  # Mimi comes in the checkpoint's own tensors
 
     def __init__(self, config: dict, backbone: CsmBackbone, depth: CsmDepthDecoder, tokenizer: Tokenizer,
                  codec: MimiCodec, encoder: MimiEncoder | None = None) -> None:
@@ -206,6 +207,12 @@ class CsmModel(SpeechModel):
         backbone.num_codes = self.num_codes
         self.timing = TimingFacts(codec.sample_rate, codec.samples_per_frame, lm_steps_per_frame=1)
         self.is_random_weights = bool(config.get("streamvox_random_weights", False))
+
+    @classmethod
+    def detect(cls, path: Path, name: str) -> bool:
+        config = read_config_if_any(path) or {}
+        return config.get("model_type") == "csm" or "CsmForConditionalGeneration" in (config.get("architectures")
+                                                                                      or [])
 
     @classmethod
     def from_parts(cls, config: dict, state_dict: dict | None, tokenizer_path: Path, codec_dir: Path,
@@ -230,19 +237,18 @@ class CsmModel(SpeechModel):
     def prepare(self, text: str, voice: str | None) -> list[StepToken]:
         return self.prepare_conversation([], text, voice)
 
-    def prepare_request(self, text: str, voice: str | None,
-                        reference: Reference | None = None) -> tuple[list[StepToken], list[int]]:
+    def prepare_request(self, text: str, voice: str | None, reference: Reference | None = None) -> Prepared:
         """With a reference, its clip (Mimi-encoded) and transcript are a context turn of the same speaker, so the
         text is spoken in that voice."""
         if reference is None:
-            return self.prepare(text, voice), []
+            return Prepared(self.prepare(text, voice))
         if self.encoder is None:
             raise ValueError("this checkpoint has no Mimi encoder, so it cannot take reference audio")
         if not reference.text.strip():
             raise ValueError("reference audio needs its transcript (what is said in it)")
         codes = self.encoder.encode(reference.pcm)
         speaker = self.resolve_voice(voice)
-        return self.prepare_conversation([Segment(speaker, reference.text, codes)], text, speaker), []
+        return Prepared(self.prepare_conversation([Segment(speaker, reference.text, codes)], text, speaker))
 
     def prepare_conversation(self, context: list[Segment], text: str, voice: str | None) -> list[StepToken]:
         """Prompt rows for `text` spoken by `voice`, after the context segments (oldest first)."""
@@ -276,7 +282,7 @@ class CsmModel(SpeechModel):
     def new_frame_builder(self) -> CsmFrameBuilder:
         return CsmFrameBuilder(self.ids.codebook_eos)
 
-    def new_codec_state(self):
+    def new_codec_state(self, conditioning=None, seed: int = 0):
         return self.codec.new_state()
 
     def release_codec_state(self, state) -> None:
@@ -324,80 +330,3 @@ def _load_codec(config: dict, state_dict: dict, codec_dir: Path) -> tuple[MimiCo
     has_encoder = any(k.startswith(ENCODER_PREFIXES) for k in codec_tensors)
     return (MimiCodec(codec_config, codec_tensors),
             MimiEncoder(codec_config, codec_tensors) if has_encoder else None)
-
-
-# -- tiny random-weight checkpoint in the publisher's layout --------------------------------------------------
-
-TINY_TEXT_VOCAB = 512
-TINY_RESERVED = 16
-TINY_CODES = 64  # the tiny Mimi's codebook size; the heads see 3 more ids, as the published 2048 + 3
-TINY_BACKBONE = dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4,
-                     num_key_value_heads=2, head_dim=64)
-TINY_DEPTH = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, head_dim=32)
-TINY_NOTE = (
-    "Random-weight tiny CSM made by `streamvox make-tiny csm`: same architecture and file layout as the "
-    "transformers version of sesame/csm-1b (Mimi codec included), but it produces noise, not speech. For real "
-    "speech serve a real checkpoint: `streamvox serve --model /path/to/csm-1b`."
-)
-
-
-def write_tiny(path: str | Path, seed: int = 0, num_shards: int = 1) -> Path:
-    """Write a deterministic tiny CSM checkpoint (backbone, depth decoder, Mimi, tokenizer) to `path`."""
-    return write_atomically(path, lambda tmp: _write_tiny_files(tmp, seed, num_shards))
-
-
-def tiny_config() -> dict:
-    vocab = TINY_CODES + 3
-    rope = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0}
-    bos = TINY_TEXT_VOCAB  # <|begin_of_text|>, as 128000 in the published vocabulary
-    return {
-        "architectures": ["CsmForConditionalGeneration"], "model_type": "csm", "num_codebooks": 32,
-        "vocab_size": vocab, "text_vocab_size": TINY_TEXT_VOCAB + TINY_RESERVED, **TINY_BACKBONE,
-        "hidden_act": "silu", "max_position_embeddings": 2048, "rms_norm_eps": 1e-5, "rope_theta": 500000,
-        "rope_scaling": {**rope, "original_max_position_embeddings": 1024},
-        "bos_token_id": bos, "pad_token_id": bos + 2, "audio_token_id": bos + 2, "audio_eos_token_id": bos + 3,
-        "codebook_pad_token_id": vocab - 1, "codebook_eos_token_id": 0, "tie_codebooks_embeddings": True,
-        "attention_bias": False, "mlp_bias": False, "torch_dtype": "float32",
-        "depth_decoder_config": {
-            "model_type": "csm_depth_decoder_model", "num_codebooks": 32, "backbone_hidden_size":
-            TINY_BACKBONE["hidden_size"], "vocab_size": vocab, **TINY_DEPTH, "hidden_act": "silu",
-            "max_position_embeddings": 33, "rms_norm_eps": 1e-5, "rope_theta": 500000,
-            "rope_scaling": {**rope, "original_max_position_embeddings": 16}, "attention_bias": False,
-            "mlp_bias": False,
-        },
-        "codec_config": {**TINY_MIMI_CONFIG, "codebook_size": TINY_CODES},
-        "streamvox_random_weights": True, "streamvox_note": TINY_NOTE,
-    }
-
-
-def _write_tiny_files(path: Path, seed: int, num_shards: int) -> None:
-    config = tiny_config()
-    tokenizer = build_tiny_tokenizer(TINY_TEXT_VOCAB, TINY_RESERVED, [])
-    tokenizer.save(str(path / "tokenizer.json"))
-    (path / "config.json").write_text(json.dumps(config, indent=2))
-    backbone_config = LlamaConfig.from_fields(config)
-    depth_config = LlamaConfig.from_fields(config["depth_decoder_config"])
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        backbone = CsmBackbone(backbone_config, config["text_vocab_size"], 32)
-        depth = CsmDepthDecoder(depth_config, 32, backbone_config.hidden_size)
-        tensors = {**backbone.state_dict(), **{"depth_decoder." + k: v for k, v in depth.state_dict().items()}}
-        for name, tensor in tensors.items():
-            if "norm" not in name:
-                fan_in = tensor.shape[-2 if "codebooks_head" in name else -1]
-                torch.nn.init.normal_(tensor, std=0.1 if "embed" in name else fan_in**-0.5)
-    # the ids past the codebook are never drawn, as with a trained model: their head weights are zero
-    tensors["lm_head.weight"][TINY_CODES:] = 0
-    tensors["depth_decoder.codebooks_head.weight"][..., TINY_CODES:] = 0
-    del tensors["backbone_model.embed_tokens.embed_audio_tokens.weight"]  # tied; stored under the depth name
-    mimi = tiny_mimi_tensors(config["codec_config"], seed)
-    save_tensors(path, {**tensors, **{CODEC_PREFIX + k: v for k, v in mimi.items()}}, num_shards)
-    (path / "generation_config.json").write_text(json.dumps({
-        "bos_token_id": config["bos_token_id"], "do_sample": True, "temperature": 0.9, "top_k": 50,
-        "max_length": 1125, "depth_decoder_do_sample": True, "depth_decoder_temperature": 0.9,
-        "depth_decoder_top_k": 50}, indent=2))
-    (path / "tokenizer_config.json").write_text(json.dumps({
-        "bos_token": "<|begin_of_text|>", "eos_token": "<|end_of_text|>", "pad_token": "<|reserved_special_token_2|>",
-        "model_max_length": 2048}))
-    (path / "README.md").write_text(TINY_NOTE + "\n")

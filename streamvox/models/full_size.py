@@ -14,8 +14,9 @@ import json
 from pathlib import Path
 
 from streamvox.config import RANDOM_INIT_KEY
-from streamvox.models import orpheus, qwen3_tts
+from streamvox.models import orpheus
 from streamvox.models.tiny import build_tiny_tokenizer, write_atomically
+from streamvox.models.tiny import qwen3_tts as tiny_qwen3_tts
 
 CONFIGS = Path(__file__).parent / "full"
 NOTE = ("Full-size random-weight {family} made by `streamvox make-tiny --size full`: the real model's config, a "
@@ -57,5 +58,5 @@ def _csm(path: Path, seed: int) -> None:
 
 def _qwen3_tts(path: Path, seed: int) -> None:
     _write_json(path, _config("qwen3-tts", seed, "Qwen3-TTS-12Hz-1.7B-CustomVoice"))
-    qwen3_tts.write_tiny_tokenizer(path)
-    _write_json(path / qwen3_tts.CODEC_SUBDIR, _config("qwen3-tts-tokenizer", seed))
+    tiny_qwen3_tts.write_tiny_tokenizer(path)
+    _write_json(path / tiny_qwen3_tts.CODEC_SUBDIR, _config("qwen3-tts-tokenizer", seed))

@@ -31,6 +31,7 @@ class LlamaConfig:
     rope_scaling: dict | None
     tie_word_embeddings: bool
     qk_norm: bool = False  # RMSNorm over each head's queries and keys before RoPE (Qwen3)
+    attention_bias: bool = False  # biases on the query, key and value projections (Qwen2)
 
     @classmethod
     def from_json(cls, config: dict) -> LlamaConfig:
@@ -72,9 +73,9 @@ class LlamaAttention(nn.Module):
         self.num_heads, self.num_kv_heads = config.num_attention_heads, config.num_key_value_heads
         self.head_dim = config.head_dim
         hidden, q_dim, kv_dim = config.hidden_size, self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        self.q_proj = Linear(hidden, q_dim, bias=False)
-        self.k_proj = Linear(hidden, kv_dim, bias=False)
-        self.v_proj = Linear(hidden, kv_dim, bias=False)
+        self.q_proj = Linear(hidden, q_dim, bias=config.attention_bias)
+        self.k_proj = Linear(hidden, kv_dim, bias=config.attention_bias)
+        self.v_proj = Linear(hidden, kv_dim, bias=config.attention_bias)
         self.o_proj = Linear(q_dim, hidden, bias=False)
         if config.qk_norm:
             self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)

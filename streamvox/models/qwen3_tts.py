@@ -18,18 +18,15 @@ The talker's head never draws its special ids other than codec_eos, nor codec_eo
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+from tokenizers import Tokenizer
 from torch import nn
 from torch.nn import functional as F
 
-from streamvox.codecs.qwen_12hz import TINY_CONFIG as TINY_CODEC_CONFIG
 from streamvox.codecs.qwen_12hz import Qwen12HzCodec
-from streamvox.codecs.qwen_12hz import tiny_tensors as tiny_codec_tensors
 from streamvox.config import SamplingParams, random_init_seed
 from streamvox.layers.attention import AttentionMetadata
 from streamvox.layers.linear import Linear
@@ -39,20 +36,20 @@ from streamvox.models.base import (
     Chunking,
     ChunkJob,
     ExtraSampler,
+    Prepared,
     Reference,
     SpeechModel,
     StepToken,
     TimingFacts,
 )
+from streamvox.models.checkpoint import read_config_if_any
 from streamvox.models.depth import DepthDecoder
 from streamvox.models.llama import LlamaConfig, LlamaDecoderLayer
 from streamvox.models.params import load_checked, on_meta, random_init
-from streamvox.models.tiny import save_tensors, train_tiny_bpe, write_atomically
+from streamvox.models.qwen_tokenizer import load_tokenizer
 
 CODEC_SUBDIR = "speech_tokenizer"
 CODEC_HUB_ID = "Qwen/Qwen3-TTS-Tokenizer-12Hz"
-PRETOKENIZE = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
-               r"""|\s*[\r\n]+|\s+(?!\S)|\s+""")
 HEAD = "assistant\n"  # after <|im_start|>: the role tokens the prompt starts with
 NUM_ROLE_TOKENS = 3
 SPECIAL_SPAN = 1024  # the talker's top ids are control ids, never drawn (codec_eos aside)
@@ -79,30 +76,6 @@ class QwenTtsIds:
                    config.get("tts_pad_token_id", 151671), talker["codec_eos_token_id"], talker["codec_pad_id"],
                    talker["codec_bos_id"], talker["codec_think_id"], talker["codec_nothink_id"],
                    talker["codec_think_bos_id"], talker["codec_think_eos_id"])
-
-
-def load_tokenizer(path: Path) -> Tokenizer:
-    """tokenizer.json if the checkpoint has one, else the Qwen2 BPE from vocab.json + merges.txt with the
-    special tokens of tokenizer_config.json (how the publisher ships it)."""
-    if (path / "tokenizer.json").is_file():
-        return Tokenizer.from_file(str(path / "tokenizer.json"))
-    vocab, merges = path / "vocab.json", path / "merges.txt"
-    if not (vocab.is_file() and merges.is_file()):
-        raise FileNotFoundError(f"{path} has neither tokenizer.json nor vocab.json + merges.txt")
-    tokenizer = Tokenizer(models.BPE.from_file(str(vocab), str(merges)))
-    tokenizer.normalizer = normalizers.NFC()
-    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(PRETOKENIZE), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-    tokenizer.decoder = decoders.ByteLevel()
-    tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
-    config_path = path / "tokenizer_config.json"
-    added = json.loads(config_path.read_text()).get("added_tokens_decoder", {}) if config_path.is_file() else {}
-    for token_id, token in sorted(added.items(), key=lambda item: int(item[0])):
-        tokenizer.add_special_tokens([token["content"]])
-        if tokenizer.token_to_id(token["content"]) != int(token_id):
-            raise ValueError(f"tokenizer_config.json puts {token['content']!r} at {token_id}, the vocabulary does not")
-    return tokenizer
 
 
 class _TalkerModel(nn.Module):
@@ -238,6 +211,7 @@ class Qwen3TtsModel(SpeechModel):
     default_sampling = SamplingParams(temperature=0.9, top_k=50, repetition_penalty=1.05, max_tokens=2048)
     chunking = Chunking(first_chunk_frames=1, frames_per_chunk=1, lookahead_frames=0, is_stateful=True)
     min_steps = MIN_STEPS
+    codec_location = (CODEC_SUBDIR, CODEC_HUB_ID)
 
     def __init__(self, config: dict, talker: QwenTalker, tokenizer: Tokenizer, codec: Qwen12HzCodec) -> None:
         self.ids = QwenTtsIds.from_config(config)
@@ -264,6 +238,16 @@ class Qwen3TtsModel(SpeechModel):
             raise ValueError("the tokenizer does not make <|im_start|>assistant\\n 3 tokens: it is not the Qwen "
                              "tokenizer this prompt format expects")
         self.role_ids = [im_start, *self.tokenizer.encode(HEAD, add_special_tokens=False).ids]
+
+    @classmethod
+    def detect(cls, path: Path, name: str) -> bool:
+        config = read_config_if_any(path) or {}
+        if config.get("model_type") != "qwen3_tts":
+            return False
+        if config.get("tokenizer_type", "qwen3_tts_tokenizer_12hz") != "qwen3_tts_tokenizer_12hz":
+            raise ValueError(f"{name}: only the 12 Hz Qwen3-TTS models are supported, this one uses "
+                             f"{config.get('tokenizer_type')}")
+        return True
 
     @classmethod
     def from_parts(cls, config: dict, state_dict: dict | None, tokenizer_path: Path, codec_dir: Path,
@@ -327,8 +311,7 @@ class Qwen3TtsModel(SpeechModel):
         rows.append((ids.codec_bos, *blank[1:], first_text_id))
         return rows
 
-    def prepare_request(self, text: str, voice: str | None,
-                        reference: Reference | None = None) -> tuple[list[StepToken], list[int]]:
+    def prepare_request(self, text: str, voice: str | None, reference: Reference | None = None) -> Prepared:
         if reference is not None:
             raise ValueError("voice cloning from reference audio is not supported for Qwen3-TTS yet; choose a "
                              "speaker")
@@ -336,10 +319,10 @@ class Qwen3TtsModel(SpeechModel):
         text_ids = stream.feed(text, True)
         if len(text_ids) < 2:
             raise ValueError("text is empty; give at least one word to speak")
-        return self.prompt_for(text_ids[0], voice), text_ids[1:]
+        return Prepared(self.prompt_for(text_ids[0], voice), text_ids[1:])
 
     def prepare(self, text: str, voice: str | None) -> list[StepToken]:
-        return self.prepare_request(text, voice)[0]
+        return self.prepare_request(text, voice).prompt
 
     # -- steps and audio ---------------------------------------------------------------------------------
 
@@ -356,7 +339,7 @@ class Qwen3TtsModel(SpeechModel):
     def new_frame_builder(self) -> QwenFrameBuilder:
         return QwenFrameBuilder(self.ids.codec_eos)
 
-    def new_codec_state(self):
+    def new_codec_state(self, conditioning=None, seed: int = 0):
         return self.codec.new_state()
 
     def release_codec_state(self, state) -> None:
@@ -370,96 +353,3 @@ class Qwen3TtsModel(SpeechModel):
 def _load_talker(talker: QwenTalker, state_dict: dict, device: torch.device, dtype: torch.dtype) -> None:
     tensors = {k[len("talker.") :]: v for k, v in state_dict.items() if k.startswith("talker.")}
     load_checked(talker, tensors, "the Qwen3-TTS talker config", device, dtype)
-
-
-# -- tiny random-weight checkpoint in the publisher's layout --------------------------------------------------
-
-TINY_TEXT_VOCAB = 512
-TINY_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|tts_pad|>", "<|tts_text_bos|>",
-                 "<|tts_text_eod|>"]
-TINY_SPEAKERS = {"vivian": 3066, "ryan": 3061, "dylan": 3063}
-TINY_NOTE = (
-    "Random-weight tiny Qwen3-TTS made by `streamvox make-tiny qwen3-tts`: same architecture and file layout as "
-    "Qwen/Qwen3-TTS-12Hz-0.6B-CustomVoice (speech_tokenizer/ included), but it produces noise, not speech. For "
-    "real speech serve a real checkpoint: `streamvox serve --model /path/to/Qwen3-TTS-12Hz-0.6B-CustomVoice`."
-)
-
-
-def write_tiny(path: str | Path, seed: int = 0, num_shards: int = 1) -> Path:
-    """Write a deterministic tiny Qwen3-TTS CustomVoice checkpoint (talker, code predictor, tokenizer files,
-    speech tokenizer) to `path`."""
-    return write_atomically(path, lambda tmp: _write_tiny_files(tmp, seed, num_shards))
-
-
-def tiny_config() -> dict:
-    first_special = TINY_TEXT_VOCAB
-    special = {name: first_special + i for i, name in enumerate(TINY_SPECIALS)}
-    predictor = {
-        "vocab_size": 2048, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-        "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "hidden_act": "silu",
-        "max_position_embeddings": 65536, "rms_norm_eps": 1e-6, "rope_theta": 1000000, "num_code_groups": 16,
-        "use_sliding_window": False, "attention_bias": False, "model_type": "qwen3_tts_talker_code_predictor",
-    }
-    talker = {
-        "model_type": "qwen3_tts_talker", "vocab_size": 3072, "hidden_size": 128, "intermediate_size": 256,
-        "num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32,
-        "hidden_act": "silu", "max_position_embeddings": 32768, "rms_norm_eps": 1e-6, "rope_theta": 1000000,
-        "rope_scaling": {"interleaved": True, "mrope_section": [6, 5, 5], "rope_type": "default"},
-        "attention_bias": False, "use_sliding_window": False, "num_code_groups": 16,
-        "text_hidden_size": 96, "text_vocab_size": TINY_TEXT_VOCAB + len(TINY_SPECIALS),
-        "codec_eos_token_id": 2150, "codec_think_id": 2154, "codec_nothink_id": 2155, "codec_think_bos_id": 2156,
-        "codec_think_eos_id": 2157, "codec_pad_id": 2148, "codec_bos_id": 2149,
-        "codec_language_id": {"english": 2050, "chinese": 2055, "beijing_dialect": 2074},
-        "spk_id": TINY_SPEAKERS, "spk_is_dialect": {"vivian": False, "ryan": False, "dylan": "beijing_dialect"},
-        "code_predictor_config": predictor,
-    }
-    return {
-        "architectures": ["Qwen3TTSForConditionalGeneration"], "model_type": "qwen3_tts",
-        "tokenizer_type": "qwen3_tts_tokenizer_12hz", "tts_model_size": "0b6", "tts_model_type": "custom_voice",
-        "im_start_token_id": special["<|im_start|>"], "im_end_token_id": special["<|im_end|>"],
-        "tts_pad_token_id": special["<|tts_pad|>"], "tts_bos_token_id": special["<|tts_text_bos|>"],
-        "tts_eos_token_id": special["<|tts_text_eod|>"], "talker_config": talker,
-        "speaker_encoder_config": {"enc_dim": 128, "sample_rate": 24000}, "torch_dtype": "float32",
-        "streamvox_random_weights": True, "streamvox_note": TINY_NOTE,
-    }
-
-
-def _write_tiny_files(path: Path, seed: int, num_shards: int) -> None:
-    config = tiny_config()
-    talker_config = config["talker_config"]
-    write_tiny_tokenizer(path)
-    (path / "config.json").write_text(json.dumps(config, indent=2))
-    talker_llama = LlamaConfig.from_fields(talker_config, rope_scaling=None, qk_norm=True)
-    predictor_llama = LlamaConfig.from_fields(talker_config["code_predictor_config"], rope_scaling=None,
-                                              qk_norm=True)
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        talker = QwenTalker(talker_llama, predictor_llama, 16, talker_config["text_vocab_size"],
-                            talker_config["text_hidden_size"], talker_config["codec_eos_token_id"])
-        tensors = talker.state_dict()
-        for name, tensor in tensors.items():
-            if "norm" not in name:
-                torch.nn.init.normal_(tensor, std=0.1 if "embed" in name else tensor.shape[-1] ** -0.5)
-    save_tensors(path, {"talker." + k: v for k, v in tensors.items()}, num_shards)
-    codec_dir = path / CODEC_SUBDIR
-    codec_dir.mkdir()
-    (codec_dir / "config.json").write_text(json.dumps(TINY_CODEC_CONFIG, indent=2))
-    save_tensors(codec_dir, tiny_codec_tensors(TINY_CODEC_CONFIG, seed))
-    (path / "generation_config.json").write_text(json.dumps({
-        "do_sample": True, "top_k": 50, "top_p": 1.0, "temperature": 0.9, "repetition_penalty": 1.05,
-        "subtalker_dosample": True, "subtalker_top_k": 50, "subtalker_top_p": 1.0, "subtalker_temperature": 0.9,
-        "max_new_tokens": 2048}, indent=2))
-    (path / "README.md").write_text(TINY_NOTE + "\n")
-
-
-def write_tiny_tokenizer(path: Path) -> None:
-    """vocab.json + merges.txt + tokenizer_config.json, as the publisher ships its Qwen2 tokenizer."""
-    # byte-level BPE (Qwen2's pre-tokenizer on load) in which "assistant", like in Qwen's vocabulary, is one token
-    train_tiny_bpe(TINY_TEXT_VOCAB, ("assistant " * 50,)).model.save(str(path))
-    added = {str(TINY_TEXT_VOCAB + i): {"content": name, "lstrip": False, "normalized": False, "rstrip": False,
-                                        "single_word": False, "special": True}
-             for i, name in enumerate(TINY_SPECIALS)}
-    (path / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "Qwen2Tokenizer", "added_tokens_decoder": added, "bos_token": None,
-        "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "unk_token": None, "model_max_length": 32768,
-        "clean_up_tokenization_spaces": False, "errors": "replace", "split_special_tokens": False}, indent=2))

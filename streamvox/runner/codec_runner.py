@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from streamvox.batch import AudioChunk, AudioPlan
-from streamvox.models.base import ChunkJob, FrameBuilder, SpeechModel, StepToken
+from streamvox.models.base import Chunking, ChunkJob, FrameBuilder, SpeechModel, StepToken
 
 
 @dataclass(frozen=True)
@@ -36,16 +36,19 @@ class _CodecRequest:
     builder: FrameBuilder
     seed: int
     state: Any  # the model's per-request codec state (None for a stateless codec)
+    plan: AudioPlan  # its chunk plan
     frames: list[tuple[int, ...]] = field(default_factory=list)
     num_taken_frames: int = 0  # frames handed to the codec so far
     is_complete: bool = False  # no more tokens will come: the tail is decodable
     is_in_flight: bool = False
 
 
-def audio_plan(model: SpeechModel) -> AudioPlan:
-    timing, chunking = model.timing, model.chunking
+def audio_plan(model: SpeechModel, chunking: Chunking | None = None) -> AudioPlan:
+    """The plan of a request chunked by `chunking` (None: the family's)."""
+    timing, chunking = model.timing, chunking or model.chunking
     return AudioPlan(timing.lm_steps_per_frame, timing.samples_per_frame / timing.sample_rate,
-                     chunking.first_chunk_frames, chunking.frames_per_chunk, chunking.lookahead_frames)
+                     chunking.first_chunk_frames, chunking.frames_per_chunk, chunking.lookahead_frames,
+                     model.codec_cost_per_frame)
 
 
 class CodecRunner:
@@ -59,8 +62,10 @@ class CodecRunner:
         # state is made and used on this stream only; its inputs come from the host)
         self._stream = torch.cuda.Stream(model.device) if model.device.type == "cuda" else None
 
-    def add(self, request_id: str, seed: int) -> None:
-        self.requests[request_id] = _CodecRequest(self.model.new_frame_builder(), seed, self.model.new_codec_state())
+    def add(self, request_id: str, seed: int, conditioning: Any = None, plan: AudioPlan | None = None) -> None:
+        """Take a request: its codec state is made from its conditioning (Prepared.conditioning) and seed."""
+        state = self.model.new_codec_state(conditioning, seed)
+        self.requests[request_id] = _CodecRequest(self.model.new_frame_builder(), seed, state, plan or self.plan)
 
     def push(self, request_id: str, token: StepToken) -> None:
         request = self.requests.get(request_id)
@@ -112,11 +117,11 @@ class CodecRunner:
             start = request.num_taken_frames
             end = self._ready_end(request)
             if end - start > budget:
-                capped = self.plan.boundary_at_most(start + budget)
+                capped = request.plan.boundary_at_most(start + budget)
                 if pending and (capped <= start or start == 0):
                     break
                 if capped <= start:
-                    capped = min(end, self.plan.next_boundary(start))  # the first request always gets a chunk
+                    capped = min(end, request.plan.next_boundary(start))  # the first request always gets a chunk
                 end = capped
             budget -= end - start
             is_last = request.is_complete and end == len(request.frames)
@@ -170,5 +175,5 @@ class CodecRunner:
     def _ready_end(self, request: _CodecRequest) -> int | None:
         """End frame of the request's next chunk if one is ready, else None (the closing chunk of a complete
         request may be empty)."""
-        end = self.plan.decodable_end(len(request.frames), request.is_complete)
+        end = request.plan.decodable_end(len(request.frames), request.is_complete)
         return end if end > request.num_taken_frames or request.is_complete else None

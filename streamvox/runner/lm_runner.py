@@ -105,7 +105,7 @@ class LMRunner:
             if attention != "triton":
                 raise ValueError("decode graphs need the triton attention backend (a gather's shapes change)")
             max_blocks = -(-max_context // block_size) if max_context else num_blocks
-            first = model.prepare_request("a", None)[0][0]  # an input: one id, or a row of codes
+            first = model.prepare_request("a", None).prompt[0]  # an input: one id, or a row of codes
             self.graphs = DecodeGraphs(model.backbone, self.kv_cache, num_blocks, graph_rows,
                                        min(max_blocks, num_blocks), len(first) if isinstance(first, tuple) else 0)
             if type(model).complete_step is not SpeechModel.complete_step:  # a depth loop completes each frame

@@ -49,14 +49,14 @@ def cuda_kv_blocks(model: SpeechModel, cache: CacheConfig, scheduler: SchedulerC
 def _profile(model: SpeechModel, num_tokens: int, num_blocks: int, block_size: int, dtype: torch.dtype,
              num_codec_jobs: int) -> None:
     runner = LMRunner(model, num_blocks, block_size, dtype)
-    prompt, _ = model.prepare_request("warm up", None)
+    prompt = model.prepare_request("warm up", None).prompt
     prompt = (prompt * (num_tokens // len(prompt) + 1))[:num_tokens]
     sampling = SamplingParams(temperature=1.0, top_p=0.9, seed=0)
     row = ScheduledRow("profile", 0, num_tokens, tuple(range(num_blocks)), True)
     runner.execute(StepBatch((NewRequest("profile", tuple(prompt), sampling, 0),), (row,), ()))
     del runner
     frames = torch.zeros(1, model.codes_per_frame, dtype=torch.int64)
-    jobs = [ChunkJob(frames, 0, 1, True, seed, model.new_codec_state()) for seed in range(num_codec_jobs)]
+    jobs = [ChunkJob(frames, 0, 1, True, seed, model.new_codec_state(None, seed)) for seed in range(num_codec_jobs)]
     model.decode_chunks(jobs)
     for job in jobs:
         model.release_codec_state(job.state)

@@ -112,7 +112,7 @@ class StreamingPolicy(OfflinePolicy):
         chunk out on time."""
         timing = self._timings.get(request.request_id)
         if timing is None:
-            covered, steps = self.playback.plan.next_chunk(request.num_output_tokens)
+            covered, steps = (request.plan or self.playback.plan).next_chunk(request.num_output_tokens)
             steps += request.num_pending_tokens > 1  # prefill still to run: one more step
             time_left_s = self.playback.deadline_s(request.request_id, covered) - now - 2 * self.timer.codec_s
             timing = (time_left_s - steps * (self.timer.recent_period_s or self.timer.period_s(1)), time_left_s / steps)
@@ -143,7 +143,7 @@ class StreamingPolicy(OfflinePolicy):
         limit, plan = self.config.realtime_headroom, self.playback.plan
         if self.timer.period_s(num_streams, num_streams, num_context) > limit * plan.realtime_step_s:
             return False
-        per_call = min(num_streams, self.config.max_codec_frames)
+        per_call = min(num_streams, plan.frames_per_call(self.config.max_codec_frames))
         codec_s = self.timer.codec_call_s(per_call) * num_streams / per_call  # per frame_s
         return codec_s <= limit * plan.frame_s
 
@@ -220,7 +220,8 @@ class StreamingPolicy(OfflinePolicy):
         plan = self.playback.plan
         ready_s = num_ready_frames * plan.frame_s
         if stream.first_chunk_s is None:
-            codec_batches = 1 + math.ceil(self._num_starting * plan.first_chunk_frames / self.config.max_codec_frames)
+            per_call = plan.frames_per_call(self.config.max_codec_frames)
+            codec_batches = 1 + math.ceil(self._num_starting * plan.first_chunk_frames / per_call)
             # the step as it is now, or as predicted with every running stream in it (streams just admitted
             # have not shown in the measured period yet)
             step_s = max(self.timer.recent_period_s, self.timer.recent_step_s * self.timer.overhead,
@@ -228,7 +229,7 @@ class StreamingPolicy(OfflinePolicy):
             # the next chunk goes to the codec at the step after its last frame is made: one step more
             next_chunk_s = (plan.frames_per_chunk * plan.lm_steps_per_frame + 1) * step_s
             # and it may wait for a full batch in flight to finish, then for the step that collects it
-            jitter_s = self.timer.codec_call_s(self.config.max_codec_frames) + step_s
+            jitter_s = self.timer.codec_call_s(per_call) + step_s
             return ready_s >= next_chunk_s + codec_batches * self.timer.codec_s + jitter_s
         left_s = self.playback.deadline_s(request_id) - now
         margin_s = 2 * self.timer.codec_s + self.config.codec_hold_margin_s

@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
+from streamvox.batch import AudioPlan
 from streamvox.config import SamplingParams
 
 
@@ -42,6 +43,7 @@ class Request:
     is_text_complete: bool = True
     arrival_s: float = 0.0
     is_paused: bool = False  # its client has not read what was sent: it makes no more until it does
+    plan: AudioPlan | None = None  # its own chunk plan (the family's may depend on the prompt); None: the engine's
 
     @property
     def is_waiting_for_text(self) -> bool:

@@ -3,7 +3,8 @@
 import pytest
 
 from streamvox.config import SamplingParams
-from streamvox.models.orpheus import TINY_TEXT_VOCAB, OrpheusFrameBuilder, OrpheusTokenIds
+from streamvox.models.orpheus import OrpheusFrameBuilder, OrpheusTokenIds
+from streamvox.models.tiny.orpheus import TINY_TEXT_VOCAB
 
 
 def test_frames_follow_the_publishers_unpacking():

@@ -140,7 +140,7 @@ def test_decode_through_static_buffers_gives_the_eager_engines_tokens(family, en
     if family == "orpheus":
         model, count, steps = tiny_model, 7, 14
     else:
-        from streamvox.models.csm import write_tiny
+        from streamvox.models.tiny.csm import write_tiny
         from streamvox.runner.weights import load_model
 
         model, count, steps = load_model(str(write_tiny(tmp_path / "csm"))), 4, 5

@@ -72,7 +72,7 @@ def test_codec_state_rows_come_back_from_failed_dropped_and_finished_streams(tmp
     """Mimi keeps each stream's context in a pooled row. A stream whose chunk fails to decode, one dropped while
     a chunk of it decodes, and one that finishes all give their row back."""
     from streamvox.engine.codec_pipeline import CodecPipeline
-    from streamvox.models.csm import write_tiny
+    from streamvox.models.tiny.csm import write_tiny
     from streamvox.runner.weights import load_model
     from streamvox.sched.timing import StepTimer
 

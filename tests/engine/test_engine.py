@@ -153,7 +153,7 @@ def test_request_too_long_for_the_whole_cache_ends_its_stream_with_capacity(make
 def test_codec_state_rows_come_back_when_streams_end_or_are_cancelled(engine_for, tmp_path):
     """CSM's Mimi keeps each stream's context in a pooled row: finished and cancelled streams (some cancelled
     while a chunk of theirs is decoding) give their rows back, and later streams reuse them."""
-    from streamvox.models.csm import write_tiny
+    from streamvox.models.tiny.csm import write_tiny
     from streamvox.runner.weights import load_model
 
     model = load_model(str(write_tiny(tmp_path / "csm")))

@@ -19,7 +19,7 @@ def test_sampling_without_looking_mid_step_gives_the_same_tokens(family, tiny_mo
     if family == "orpheus":
         model = tiny_model
     else:
-        from streamvox.models.csm import write_tiny
+        from streamvox.models.tiny.csm import write_tiny
         from streamvox.runner.weights import load_model
 
         model = load_model(str(write_tiny(tmp_path / "csm")))

@@ -8,7 +8,8 @@ import torch
 
 from streamvox.batch import NewRequest, ScheduledRow, StepBatch
 from streamvox.config import SamplingParams
-from streamvox.models.csm import Segment, write_tiny
+from streamvox.models.csm import Segment
+from streamvox.models.tiny.csm import write_tiny
 from streamvox.runner.weights import load_model
 
 transformers = pytest.importorskip("transformers")
@@ -180,7 +181,7 @@ def test_reference_audio_is_encoded_and_placed_as_transformers_places_it(csm_mod
     from streamvox.models.base import Reference
 
     clip = torch.randn(30000, generator=torch.Generator().manual_seed(5)) * 0.3
-    prompt, _ = csm_model.prepare_request(TEXT, "1", Reference("What the clip says.", clip))
+    prompt = csm_model.prepare_request(TEXT, "1", Reference("What the clip says.", clip)).prompt
     frames = -(-30000 // 1920)
     assert sum(1 for row in prompt if row[-1] < 0) == frames + 1  # the clip's frames and the audio end frame
     tokenizer, config = csm_model.tokenizer, reference.config

@@ -8,8 +8,9 @@ import torch
 
 from streamvox.config import SamplingParams
 from streamvox.engine.local import Engine
-from streamvox.models.orpheus import write_tiny
-from streamvox.runner.weights import load_model, read_state_dict
+from streamvox.models.checkpoint import read_state_dict
+from streamvox.models.tiny.orpheus import write_tiny
+from streamvox.runner.weights import load_model
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=30, seed=1, ignore_eos=True)
 

@@ -7,7 +7,7 @@ import torch
 from streamvox.batch import NewRequest, ScheduledRow, StepBatch
 from streamvox.config import SamplingParams
 from streamvox.engine.core import QueueFullError
-from streamvox.models.qwen3_tts import write_tiny
+from streamvox.models.tiny.qwen3_tts import write_tiny
 from streamvox.runner.weights import load_model
 
 TEXT = "Parity check: the same numbers, please. One, two, three!"
@@ -86,7 +86,8 @@ def test_talker_logits_match_the_reference(qwen_model, reference, make_engine):
     finally:
         hook.remove()
     engine = make_engine()
-    prompt, text_ids = qwen_model.prepare_request(TEXT, "ryan")
+    prepared = qwen_model.prepare_request(TEXT, "ryan")
+    prompt, text_ids = prepared.prompt, prepared.text_ids
     runner, pool = engine.lm_runner, engine.pool
     blocks = tuple(pool.allocate(pool.blocks_for(len(prompt) + 2)))
     runner.execute(StepBatch((NewRequest("p", tuple(prompt), greedy(4), 0, tuple(text_ids)),), (), ()))

@@ -8,7 +8,7 @@ import httpx
 import numpy as np
 import pytest
 
-from streamvox.models import csm, qwen3_tts
+from streamvox.models.tiny import csm, qwen3_tts
 from streamvox.runner.weights import load_model
 
 FAMILIES = {"csm": csm.write_tiny, "qwen3-tts": qwen3_tts.write_tiny}

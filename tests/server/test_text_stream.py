@@ -7,7 +7,7 @@ import pytest
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
-from streamvox.models import csm, qwen3_tts
+from streamvox.models.tiny import csm, qwen3_tts
 from streamvox.runner.weights import load_model
 
 TEXT = "Streaming text arrives in pieces, word by word, while the voice is already speaking it aloud."
