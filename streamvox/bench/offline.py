@@ -120,11 +120,15 @@ def _raw(model, sampling, batch_size: int, engine_row: dict) -> dict:
 
 
 def _codec_time(model, frames_per_request: list[torch.Tensor], per_call: int) -> float:
-    """Decode every frame of every request, one frame per request per call, `per_call` frames a call (frame by
-    frame across requests, so a stateful codec gets each request's frames in order)."""
+    """Decode every frame of every request in the family's chunks, chunk by chunk across requests (so a stateful
+    codec gets each request's chunks in order), `per_call` chunks a call."""
     states = [model.new_codec_state(None, seed) for seed in range(len(frames_per_request))]
-    jobs = [ChunkJob(frames, f, f + 1, False, seed, states[seed]) for f in range(max(map(len, frames_per_request)))
-            for seed, frames in enumerate(frames_per_request) if f < len(frames)]
+    jobs = []
+    for start, end in _chunks(model.chunking, max(map(len, frames_per_request))):
+        for seed, frames in enumerate(frames_per_request):
+            if start < len(frames):
+                stop = min(end, len(frames))
+                jobs.append(ChunkJob(frames, start, stop, stop == len(frames), seed, states[seed]))
     started = time.perf_counter()
     for start in range(0, len(jobs), per_call):
         model.decode_chunks(jobs[start:start + per_call])
@@ -132,6 +136,14 @@ def _codec_time(model, frames_per_request: list[torch.Tensor], per_call: int) ->
     for state in states:
         model.release_codec_state(state)
     return elapsed
+
+
+def _chunks(chunking, num_frames: int) -> list[tuple[int, int]]:
+    """[start, end) of each chunk of a request of `num_frames` frames under `chunking`."""
+    ends = [min(chunking.first_chunk_frames, num_frames)]
+    while ends[-1] < num_frames:
+        ends.append(min(ends[-1] + chunking.frames_per_chunk, num_frames))
+    return list(zip([0, *ends[:-1]], ends, strict=True))
 
 
 def _row(system: str, batch_size: int, tokens: int, audio_s: float, wall_s: float, lm_s: float | None = None,

@@ -20,6 +20,7 @@ from streamvox import protocol
 from streamvox.server.audio_format import FORMATS, StreamEncoder, UnsupportedFormat, media_type
 from streamvox.server.errors import ApiError
 from streamvox.server.streaming import SpeechStream, StreamFailedError
+from streamvox.server.voxserve import reference_clip
 
 logger = logging.getLogger("streamvox.server")
 router = APIRouter()
@@ -46,6 +47,8 @@ class SpeechRequest(BaseModel):
     repetition_window: int | None = None
     max_tokens: int | None = None
     ignore_eos: bool | None = None
+    reference_audio: str | None = None  # base64 of a voice clip (wav, flac, mp3, ogg) to clone, for families that can
+    reference_text: str | None = None  # what is said in reference_audio
 
     def sampling(self) -> protocol.SamplingOverrides:
         names = protocol.SamplingOverrides.__struct_fields__
@@ -75,12 +78,31 @@ async def speech(body: SpeechRequest, request: Request):
         encoder = StreamEncoder(body.response_format, sample_rate)
     except UnsupportedFormat as error:
         raise ApiError(400, str(error), "response_format") from None
-    speech_stream = await SpeechStream.open(request, body.input, body.voice, body.sampling())
+    reference = await _reference(request, body)
+    speech_stream = await SpeechStream.open(request, body.input, body.voice, body.sampling(), reference)
     if body.stream_format == "sse":
         return StreamingResponse(_sse(speech_stream, encoder), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache"})
     return StreamingResponse(_audio(speech_stream, encoder), media_type=media_type(body.response_format),
                              headers={"Cache-Control": "no-cache"})
+
+
+async def _reference(request: Request, body: SpeechRequest) -> tuple[bytes, str] | None:
+    """The request's voice clip (extension fields reference_audio + reference_text), decoded; None without one."""
+    if body.reference_audio is None:
+        if body.reference_text is not None:
+            raise ApiError(400, "reference_text is the transcript of a clip: send the clip as reference_audio "
+                                "(base64) too, or leave reference_text out", "reference_text")
+        return None
+    limit = int(request.app.state.config.max_upload_mb * 2**20)
+    if len(body.reference_audio) > limit * 4 // 3 + 4:
+        raise ApiError(413, f"reference_audio is larger than {limit} bytes; send a shorter clip", "reference_audio")
+    try:
+        data = base64.b64decode(body.reference_audio, validate=True)
+    except ValueError:
+        raise ApiError(400, "reference_audio is not base64; send the clip's file bytes base64-encoded",
+                       "reference_audio") from None
+    return await reference_clip(request, data, body.reference_text, ("reference_audio", "reference_text"))
 
 
 async def _audio(speech_stream: SpeechStream, encoder: StreamEncoder):

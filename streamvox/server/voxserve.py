@@ -59,17 +59,25 @@ async def _reference(request: Request, audio: UploadFile, audio_text: str | None
     data = await audio.read(limit + 1)
     if len(data) > limit:
         raise ApiError(413, f"audio upload is larger than {limit} bytes; send a shorter clip", "audio")
+    return await reference_clip(request, data, audio_text, ("audio", "audio_text"))
+
+
+async def reference_clip(request: Request, data: bytes, transcript: str | None,
+                         fields: tuple[str, str]) -> tuple[bytes, str]:
+    """A voice clip (any container ffmpeg reads) as int16 PCM at the model's rate, and its transcript; `fields`
+    names the request's clip and transcript fields in the errors."""
+    audio_field, text_field = fields
     info = request.app.state.engine.info
     if info is not None and not info.takes_reference_audio:
-        raise ApiError(400, f"this {info.family} model does not take reference audio; leave out the `audio` field",
-                       "audio")
-    if not audio_text or not audio_text.strip():
-        raise ApiError(400, "reference audio needs `audio_text`, the transcript of what is said in it", "audio_text")
+        raise ApiError(400, f"this {info.family} model does not take reference audio; leave out the `{audio_field}` "
+                            "field", audio_field)
+    if not transcript or not transcript.strip():
+        raise ApiError(400, f"reference audio needs `{text_field}`, the transcript of what is said in it", text_field)
     limit_chars = request.app.state.config.max_input_chars
-    if len(audio_text) > limit_chars:
-        raise ApiError(400, f"audio_text is {len(audio_text)} characters; the limit is {limit_chars}", "audio_text")
+    if len(transcript) > limit_chars:
+        raise ApiError(400, f"{text_field} is {len(transcript)} characters; the limit is {limit_chars}", text_field)
     try:
         pcm = await asyncio.to_thread(decode_upload, data, info.sample_rate if info else 24000, MAX_REFERENCE_S)
     except ValueError as error:
-        raise ApiError(400, str(error), "audio") from None
-    return pcm, audio_text
+        raise ApiError(400, str(error), audio_field) from None
+    return pcm, transcript
