@@ -9,9 +9,10 @@ $(STAMP): pyproject.toml constraints.txt
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --upgrade pip
 	$(VENV)/bin/pip install --quiet -c constraints.txt -e '.[dev]'
-	# the Qwen3-TTS reference (test-only): its pins ask for a torchaudio that has no build for our torch,
-	# so it goes in without dependencies; the ones its 12 Hz models need are in the dev extra
-	$(VENV)/bin/pip install --quiet --no-deps qwen-tts==0.1.1
+	# the parity references (test-only): their pins ask for a torchaudio that has no build for our torch (and
+	# other torches), so they go in without dependencies; the ones the tests use are in the dev extra
+	$(VENV)/bin/pip install --quiet --no-deps -c constraints.txt qwen-tts==0.1.1 cosyvoice-minicpmo==0.1.0 \
+		s3tokenizer==0.3.0 hyperpyyaml==1.2.3 diffusers==0.29.0 conformer==0.3.2
 	touch $(STAMP)
 
 venv: $(STAMP)

@@ -122,6 +122,8 @@ class CodecRunner:
                     break
                 if capped <= start:
                     capped = min(end, request.plan.next_boundary(start))  # the first request always gets a chunk
+                if request.is_complete and len(request.frames) - capped < request.plan.lookahead_frames:
+                    capped = end  # a boundary short of its lookahead is no place to split: the rest is the last chunk
                 end = capped
             budget -= end - start
             is_last = request.is_complete and end == len(request.frames)

@@ -1,0 +1,128 @@
+"""CosyVoice2 through a real server: concurrent streams that keep playing, zero-shot cloning from a clip (over
+/generate and the OpenAI route), and bad clips refused with what to change."""
+
+import asyncio
+import base64
+import io
+import time
+import wave
+
+import httpx
+import numpy as np
+import pytest
+
+from streamvox.bench.metrics import StreamTimeline, stalls
+from streamvox.models.tiny.cosyvoice2 import write_tiny
+from streamvox.runner.weights import load_model
+
+SAMPLE_RATE = 24000
+STEPS = 60  # speech tokens per request: 2.4 s of audio
+PREBUFFER_S = 0.2  # the test client shares two cores with the server
+
+
+@pytest.fixture(scope="module")
+def cosy_dir(tmp_path_factory):
+    return write_tiny(tmp_path_factory.mktemp("cosy") / "tiny-cosyvoice2", seed=0)
+
+
+@pytest.fixture(scope="module")
+def cosy_server(cosy_dir, start_server):
+    return start_server(model_dir=cosy_dir, name="tiny-cosyvoice2")
+
+
+@pytest.fixture(scope="module")
+def cosy_reference(cosy_dir, engine_reference):
+    yield from engine_reference(load_model(str(cosy_dir)))
+
+
+def _clip(seconds: float, sample_rate: int = 16000, amplitude: float = 3000.0) -> bytes:
+    """A voiced-sounding clip (a wobbling tone with noise) as a WAV file."""
+    t = np.arange(int(seconds * sample_rate)) / sample_rate
+    rng = np.random.default_rng(1)
+    signal = np.sin(2 * np.pi * (140 + 30 * np.sin(2 * np.pi * 3 * t)) * t) + 0.1 * rng.standard_normal(t.size)
+    out = io.BytesIO()
+    with wave.open(out, "wb") as wav:
+        wav.setnchannels(1)
+        wav.setsampwidth(2)
+        wav.setframerate(sample_rate)
+        wav.writeframes((signal * amplitude).astype("<i2").tobytes())
+    return out.getvalue()
+
+
+def _wav_pcm(data: bytes) -> bytes:
+    with wave.open(io.BytesIO(data)) as wav:
+        assert wav.getframerate() == SAMPLE_RATE
+        return wav.readframes(10**9)
+
+
+def test_eight_concurrent_streams_keep_playing_and_match_the_engine(cosy_server, cosy_reference, same_audio):
+    texts = [f"CosyVoice stream number {i} speaks now." for i in range(8)]
+
+    async def one(client, i):
+        body = {"model": "tiny-cosyvoice2", "input": texts[i], "seed": 30 + i, "max_tokens": STEPS,
+                "response_format": "pcm"}
+        sent = time.monotonic()
+        arrivals, durations, data = [], [], b""
+        async with client.stream("POST", "/v1/audio/speech", json=body) as response:
+            assert response.status_code == 200, await response.aread()
+            async for part in response.aiter_raw():
+                arrivals.append(time.monotonic() - sent)
+                durations.append(len(part) / 2 / SAMPLE_RATE)
+                data += part
+        return data, StreamTimeline(tuple(arrivals), tuple(durations))
+
+    async def run():
+        async with httpx.AsyncClient(base_url=cosy_server.url, timeout=300) as client:
+            return await asyncio.gather(*(one(client, i) for i in range(8)))
+
+    for i, (pcm, timeline) in enumerate(asyncio.run(run())):
+        assert len(pcm) == STEPS * 960 * 2, i
+        assert stalls(timeline, PREBUFFER_S)[0] == 0, (i, stalls(timeline, PREBUFFER_S), timeline)
+        sampling = {"seed": 30 + i, "max_tokens": STEPS}
+        expected = cosy_reference(texts[i], sampling["seed"], sampling["max_tokens"])
+        assert same_audio(pcm, expected), i
+
+
+def test_a_cloned_voice_changes_the_audio_and_is_reproducible(cosy_server):
+    url = f"{cosy_server.url}/generate"
+    form = {"text": "Say it in the voice of the clip.", "seed": "5", "max_tokens": "40", "streaming": "false"}
+    clip = {"audio": ("clip.wav", _clip(5.0))}
+    voiced = [httpx.post(url, data={**form, "audio_text": "What the clip says, more or less."}, files=clip,
+                         timeout=120) for _ in range(2)]
+    plain = httpx.post(url, data=form, timeout=120)
+    assert [r.status_code for r in (*voiced, plain)] == [200] * 3, [r.text for r in (*voiced, plain)]
+    cloned, again, unvoiced = (_wav_pcm(r.content) for r in (*voiced, plain))
+    assert cloned == again and cloned != unvoiced
+
+
+def test_the_openai_route_takes_a_reference_clip(cosy_server):
+    body = {"model": "tiny-cosyvoice2", "input": "Cloned through the OpenAI route.", "seed": 5, "max_tokens": 40,
+            "response_format": "pcm", "reference_audio": base64.b64encode(_clip(5.0)).decode(),
+            "reference_text": "What the clip says, more or less."}
+    cloned = httpx.post(f"{cosy_server.url}/v1/audio/speech", json=body, timeout=120)
+    plain = httpx.post(f"{cosy_server.url}/v1/audio/speech", json={
+        k: v for k, v in body.items() if not k.startswith("reference")}, timeout=120)
+    assert cloned.status_code == plain.status_code == 200, cloned.text
+    assert len(cloned.content) > 0 and cloned.content != plain.content
+    missing = httpx.post(f"{cosy_server.url}/v1/audio/speech", json={**body, "reference_text": None}, timeout=60)
+    assert missing.status_code == 400 and "reference_text" in missing.json()["error"]["message"]
+
+
+def test_bad_clips_get_a_400_that_says_what_to_change(cosy_server):
+    url = f"{cosy_server.url}/generate"
+    form = {"text": "Say it.", "seed": "1", "max_tokens": "10", "streaming": "false"}
+    refused = {
+        "not audio": httpx.post(url, data={**form, "audio_text": "x"}, files={"audio": ("a.wav", b"RIFF" * 10)},
+                                timeout=60),
+        "too long": httpx.post(url, data={**form, "audio_text": "x"}, files={"audio": ("a.wav", _clip(31))},
+                               timeout=60),
+        "silent": httpx.post(url, data={**form, "audio_text": "x"},
+                             files={"audio": ("a.wav", _clip(5.0, amplitude=0.0))}, timeout=60),
+        "no transcript": httpx.post(url, data=form, files={"audio": ("a.wav", _clip(5.0))}, timeout=60),
+    }
+    messages = {name: r.json()["error"]["message"] for name, r in refused.items()}
+    assert {name: r.status_code for name, r in refused.items()} == dict.fromkeys(refused, 400), messages
+    assert "could not be decoded" in messages["not audio"] and "longer than 30" in messages["too long"]
+    assert "silent" in messages["silent"] and "audio_text" in messages["no transcript"]
+    after = httpx.post(url, data=form, timeout=60)  # nothing else was affected
+    assert after.status_code == 200
