@@ -18,6 +18,8 @@ class NewRequest:
     codec_seed: int  # seeds the codec's noise for this request
     text_ids: tuple[int, ...] = ()  # text paired with the generated steps, one id a step (known so far)
     is_text_complete: bool = True  # no more text will come; past its end the steps get the family's padding
+    prompt_embeds: Any = None  # the runner's: input vectors of the first positions (Prepared.prompt_embeds)
+    guidance: Any = None  # the runner's: more rows per position (Prepared.guidance)
 
 
 @dataclass(frozen=True)

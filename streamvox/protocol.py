@@ -38,6 +38,7 @@ class Submit(msgspec.Struct, tag=True, frozen=True):
     text_complete: bool = True
     reference_pcm: bytes | None = None  # a clip of the voice to speak in: int16 mono at the model's sample rate
     reference_text: str | None = None  # what is said in it
+    options: dict[str, float] | None = None  # the family's own request options (EngineReady.options), checked
 
 
 class AppendText(msgspec.Struct, tag=True, frozen=True):
@@ -79,6 +80,7 @@ class EngineReady(msgspec.Struct, tag=True, frozen=True):
     pid: int
     takes_reference_audio: bool = False  # a voice clip with its transcript can steer the voice (/generate audio)
     takes_text_stream: bool = False  # text may arrive in pieces (WS /v1/audio/speech/stream)
+    options: dict[str, tuple[float, float, float]] = {}  # the family's request options: name -> (default, low, high)
 
 
 class Audio(msgspec.Struct, frozen=True):

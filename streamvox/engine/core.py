@@ -136,7 +136,8 @@ class EngineCore:
             codec_seed = codec_seed_for(sampling.seed)
             plan = audio_plan(self.model, prepared.chunking) if prepared.chunking is not None else None
             request = Request(request_id, tuple(prepared.prompt), sampling, codec_seed, expected_tokens,
-                              text_ids=list(prepared.text_ids), is_text_complete=is_text_complete, plan=plan)
+                              text_ids=list(prepared.text_ids), is_text_complete=is_text_complete, plan=plan,
+                              num_lanes=prepared.num_lanes, runner_inputs=(prepared.prompt_embeds, prepared.guidance))
             self.codec_runner.add(request_id, codec_seed, prepared.conditioning, plan)
             try:
                 self.scheduler.add_request(request, self.clock())

@@ -18,7 +18,7 @@ from streamvox.batch import AudioChunk
 from streamvox.config import EngineConfig, SamplingParams
 from streamvox.engine.core import EngineCore, QueueFullError, StepEvents
 from streamvox.engine.requests import expected_tokens
-from streamvox.models.base import SpeechModel
+from streamvox.models.base import Prepared, SpeechModel
 from streamvox.runner.weights import load_model
 from streamvox.sched.request import FinishReason
 
@@ -63,10 +63,16 @@ class Engine(EngineCore):
                request_id: str | None = None) -> str:
         """Queue `text`; returns its request id. ValueError (with what to change) for bad input."""
         sampling = self.check_request(text, voice, sampling)
-        prepared = self.model.prepare_request(text, voice)
+        return self.submit_prepared(self.model.prepare_request(text, voice), sampling, request_id,
+                                    expected_tokens(self.model, text))
+
+    def submit_prepared(self, prepared: Prepared, sampling: SamplingParams, request_id: str | None = None,
+                        expected: int = 0) -> str:
+        """Queue a request the model has prepared (SpeechModel.prepare_request), with resolved `sampling`;
+        returns its request id."""
         with self._lock:
             request_id = self._new_id(request_id)
-            self.add_request(request_id, prepared, sampling, expected_tokens(self.model, text))
+            self.add_request(request_id, prepared, sampling, expected)
             self._outputs[request_id] = _Output()
         return request_id
 

@@ -143,7 +143,7 @@ class EngineLoop:
             self._refuse(message.request_id, error)
             return
         future = self._pool.submit(self._prepare, message.text, message.voice, message.reference_pcm,
-                                   message.reference_text)
+                                   message.reference_text, message.options)
         self._preparing[message.request_id] = _Preparing(future, message.text, sampling)
 
     def _append_text(self, message: protocol.AppendText) -> None:
@@ -154,14 +154,16 @@ class EngineLoop:
         except (QueueFullError, ValueError) as error:
             self._refuse(message.request_id, error)
 
-    def _prepare(self, text: str, voice: str | None, reference_pcm: bytes | None, reference_text: str | None):
+    def _prepare(self, text: str, voice: str | None, reference_pcm: bytes | None, reference_text: str | None,
+                 options: dict[str, float] | None):
         if self.faults.prepare_mark and self.faults.prepare_mark in text:
             raise RuntimeError("injected prepare failure (STREAMVOX_FAULT_INJECTION)")
         reference = None
         if reference_pcm is not None:
             pcm = torch.from_numpy(np.frombuffer(reference_pcm, dtype=np.int16).astype(np.float32) / 32768.0)
             reference = Reference(reference_text or "", pcm)
-        return self.engine.model.prepare_request(text, voice, reference)
+        extra = {"options": options} if options else {}  # only families that declare options take them
+        return self.engine.model.prepare_request(text, voice, reference, **extra)
 
     def _admit_prepared(self) -> None:
         for request_id, preparing in list(self._preparing.items()):
@@ -261,6 +263,7 @@ def main(argv: list[str] | None = None) -> None:
             model.is_random_weights, "naive" if config.engine == "naive" else config.scheduler.policy, os.getpid(),
             model.takes_reference_audio and config.engine != "naive",
             model.open_text_stream() is not None and config.engine != "naive",
+            dict(model.options) if config.engine != "naive" else {},
         )))
         if config.engine == "naive":
             NaiveLoop(engine, config, pull, push, args.output, context).run()

@@ -79,6 +79,16 @@ class Reference:
 
 
 @dataclass(frozen=True)
+class Guidance:
+    """More backbone rows per position for one request, each with its own KV, whose logits are mixed before a
+    token is drawn; the drawn token feeds every row. Classifier-free guidance with weight w: one unconditioned
+    row of weight -w (the main row's weight is then 1 + w)."""
+
+    prompts: tuple[list[StepToken], ...]  # each extra row's prompt, as long as the main prompt
+    weights: tuple[float, ...]  # each extra row's logit weight; the main row's is 1 - sum(weights)
+
+
+@dataclass(frozen=True)
 class Prepared:
     """What `prepare_request` makes of one request, off the step loop."""
 
@@ -86,6 +96,15 @@ class Prepared:
     text_ids: list[int] = field(default_factory=list)  # text riding along with the generated steps (empty: none)
     conditioning: Any = None  # the detokenizer's per-request input (speaker embedding, prompt tokens/features)
     chunking: Chunking | None = None  # this request's chunk plan; None: the family's `chunking`
+    # [P, hidden]: the backbone's input vectors of the first P positions, in place of what their ids embed to
+    # (every row of the request); the backbone's forward then takes `embeds` (see SpeechModel.backbone)
+    prompt_embeds: torch.Tensor | None = None
+    guidance: Guidance | None = None  # more rows per position (classifier-free guidance); None: one row
+
+    @property
+    def num_lanes(self) -> int:
+        """Backbone rows per position."""
+        return 1 + (len(self.guidance.prompts) if self.guidance is not None else 0)
 
 
 class TextStream(Protocol):
@@ -113,13 +132,19 @@ class SpeechModel(ABC):
     voices: tuple[str, ...]
     default_voice: str | None
     stop_token_ids: frozenset[int]
-    backbone: torch.nn.Module  # forward(inputs [T] or [T, C], positions [T], meta, kv_caches) -> [T, H]; compute_logits
+    # forward(inputs [T] or [T, C], positions [T], meta, kv_caches[, embeds]) -> [T, H]; compute_logits. `embeds`
+    # (index [K] int64, values [K, H]) replaces the input vectors of those tokens: passed only for families whose
+    # Prepared has prompt_embeds
+    backbone: torch.nn.Module
     is_random_weights: bool  # a tiny test checkpoint: its audio is noise
     min_steps: int = 0  # the stop tokens are not drawn before this many steps
     takes_reference_audio: bool = False  # prepare_request accepts a Reference
     # what decoding one frame costs, in units of the engine's codec batch budget (`max_codec_frames`): 1 for a
     # codec whose frames cost alike; more for a detokenizer whose frames cost more (flow matching + vocoder)
     codec_cost_per_frame: float = 1.0
+    # request options of the family's own: name -> (default, lowest, highest); prepare_request takes them as
+    # `options` (the server checks names and ranges first)
+    options: dict[str, tuple[float, float, float]] = {}
 
     # -- the checkpoint: each family recognises and loads its publisher's layout -----------------------------
 
@@ -163,8 +188,9 @@ class SpeechModel(ABC):
 
     def prepare_request(self, text: str, voice: str | None, reference: Reference | None = None) -> Prepared:
         """Everything the engine needs to run one request. `reference`: audio of the voice to speak in, with its
-        transcript, for families that take one (ValueError for the others). CPU only; ValueError, with what to
-        change, for input the family cannot speak."""
+        transcript, for families that take one (ValueError for the others). A family that declares `options`
+        also takes `options: dict[str, float]` (checked names and ranges; absent ones keep their defaults). CPU
+        only; ValueError, with what to change, for input the family cannot speak."""
         if reference is not None:
             raise ValueError(f"the {self.family} family does not take reference audio; leave it out")
         return Prepared(self.prepare(text, voice))
@@ -195,9 +221,10 @@ class SpeechModel(ABC):
         [S, num_codebooks] (a depth decoder completes them here, for all rows of the step at once)."""
         return tokens
 
-    def next_input(self, token: StepToken, text_id: int | None) -> StepToken:
+    def next_input(self, token: StepToken, text_id: int | None, step: int = 0) -> StepToken:
         """The backbone input that feeds a step's output back in; `text_id` is the text that rides along with
-        this step (families that take text during generation), None past the end of the text."""
+        this step (families that take text during generation), None past the end of the text; `step`: how many
+        outputs came before this one."""
         return token
 
     def is_stop(self, token: StepToken) -> bool:

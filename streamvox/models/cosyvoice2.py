@@ -220,7 +220,7 @@ class CosyVoice2Model(SpeechModel):
 
     # -- steps and audio ---------------------------------------------------------------------------------------
 
-    def next_input(self, token: int, text_id: int | None) -> int:
+    def next_input(self, token: int, text_id: int | None, step: int = 0) -> int:
         return self.backbone.text_vocab + 2 + token
 
     def new_frame_builder(self) -> CosyFrameBuilder:

@@ -273,7 +273,7 @@ class CsmModel(SpeechModel):
         return self.depth.generate(hidden.to(self.depth.model.embed_tokens.weight.dtype), tokens, sample,
                                    self.num_codes)
 
-    def next_input(self, token: StepToken, text_id: int | None = None) -> StepToken:
+    def next_input(self, token: StepToken, text_id: int | None = None, step: int = 0) -> StepToken:
         return (*token, -1)
 
     def is_stop(self, token: StepToken) -> bool:

@@ -131,9 +131,12 @@ class LlamaForCausalLM(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
-    def forward(self, input_ids, positions, meta: AttentionMetadata, kv_caches) -> torch.Tensor:
-        """input_ids, positions: [T] -> final hidden states [T, hidden]."""
+    def forward(self, input_ids, positions, meta: AttentionMetadata, kv_caches, embeds=None) -> torch.Tensor:
+        """input_ids, positions: [T] -> final hidden states [T, hidden]; `embeds` (index [K], vectors [K, hidden])
+        replaces the input vectors of those tokens."""
         x = self.model.embed_tokens(input_ids)
+        if embeds is not None:
+            x = x.index_copy(0, embeds[0], embeds[1].to(x.dtype))
         for layer, kv in zip(self.model.layers, kv_caches, strict=True):
             x = layer(x, positions, self.model.rotary, meta, kv)
         return self.model.norm(x)

@@ -330,7 +330,7 @@ class Qwen3TtsModel(SpeechModel):
         predictor = self.backbone.code_predictor
         return predictor.generate(hidden, tokens, sample, predictor.config.vocab_size)
 
-    def next_input(self, token: StepToken, text_id: int | None) -> StepToken:
+    def next_input(self, token: StepToken, text_id: int | None, step: int = 0) -> StepToken:
         return (*token, self.ids.tts_pad if text_id is None else text_id)
 
     def is_stop(self, token: StepToken) -> bool:

@@ -10,6 +10,7 @@ for depth-decoder families) comes back in one copy at the end.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -45,6 +46,9 @@ class _RunnerRequest:
     text_ids: list[int]  # text that rides along with the generated steps (text streamed in), in order
     is_text_complete: bool
     unfed: list[StepToken] = field(default_factory=list)  # outputs whose input waits for text
+    lanes: list[list[StepToken]] = field(default_factory=list)  # the guidance rows' inputs (Prepared.guidance)
+    lane_weights: tuple[float, ...] = ()  # the guidance rows' logit weights
+    embeds: torch.Tensor | None = None  # [P, H] input vectors of the first P positions, on the device
 
     def feed(self, model: SpeechModel) -> None:
         """Turn outputs into inputs while the text they pair with is known (or the text is complete)."""
@@ -53,7 +57,14 @@ class _RunnerRequest:
             if step >= len(self.text_ids) and not self.is_text_complete:
                 return
             text_id = self.text_ids[step] if step < len(self.text_ids) else None
-            self.inputs.append(model.next_input(self.unfed.pop(0), text_id))
+            self.inputs.append(model.next_input(self.unfed.pop(0), text_id, step))
+            for lane in self.lanes:
+                lane.append(self.inputs[-1])
+
+    @property
+    def weights(self) -> tuple[float, ...]:
+        """The logit weight of each row: the main one, then the guidance rows'."""
+        return (1.0 - sum(self.lane_weights), *self.lane_weights)
 
 
 @dataclass(frozen=True)
@@ -63,6 +74,7 @@ class _Forward:
     input_ids: torch.Tensor  # [T] or [T, C] int64
     positions: torch.Tensor  # [T] int64
     meta: AttentionMetadata
+    embeds: tuple[torch.Tensor, torch.Tensor] | None = None  # (token index [K], input vectors [K, H])
 
 
 @dataclass(frozen=True)
@@ -75,6 +87,10 @@ class _Step:
     last_index: torch.Tensor  # [S] int64: batch index of each sampled row's last token
     early: torch.Tensor | None  # [E] int64: sampled rows that may not stop yet (None: no such row)
     sampling: SampleBatch
+    # guided requests in the step: last_index then covers every row of each sampled request, [N]; their logits
+    # are mixed by `mix` [S, N] fp32 and `main_index` [S] picks each request's main row among them
+    mix: torch.Tensor | None = None
+    main_index: torch.Tensor | None = None
 
 
 class LMRunner:
@@ -147,9 +163,7 @@ class LMRunner:
         for new in batch.new_requests:
             if (old := self.requests.pop(new.request_id, None)) is not None:
                 self.sampler.close(old.sampling)
-            self.requests[new.request_id] = _RunnerRequest(
-                list(new.prompt_token_ids), self.sampler.open(new.sampling), len(new.prompt_token_ids),
-                list(new.text_ids), new.is_text_complete)
+            self.requests[new.request_id] = self._new_request(new)
         for request_id, text_ids, is_final in batch.text_updates:
             if (request := self.requests.get(request_id)) is not None:
                 request.text_ids.extend(text_ids)
@@ -164,6 +178,8 @@ class LMRunner:
             return StepOutput((), (), ())
         last_hidden = hidden[step.last_index]
         logits = self.model.backbone.compute_logits(last_hidden)  # [S, V] fp32
+        if step.mix is not None:  # rows of guided requests: their logits mixed, their main rows' hidden states
+            logits, last_hidden = step.mix @ logits, last_hidden[step.main_index]
         if step.early is not None:
             logits[step.early[:, None], self.stop_ids] = float("-inf")
         first, values = self._sample(logits, last_hidden, step.sampling)
@@ -179,6 +195,16 @@ class LMRunner:
             request.feed(self.model)
             is_stop.append(self.model.is_stop(token) and not request.sampling.params.ignore_eos)
         return StepOutput(tuple(sampled_ids), tuple(tokens), tuple(is_stop))
+
+    def _new_request(self, new) -> _RunnerRequest:
+        request = _RunnerRequest(list(new.prompt_token_ids), self.sampler.open(new.sampling),
+                                 len(new.prompt_token_ids), list(new.text_ids), new.is_text_complete)
+        if new.guidance is not None:
+            request.lanes = [list(prompt) for prompt in new.guidance.prompts]
+            request.lane_weights = tuple(new.guidance.weights)
+        if new.prompt_embeds is not None:
+            request.embeds = new.prompt_embeds.to(self.device, self.model.dtype)
+        return request
 
     def _sample(self, logits: torch.Tensor, hidden: torch.Tensor, batch: SampleBatch,
                 exact: bool = False) -> tuple[torch.Tensor, list | None]:
@@ -212,29 +238,33 @@ class LMRunner:
             parts.append(self.graphs.run(*step.graph)[: step.num_graph_rows])
         if step.eager is not None:
             eager = step.eager
-            parts.append(self.model.backbone(eager.input_ids, eager.positions, eager.meta, self.kv_cache))
+            extra = {} if eager.embeds is None else {"embeds": eager.embeds}
+            parts.append(self.model.backbone(eager.input_ids, eager.positions, eager.meta, self.kv_cache, **extra))
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     def _stage(self, rows: tuple[ScheduledRow, ...]) -> _Step:
         """Lay the step's metadata out on the host, decode rows first, send it in one copy, and wrap the device
         views."""
-        decode = [row for row in rows if row.num_tokens == 1]
-        ordered = decode + [row for row in rows if row.num_tokens > 1]
+        lane_rows = [lane for row in rows for lane in self._lanes(row)]
+        decode = [lane for lane in lane_rows if lane[0].num_tokens == 1]
+        ordered = decode + [lane for lane in lane_rows if lane[0].num_tokens > 1]
         graphs = self.graphs
         num_graph_rows = 0
-        if graphs is not None and 0 < len(decode) <= graphs.max_rows and \
-                all(row.start_position < graphs.max_context for row in decode):
+        has_embeds = any(embeds is not None for *_, embeds in lane_rows)  # input vectors: an eager step
+        if graphs is not None and not has_embeds and 0 < len(decode) <= graphs.max_rows and \
+                all(row.start_position < graphs.max_context for row, *_ in decode):
             num_graph_rows = len(decode)
         host = _HostStep()
-        for row in ordered:
-            host.add(row, self.requests[row.request_id], self.block_size, num_graph_rows)
-        last_index, states, early = [], [], []
+        for row, key, inputs, embeds in ordered:
+            host.add(row, key, inputs, embeds, self.block_size, num_graph_rows)
+        last_index, states, early, mix = [], [], [], []
         for row in rows:
             if row.is_sampled:
                 request = self.requests[row.request_id]
                 if len(request.sampling.history) < self.model.min_steps and self.model.stop_token_ids:
                     early.append(len(states))
-                last_index.append(host.last_token[row.request_id])
+                mix.append((len(last_index), request.weights))
+                last_index += [host.last_token[(row.request_id, lane)] for lane in range(len(request.weights))]
                 states.append(request.sampling)
         arrays = [last_index, early]
         graph = None
@@ -252,7 +282,28 @@ class LMRunner:
             graph = (*graph, next(views))
         eager = build_eager(views)
         sampling = self.sampler.batch(states, list(views))
-        return _Step(graph, num_graph_rows, eager, last_d, early_d if early else None, sampling)
+        step = _Step(graph, num_graph_rows, eager, last_d, early_d if early else None, sampling)
+        return self._mixed(step, mix, len(last_index)) if len(last_index) > len(states) else step
+
+    def _lanes(self, row: ScheduledRow) -> list[tuple[ScheduledRow, tuple[str, int], list, torch.Tensor | None]]:
+        """(row, key, inputs, input vectors) of each backbone row a scheduled row runs: one, or one per guidance
+        row, each over its own blocks (block b of row r is the request's block b * rows + r)."""
+        request = self.requests[row.request_id]
+        embeds = request.embeds if request.embeds is not None and row.start_position < len(request.embeds) \
+            else None
+        if not request.lanes:
+            return [(row, (row.request_id, 0), request.inputs, embeds)]
+        count = 1 + len(request.lanes)
+        return [(dataclasses.replace(row, block_ids=row.block_ids[lane::count]), (row.request_id, lane), inputs,
+                 embeds) for lane, inputs in enumerate([request.inputs, *request.lanes])]
+
+    def _mixed(self, step: _Step, mix: list[tuple[int, tuple[float, ...]]], num_rows: int) -> _Step:
+        """`step` with the matrix that mixes each guided request's row logits into one, and its main rows."""
+        matrix = torch.zeros(len(mix), num_rows)
+        for index, (first, weights) in enumerate(mix):
+            matrix[index, first : first + len(weights)] = torch.tensor(weights)
+        main = torch.tensor([first for first, _ in mix], dtype=torch.int64)
+        return dataclasses.replace(step, mix=matrix.to(self.device), main_index=main.to(self.device))
 
     def _plan_decode(self, tables: list, lens: list[int]) -> tuple[list[list[int]], Callable]:
         """The eager decode rows' attention metadata -> (host arrays, builder taking their device views)."""
@@ -300,19 +351,26 @@ class _HostStep:
         self.tables: list = []  # decode rows' block tables
         self.lens: list[int] = []  # decode rows' context lengths
         self.prefills: list[tuple[int, int, int, list[int]]] = []  # (token start, tokens, start position, table)
-        self.last_token: dict[str, int] = {}
+        self.last_token: dict[tuple[str, int], int] = {}  # (request id, row) -> batch index of its last token
         self.width = 0  # codebooks per input (0: one id)
+        self.embeds: list[tuple[int, torch.Tensor]] = []  # (batch index of the first, input vectors [k, H])
 
-    def add(self, row: ScheduledRow, request: _RunnerRequest, block_size: int, num_graph_rows: int) -> None:
+    def add(self, row: ScheduledRow, key: tuple[str, int], inputs: list, embeds: torch.Tensor | None,
+            block_size: int, num_graph_rows: int) -> None:
+        """Take one backbone row (`key`: request id and row index): its positions' `inputs`, of which those
+        below len(embeds) enter as those input vectors."""
         span = range(row.start_position, row.start_position + row.num_tokens)
         token_start = len(self.positions)
         for p in span:
-            token = request.inputs[p]
+            token = inputs[p]
             if isinstance(token, tuple):
                 self.input_ids.extend(token)
                 self.width = len(token)
             else:
                 self.input_ids.append(token)
+        if embeds is not None:
+            end = min(span.stop, len(embeds))
+            self.embeds.append((token_start, embeds[span.start : end]))
         self.positions.extend(span)
         self.slots.extend(row.block_ids[p // block_size] * block_size + p % block_size for p in span)
         if row.num_tokens == 1:
@@ -322,7 +380,7 @@ class _HostStep:
             context_len = row.start_position + row.num_tokens
             self.prefills.append((token_start - num_graph_rows, row.num_tokens, row.start_position,
                                   list(row.block_ids[: -(-context_len // block_size)])))
-        self.last_token[row.request_id] = len(self.positions) - 1
+        self.last_token[key] = len(self.positions) - 1
 
     def decode_rows(self, count: int) -> tuple:
         """The first `count` (decode) rows' ids, positions, slots, context lengths and block tables."""
@@ -340,14 +398,19 @@ class _HostStep:
         arrays = [self.input_ids[skip_ids:], self.positions[skip_rows:], self.slots[skip_rows:], *decode_arrays,
                   *prefill_arrays]
         width = self.width
+        # no graph rows when a step has input vectors: every index is the eager batch's
+        embed_index = [start + i for start, values in self.embeds for i in range(len(values))]
+        arrays.append(embed_index)
 
         def build(views) -> _Forward | None:
             ids, positions, slots = next(views), next(views), next(views)
             groups, paged = build_decode(views)
             spans, paged_prefill = build_prefill(views)
+            index = next(views)
             if not positions.numel():
                 return None
             meta = AttentionMetadata(slots, groups, spans, paged, paged_prefill)
-            return _Forward(ids.view(-1, width) if width else ids, positions, meta)
+            embeds = (index, torch.cat([values for _, values in self.embeds])) if self.embeds else None
+            return _Forward(ids.view(-1, width) if width else ids, positions, meta, embeds)
 
         return arrays, build

@@ -44,6 +44,8 @@ class Request:
     arrival_s: float = 0.0
     is_paused: bool = False  # its client has not read what was sent: it makes no more until it does
     plan: AudioPlan | None = None  # its own chunk plan (the family's may depend on the prompt); None: the engine's
+    num_lanes: int = 1  # backbone rows per position (classifier-free guidance: 2), each with its own KV blocks
+    runner_inputs: tuple = (None, None)  # (prompt embeddings, guidance) for the runner; opaque here
 
     @property
     def is_waiting_for_text(self) -> bool:

@@ -77,7 +77,7 @@ class Scheduler:
         when the policy predicts it cannot start within `max_wait_s`."""
         if request.request_id in self.requests:
             raise ValueError(f"request id {request.request_id!r} is already in use")
-        if self.pool.blocks_for(len(request.prompt_token_ids) + 1) > self.pool.num_blocks:
+        if self._blocks_for(request, len(request.prompt_token_ids) + 1) > self.pool.num_blocks:
             raise ValueError(
                 f"prompt of {len(request.prompt_token_ids)} tokens does not fit the KV cache "
                 f"({self.pool.num_blocks} blocks of {self.pool.block_size}); shorten the text"
@@ -183,9 +183,9 @@ class Scheduler:
                 continue  # an evicted held request comes back once it can run
             if active and not self.policy.can_admit(request, active, now):
                 break
-            reserved = min(self.pool.blocks_for(self.policy.reserved_tokens(request)), self.pool.num_blocks)
+            reserved = min(self._blocks_for(request, self.policy.reserved_tokens(request)), self.pool.num_blocks)
             num_tokens = self._fit(request, step, now, is_new=True)
-            if num_tokens == 0 or not self._commit(request, max(reserved, self.pool.blocks_for(num_tokens))):
+            if num_tokens == 0 or not self._commit(request, max(reserved, self._blocks_for(request, num_tokens))):
                 break  # the head of the queue waits; later requests wait behind it
             self.waiting.remove(request)
             request.status = RequestStatus.RUNNING
@@ -197,7 +197,7 @@ class Scheduler:
                 request.is_known_to_runner = True
                 step.new_requests.append(NewRequest(
                     request.request_id, request.prompt_token_ids, request.sampling, request.codec_seed,
-                    tuple(request.text_ids), request.is_text_complete))
+                    tuple(request.text_ids), request.is_text_complete, *request.runner_inputs))
             step.add(self._row(request, num_tokens))
 
     def _is_held(self, request_id: str) -> bool:
@@ -287,7 +287,7 @@ class Scheduler:
 
         False when it cannot run this step: it was itself preempted (or finished for capacity).
         """
-        needed = self.pool.blocks_for(request.num_computed_tokens + num_tokens) - len(request.block_ids)
+        needed = self._blocks_for(request, request.num_computed_tokens + num_tokens) - len(request.block_ids)
         beyond = max(0, len(request.block_ids) + needed - request.num_committed_blocks)  # past its reservation
         while beyond and self.num_committed_blocks + beyond > self.pool.num_blocks:
             if len(self.running) == 1:
@@ -302,6 +302,11 @@ class Scheduler:
                 return False
         request.block_ids.extend(self.pool.allocate(needed) or [])
         return True
+
+    def _blocks_for(self, request: Request, num_tokens: int) -> int:
+        """KV blocks `num_tokens` positions of `request` take: a block per row a position has (block b of row r
+        is the request's block b * num_lanes + r)."""
+        return self.pool.blocks_for(num_tokens) * request.num_lanes
 
     def _preempt(self, request: Request, requeue_at: int = 0) -> None:
         self.running.remove(request)

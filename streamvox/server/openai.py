@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict
 from streamvox import protocol
 from streamvox.server.audio_format import FORMATS, StreamEncoder, UnsupportedFormat, media_type
 from streamvox.server.errors import ApiError
-from streamvox.server.streaming import SpeechStream, StreamFailedError
+from streamvox.server.streaming import SpeechStream, StreamFailedError, check_options
 from streamvox.server.voxserve import reference_clip
 
 logger = logging.getLogger("streamvox.server")
@@ -28,7 +28,7 @@ OPENAI_MODEL_NAMES = ("tts-1", "tts-1-hd", "gpt-4o-mini-tts")  # accepted as the
 
 
 class SpeechRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="allow")  # a family's own options (e.g. cfg_weight); others are a 422
 
     model: str
     input: str
@@ -78,8 +78,10 @@ async def speech(body: SpeechRequest, request: Request):
         encoder = StreamEncoder(body.response_format, sample_rate)
     except UnsupportedFormat as error:
         raise ApiError(400, str(error), "response_format") from None
+    options = check_options(request, body.model_extra or {})
     reference = await _reference(request, body)
-    speech_stream = await SpeechStream.open(request, body.input, body.voice, body.sampling(), reference)
+    speech_stream = await SpeechStream.open(request, body.input, body.voice, body.sampling(), reference,
+                                            options=options)
     if body.stream_format == "sse":
         return StreamingResponse(_sse(speech_stream, encoder), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache"})
@@ -134,7 +136,9 @@ async def models(request: Request):
     entry = {"id": request.app.state.model_name, "object": "model", "owned_by": "streamvox"}
     if info is not None:
         entry |= {"family": info.family, "sample_rate": info.sample_rate, "voices": info.voices,
-                  "random_weights": info.is_random_weights}
+                  "random_weights": info.is_random_weights,
+                  "options": {name: {"default": default, "min": low, "max": high}
+                              for name, (default, low, high) in info.options.items()}}
     return {"object": "list", "data": [entry]}
 
 

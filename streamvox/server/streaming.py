@@ -61,6 +61,28 @@ def check_speech_input(request: Request, text: str, voice: str | None,
     return voice
 
 
+def check_options(request: Request, fields: dict) -> dict[str, float] | None:
+    """The family's own request options among `fields` (what a request sent beyond the standard fields), as
+    floats; ApiError 422 for a field the served family does not take or a value that is not a number, 400 for one
+    out of range."""
+    if not fields:
+        return None
+    info = request.app.state.engine.info
+    declared = info.options if info is not None else {}
+    options = {}
+    for name, value in fields.items():
+        if name not in declared:
+            takes = f"; this {info.family} model also takes: {', '.join(declared)}" if info and declared else ""
+            raise ApiError(422, f"unknown field {name!r}{takes}", name)
+        _, low, high = declared[name]
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ApiError(422, f"{name} must be a number from {low:g} to {high:g}", name)
+        if not low <= value <= high:
+            raise ApiError(400, f"{name} must be a number from {low:g} to {high:g}", name)
+        options[name] = float(value)
+    return options
+
+
 class SpeechStream:
     """A request whose first event has arrived; iterate `pcm()` for its audio."""
 
@@ -75,13 +97,15 @@ class SpeechStream:
 
     @classmethod
     async def open(cls, http_request: Request, text: str, voice: str | None, sampling: protocol.SamplingOverrides,
-                   reference: tuple[bytes, str] | None = None, until_audio: bool = True) -> SpeechStream:
+                   reference: tuple[bytes, str] | None = None, until_audio: bool = True,
+                   options: dict[str, float] | None = None) -> SpeechStream:
         """Send the request and wait for its first audio (`until_audio`), or only until the engine accepts it.
         ApiError if it is refused, or fails before that."""
         voice = check_speech_input(http_request, text, voice, sampling)
         client: EngineClient = http_request.app.state.engine
         request_id = f"speech-{secrets.token_hex(8)}"
-        speech = cls(client, http_request, client.open(request_id, text, voice, sampling, reference=reference))
+        speech = cls(client, http_request, client.open(request_id, text, voice, sampling, reference=reference,
+                                                       options=options))
         try:
             while True:  # until audio (or acceptance) or a failure; a Finished can come first, and commits to nothing
                 try:

@@ -17,10 +17,11 @@ from fastapi.responses import Response, StreamingResponse
 from streamvox import protocol
 from streamvox.server.audio_format import decode_upload, encode_whole, wav_header
 from streamvox.server.errors import ApiError
-from streamvox.server.streaming import SpeechStream, StreamFailedError
+from streamvox.server.streaming import SpeechStream, StreamFailedError, check_options
 
 router = APIRouter()
 MAX_REFERENCE_S = 30.0  # a voice prompt; longer clips fill the context without helping
+FORM_FIELDS = ("text", "audio", "audio_text", "streaming", "speaker", "seed", "max_tokens", "ignore_eos")
 
 
 @router.post("/generate")
@@ -36,7 +37,9 @@ async def generate(request: Request, text: Annotated[str, Form()], audio: Annota
         raise ApiError(400, "audio_text is the transcript of a reference clip: send the clip as `audio` too, or "
                             "leave audio_text out", "audio_text")
     sampling = protocol.SamplingOverrides(seed=seed, max_tokens=max_tokens, ignore_eos=ignore_eos)
-    speech_stream = await SpeechStream.open(request, text, speaker, sampling, reference, until_audio=not streaming)
+    options = check_options(request, await _option_fields(request))
+    speech_stream = await SpeechStream.open(request, text, speaker, sampling, reference, until_audio=not streaming,
+                                            options=options)
     sample_rate = request.app.state.engine.info.sample_rate
     if streaming:
         async def body():
@@ -51,6 +54,18 @@ async def generate(request: Request, text: Annotated[str, Form()], audio: Annota
     except StreamFailedError as error:
         raise ApiError(error.status, str(error)) from None
     return Response(encode_whole("wav", sample_rate, pcm), media_type="audio/wav")
+
+
+async def _option_fields(request: Request) -> dict[str, float | str]:
+    """The form's fields beyond /generate's own (a family's options), as numbers where they read as one."""
+    fields = {}
+    for name, value in (await request.form()).items():
+        if name not in FORM_FIELDS and isinstance(value, str):
+            try:
+                fields[name] = float(value)
+            except ValueError:
+                fields[name] = value  # not a number: check_options says so
+    return fields
 
 
 async def _reference(request: Request, audio: UploadFile, audio_text: str | None) -> tuple[bytes, str]:

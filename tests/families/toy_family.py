@@ -58,6 +58,7 @@ class ToyModel(SpeechModel):
     stop_token_ids = frozenset()  # it speaks until max_tokens
     is_random_weights = True
     timing = TimingFacts(SAMPLE_RATE, SAMPLES_PER_FRAME, lm_steps_per_frame=2)
+    options = {"pitch_shift_hz": (0.0, -100.0, 100.0)}  # a family option: moves the oscillator's base pitch
 
     def __init__(self, backbone: LlamaForCausalLM) -> None:
         self.backbone = backbone
@@ -76,12 +77,13 @@ class ToyModel(SpeechModel):
     def prepare(self, text: str, voice: str | None) -> list[int]:
         return [BOS, *text.encode(), SOS]
 
-    def prepare_request(self, text: str, voice: str | None, reference: Reference | None = None) -> Prepared:
+    def prepare_request(self, text: str, voice: str | None, reference: Reference | None = None,
+                        options: dict[str, float] | None = None) -> Prepared:
         if reference is not None:
             raise ValueError("the toy family does not take reference audio; leave it out")
-        first_chunk = first_chunk_frames(text)
-        return Prepared(self.prepare(text, voice), conditioning=VOICE_BASE_HZ[self.resolve_voice(voice)],
-                        chunking=Chunking(first_chunk, 4, 0, is_stateful=True))
+        base_hz = VOICE_BASE_HZ[self.resolve_voice(voice)] + (options or {}).get("pitch_shift_hz", 0.0)
+        return Prepared(self.prepare(text, voice), conditioning=base_hz,
+                        chunking=Chunking(first_chunk_frames(text), 4, 0, is_stateful=True))
 
     def new_frame_builder(self) -> ToyFrameBuilder:
         return ToyFrameBuilder()

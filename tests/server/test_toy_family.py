@@ -102,3 +102,22 @@ def test_a_real_server_streams_eight_toy_requests(toy, toy_engine, toy_server, s
         sampling = toy.ToyModel.default_sampling.replace(max_tokens=STEPS, seed=20 + i)
         expected = to_int16(toy_engine.result(toy_engine.submit(texts[i], voices[i], sampling)).pcm).tobytes()
         assert len(pcm) == 20 * toy.SAMPLES_PER_FRAME * 2 and same_audio(pcm, expected), i
+
+
+def test_a_family_option_reaches_prepare_and_bad_ones_are_refused(toy, toy_server):
+    body = {"model": "tiny-toy", "input": "Pitch", "seed": 1, "max_tokens": 8, "response_format": "pcm"}
+    url = f"{toy_server.url}/v1/audio/speech"
+    plain, shifted = (httpx.post(url, json={**body, **extra}, timeout=60) for extra in ({}, {"pitch_shift_hz": 40}))
+    assert plain.status_code == shifted.status_code == 200 and plain.content != shifted.content
+    form = {"text": "Pitch", "seed": "1", "max_tokens": "8", "streaming": "false"}
+    generated = httpx.post(f"{toy_server.url}/generate", data={**form, "pitch_shift_hz": "40"}, timeout=60)
+    assert generated.status_code == 200 and generated.content[44:] == shifted.content
+    refused = {"out of range": (url, {**body, "pitch_shift_hz": 500}), "not a number": (url, {**body,
+               "pitch_shift_hz": "high"}), "unknown": (url, {**body, "cfg_weight": 0.5})}
+    answers = {name: httpx.post(target, json=json, timeout=60) for name, (target, json) in refused.items()}
+    assert {name: r.status_code for name, r in answers.items()} == {"out of range": 400, "not a number": 422,
+                                                                   "unknown": 422}
+    assert "from -100 to 100" in answers["out of range"].json()["error"]["message"]
+    assert "also takes: pitch_shift_hz" in answers["unknown"].json()["error"]["message"]
+    bad_form = httpx.post(f"{toy_server.url}/generate", data={**form, "pitch_shift_hz": "high"}, timeout=60)
+    assert bad_form.status_code == 422
