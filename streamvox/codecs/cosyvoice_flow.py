@@ -12,7 +12,9 @@ The computation of the publisher's `CausalMaskedDiffWithXvec.inference`, on weig
 
 v is the U-Net-like 1-D estimator (`CausalConditionalDecoder`: causal conv resnet blocks + transformer blocks,
 sinusoidal timestep embedding). A streaming request uses static-chunk attention masks in encoder and estimator;
-a non-final one (finalize=False) treats its last `pre_lookahead_len` tokens as lookahead context only.
+a non-final one (finalize=False) treats its last `pre_lookahead_len` tokens as lookahead context only (or, with
+the encoder option `encode_lookahead`, encodes them like the others and drops their frames: Chatterbox's S3Gen,
+whose flow also has static_chunk_size 0 in both, i.e. full attention; see streamvox.codecs.s3gen).
 
 API
     CosyVoiceFlow.from_config(params) / .from_checkpoint(path, params, device)   params: the nested `flow:` section

@@ -57,6 +57,20 @@ class ChunkJob:
     seed: int  # makes any codec noise a function of the request alone
     state: Any = None  # the request's codec state (a stateful codec's; None otherwise)
 
+    def hops(self, chunking: Chunking) -> list[tuple[int, int, bool]]:
+        """(start, end, is_last) of the chunks of `chunking` this job covers (a job may cover several when the
+        codec caught up): each ends at a chunk boundary, and the last takes the rest when no boundary with its
+        lookahead is left. A detokenizer whose output depends on where chunks end decodes these, one by one, so
+        that its audio does not depend on timing."""
+        hops, start = [], self.start_frame
+        while True:
+            first, every = chunking.first_chunk_frames, chunking.frames_per_chunk
+            boundary = first if start < first else first + ((start - first) // every + 1) * every
+            if boundary >= self.end_frame or (self.is_last and len(self.frames) < boundary + chunking.lookahead_frames):
+                return [*hops, (start, self.end_frame, self.is_last)]
+            hops.append((start, boundary, False))
+            start = boundary
+
 
 # What one backbone step produces for a request: a token id (one codebook per step, as Orpheus), or a frame of
 # codes (a backbone + depth decoder family, as CSM). A backbone input position is a token id or a row of ids.

@@ -234,7 +234,7 @@ class CosyVoice2Model(SpeechModel):
     def decode_chunks(self, jobs: list[ChunkJob]) -> list[torch.Tensor]:
         """Hop by hop, as the publisher streams (a job may cover several hops when the codec caught up): each
         round runs the flow for the next hop of every job in one padded batch, then each request's vocoder."""
-        plans = [self._hops(job) for job in jobs]
+        plans = [job.hops(self._chunking(job.state.conditioning.prompt_tokens.numel())) for job in jobs]
         pieces: list[list[torch.Tensor]] = [[] for _ in jobs]
         lookahead, ratio = self.flow.pre_lookahead_len, self.flow.token_mel_ratio
         for round_index in range(max(len(plan) for plan in plans)):
@@ -248,18 +248,6 @@ class CosyVoice2Model(SpeechModel):
             for (i, (start, _, is_last)), mel in zip(active, self.flow.inference_batch(requests), strict=True):
                 pieces[i].append(jobs[i].state.vocoder.step(mel[None, :, start * ratio :], is_last)[0])
         return [torch.cat(parts) for parts in pieces]
-
-    def _hops(self, job: ChunkJob) -> list[tuple[int, int, bool]]:
-        """(start, end, is_last) of the publisher's hops within a job: a hop ends at each chunk boundary, and the
-        last one takes the rest when no boundary with its lookahead is left."""
-        plan = self._chunking(job.state.conditioning.prompt_tokens.numel())
-        hops, start = [], job.start_frame
-        while True:
-            boundary = plan.first_chunk_frames if start < plan.first_chunk_frames else start + plan.frames_per_chunk
-            if boundary >= job.end_frame or (job.is_last and len(job.frames) < boundary + plan.lookahead_frames):
-                return [*hops, (start, job.end_frame, job.is_last)]
-            hops.append((start, boundary, False))
-            start = boundary
 
 
 def lm_tensors(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

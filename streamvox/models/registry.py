@@ -16,8 +16,9 @@ from functools import cache
 from importlib.metadata import entry_points
 from pathlib import Path
 
-from streamvox.models import cosyvoice2, csm, orpheus, qwen3_tts
+from streamvox.models import chatterbox, cosyvoice2, csm, orpheus, qwen3_tts
 from streamvox.models.base import SpeechModel
+from streamvox.models.tiny import chatterbox as tiny_chatterbox
 from streamvox.models.tiny import cosyvoice2 as tiny_cosyvoice2
 from streamvox.models.tiny import csm as tiny_csm
 from streamvox.models.tiny import orpheus as tiny_orpheus
@@ -40,6 +41,7 @@ BUILT_IN = (
     Family("csm", csm.CsmModel, tiny_csm.write_tiny),
     Family("qwen3-tts", qwen3_tts.Qwen3TtsModel, tiny_qwen3_tts.write_tiny),
     Family("cosyvoice2", cosyvoice2.CosyVoice2Model, tiny_cosyvoice2.write_tiny),
+    Family("chatterbox", chatterbox.ChatterboxModel, tiny_chatterbox.write_tiny),
     Family("orpheus", orpheus.OrpheusModel, tiny_orpheus.write_tiny),  # last: it claims big-vocabulary Llamas
 )
 
