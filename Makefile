@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml constraints.txt
 	# the parity references (test-only): their pins ask for a torchaudio that has no build for our torch (and
 	# other torches), so they go in without dependencies; the ones the tests use are in the dev extra
 	$(VENV)/bin/pip install --quiet --no-deps -c constraints.txt qwen-tts==0.1.1 cosyvoice-minicpmo==0.1.0 \
-		s3tokenizer==0.3.0 hyperpyyaml==1.2.3 diffusers==0.29.0 conformer==0.3.2
+		chatterbox-tts==0.1.7 s3tokenizer==0.3.0 hyperpyyaml==1.2.3 diffusers==0.29.0 conformer==0.3.2
 	touch $(STAMP)
 
 venv: $(STAMP)
