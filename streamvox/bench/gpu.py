@@ -49,7 +49,8 @@ from streamvox.runner.device import describe, resolve_device, resolve_dtype
 from streamvox.runner.lm_runner import LMRunner
 from streamvox.runner.weights import cache_dir, load_model
 
-FAMILIES = ("orpheus", "csm", "qwen3-tts")
+FAMILIES = ("orpheus", "csm", "qwen3-tts")  # full-size configs exist for these
+TINY_ONLY = ("cosyvoice2", "chatterbox")  # checked and loaded at their tiny size whatever `size` is
 SLO_S = 0.5
 
 
@@ -131,12 +132,15 @@ def run_gpu(out_dir: str, device: str = "auto", dtype: str = "auto", size: str =
     phase("codec overlap", 20 * scale, lambda: report.update(overlap=_codec_overlap(orpheus(), plan)))
     phase("codec cost", 40 * scale,
           lambda: report["codec"].extend(_codec_costs(orpheus(), size, torch_device, torch_dtype, plan)))
-    for family in FAMILIES:
+    for family in FAMILIES + TINY_ONLY:
         def load_phase(family: str = family) -> None:
-            model = orpheus() if family == "orpheus" else _load(family, size, torch_device, torch_dtype)
-            report["load"][family] = _poisson(model, plan, budget, report["decode"])
+            family_size = "tiny" if family in TINY_ONLY else size
+            model = orpheus() if family == "orpheus" else _load(family, family_size, torch_device, torch_dtype)
+            report["load"][family] = _poisson(model, TINY if family_size == "tiny" else plan, budget,
+                                              report["decode"])
 
-        phase(f"load {family}", (100 if family == "orpheus" else 70) * scale, load_phase)
+        phase(f"load {family}", (100 if family == "orpheus" else 70 if family in FAMILIES else 10) * scale,
+              load_phase)
         models.clear()
     (out / "gpu.json").write_text(json.dumps(report, indent=2))
     _plot(report, out)
@@ -182,28 +186,37 @@ def _load(family: str, size: str, device: torch.device, dtype: torch.dtype) -> S
 
 def _correctness(device: torch.device, plan: Plan) -> list[dict]:
     rows = []
-    for family in FAMILIES:
-        reference = load_model(f"tiny-{family}", dtype="float32", device="cpu")
-        same = load_model(f"tiny-{family}", dtype="float32", device=str(device))
-        low = load_model(f"tiny-{family}", dtype="bfloat16", device=str(device))
-        steps = plan.correctness_frames * reference.timing.lm_steps_per_frame
-        ref_logits, ref_tokens, ref_pcm = _run(reference, steps)
-        row = {"family": family}
-        for name, model in (("fp32", same), ("bf16", low)):
-            logits, tokens, pcm = _run(model, steps)
-            drawable = ref_logits.isfinite()  # ids a family never draws are -inf in both
-            if not torch.equal(drawable, logits.isfinite()):
-                raise AssertionError(f"{family} {name}: other ids are drawable than on the CPU")
-            diff = (logits[drawable] - ref_logits[drawable]).norm() / ref_logits[drawable].norm()
-            agree = next((i for i, (a, b) in enumerate(zip(tokens, ref_tokens, strict=True)) if a != b), len(tokens))
-            row[f"{name}_logits_rel"] = float(diff)
-            row[f"{name}_greedy_agree"] = f"{agree}/{len(tokens)}"
-            if name == "fp32":
-                row["fp32_greedy_equal"] = agree == len(tokens)
-                row["fp32_pcm_max_abs"] = float(np.abs(pcm - ref_pcm).max()) if len(pcm) == len(ref_pcm) else None
-        rows.append(row)
-        print(f"  {family}: {row}", flush=True)
+    for family in FAMILIES + TINY_ONLY:
+        try:
+            rows.append(_check_family(family, device, plan))
+        except Exception as error:  # noqa: BLE001 - one family failing must not hide the others' rows
+            traceback.print_exc()
+            rows.append({"family": family, "error": f"{type(error).__name__}: {error}"})
+        print(f"  {family}: {rows[-1]}", flush=True)
     return rows
+
+
+def _check_family(family: str, device: torch.device, plan: Plan) -> dict:
+    """One family's row of the correctness phase: device fp32 and bf16 against the CPU."""
+    reference = load_model(f"tiny-{family}", dtype="float32", device="cpu")
+    same = load_model(f"tiny-{family}", dtype="float32", device=str(device))
+    low = load_model(f"tiny-{family}", dtype="bfloat16", device=str(device))
+    steps = plan.correctness_frames * reference.timing.lm_steps_per_frame
+    ref_logits, ref_tokens, ref_pcm = _run(reference, steps)
+    row = {"family": family}
+    for name, model in (("fp32", same), ("bf16", low)):
+        logits, tokens, pcm = _run(model, steps)
+        drawable = ref_logits.isfinite()  # ids a family never draws are -inf in both
+        if not torch.equal(drawable, logits.isfinite()):
+            raise AssertionError(f"{family} {name}: other ids are drawable than on the CPU")
+        diff = (logits[drawable] - ref_logits[drawable]).norm() / ref_logits[drawable].norm()
+        agree = next((i for i, (a, b) in enumerate(zip(tokens, ref_tokens, strict=True)) if a != b), len(tokens))
+        row[f"{name}_logits_rel"] = float(diff)
+        row[f"{name}_greedy_agree"] = f"{agree}/{len(tokens)}"
+        if name == "fp32":
+            row["fp32_greedy_equal"] = agree == len(tokens)
+            row["fp32_pcm_max_abs"] = float(np.abs(pcm - ref_pcm).max()) if len(pcm) == len(ref_pcm) else None
+    return row
 
 
 def _run(model: SpeechModel, steps: int) -> tuple[torch.Tensor, list, np.ndarray]:
@@ -218,8 +231,9 @@ def _run(model: SpeechModel, steps: int) -> tuple[torch.Tensor, list, np.ndarray
         runner = engine.lm_runner
         runner.capture_graphs()  # CUDA: the greedy run below replays them
         sampling = SamplingParams(temperature=0.0, seed=0)
-        runner.execute(StepBatch((NewRequest("check", tuple(prompt), sampling, 0, tuple(prepared.text_ids)),), (), ()))
-        blocks = tuple(range(-(-len(prompt) // 16)))
+        runner.execute(StepBatch((NewRequest("check", tuple(prompt), sampling, 0, tuple(prepared.text_ids), True,
+                                             prepared.prompt_embeds, prepared.guidance),), (), ()))
+        blocks = tuple(range(-(-len(prompt) // 16) * prepared.num_lanes))
         logits = runner.logits(ScheduledRow("check", 0, len(prompt), blocks, True))[-1].float().cpu()
         runner.execute(StepBatch((), (), ("check",)))
         greedy = SamplingParams(temperature=0.0, seed=0, max_tokens=steps, ignore_eos=True)
@@ -568,7 +582,7 @@ def format_report(report: dict) -> str:
 def _table(title: str, rows: list[dict]) -> list[str]:
     if not rows:
         return [f"### {title}: no results", ""]
-    keys = list(rows[0])
+    keys = list(dict.fromkeys(key for row in rows for key in row))  # every row's columns (a failed row has few)
     return [f"### {title}", "", "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys),
             *("| " + " | ".join(_cell(row.get(k)) for k in keys) + " |" for row in rows), ""]
 

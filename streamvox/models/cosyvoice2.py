@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import re
 import threading
@@ -43,6 +44,7 @@ from streamvox.models.llama import LlamaConfig, LlamaDecoderLayer
 from streamvox.models.params import load_checked, on_meta
 from streamvox.models.qwen_tokenizer import load_tokenizer
 
+logger = logging.getLogger(__name__)
 CONFIG_FILE = "cosyvoice2.yaml"
 QWEN_SUBDIR = "CosyVoice-BlankEN"
 SAMPLE_RATE = 24000
@@ -162,7 +164,7 @@ class CosyVoice2Model(SpeechModel):
         vocoder = load_hift(path / "hift.pt", params["hift"], device)
         tokenizer = load_tokenizer(path / QWEN_SUBDIR)
         tokenizer.add_special_tokens(list(SPECIAL_TOKENS))
-        frontend = CosyVoiceFrontend(path) if (path / "campplus.onnx").is_file() else None
+        frontend = _frontend(path)
         speakers = torch.load(path / "spk2info.pt", weights_only=True) if (path / "spk2info.pt").is_file() else {}
         return cls(lm, tokenizer, flow, vocoder, frontend, speakers, bool(params.get("streamvox_random_weights")))
 
@@ -180,7 +182,8 @@ class CosyVoice2Model(SpeechModel):
         prompt_text: list[int] = []
         if reference is not None:
             if self.frontend is None:
-                raise ValueError("this checkpoint has no campplus.onnx, so it cannot take reference audio")
+                raise ValueError("this server cannot clone CosyVoice2 voices: the checkpoint has no campplus.onnx "
+                                 "or the server has no onnxruntime; send a voice instead")
             if not reference.text.strip():
                 raise ValueError("reference audio needs its transcript (what is said in it): send audio_text")
             conditioning = self._clone(reference.pcm)
@@ -248,6 +251,18 @@ class CosyVoice2Model(SpeechModel):
             for (i, (start, _, is_last)), mel in zip(active, self.flow.inference_batch(requests), strict=True):
                 pieces[i].append(jobs[i].state.vocoder.step(mel[None, :, start * ratio :], is_last)[0])
         return [torch.cat(parts) for parts in pieces]
+
+
+def _frontend(path: Path) -> CosyVoiceFrontend | None:
+    """The clip encoders, or None (cloning is then refused, saying why): the checkpoint lacks them, or onnxruntime
+    is not installed (a machine that only serves built-in voices may go without it)."""
+    if not (path / "campplus.onnx").is_file():
+        return None
+    try:
+        return CosyVoiceFrontend(path)
+    except ImportError as missing:
+        logger.warning("CosyVoice2 cloning is off: %s (pip install onnxruntime)", missing)
+        return None
 
 
 def lm_tensors(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
