@@ -18,7 +18,6 @@ import importlib
 import importlib.util
 import math
 import sys
-import types
 from functools import cache, partial
 from pathlib import Path
 
@@ -28,33 +27,14 @@ import torch
 
 from streamvox.codecs import cosyvoice_frontend as cvf
 from streamvox.codecs.cosyvoice_onnx_tiny import TINY_HEADS, TINY_LAYERS, TINY_STATE, write_tiny_checkpoint
+from tests.stand_ins import refuse as _refuse
+from tests.stand_ins import speechlike as _speechlike
+from tests.stand_ins import stub_module as _stub
 
 ort = pytest.importorskip("onnxruntime")
 MATCHA_ARGS = dict(n_fft=1920, num_mels=80, sampling_rate=24000, hop_size=480, win_size=1920, fmin=0, fmax=8000)
 
-
-@cache
-def speechlike(seconds: float, sample_rate: int, seed: int = 0) -> torch.Tensor:
-    """[S] float32: a gliding harmonic tone with a syllable-rate envelope plus a little noise, peak 0.5 (shared:
-    callers must not modify it in place)."""
-    g = torch.Generator().manual_seed(seed)
-    t = torch.arange(int(seconds * sample_rate), dtype=torch.float64) / sample_rate
-    f0 = 140 + 30 * torch.sin(2 * math.pi * 0.7 * t)  # Hz
-    phase = 2 * math.pi * torch.cumsum(f0, 0) / sample_rate
-    voiced = sum((0.3 / k) * torch.sin(k * phase) for k in range(1, 12))
-    envelope = 0.5 + 0.5 * torch.sin(2 * math.pi * 2.3 * t).clamp(min=0)
-    x = voiced * envelope + 0.01 * torch.randn(t.shape, generator=g, dtype=torch.float64)
-    return (0.5 * x / x.abs().max()).to(torch.float32)
-
-
-def _stub(name: str, **attrs) -> types.ModuleType:
-    module = types.ModuleType(name)
-    module.__dict__.update(attrs)
-    return module
-
-
-def _refuse(*args, **kwargs):
-    raise NotImplementedError("stubbed for the test: not part of the code under test")
+speechlike = cache(_speechlike)  # one clip per arguments, shared: callers must not modify it
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-import math
 import random
 import sys
 import types
@@ -43,22 +42,14 @@ from streamvox.codecs.s3gen import (
     S3GenConditioning,
     write_tiny_s3gen,
 )
+from tests.stand_ins import refuse as _refuse
+from tests.stand_ins import speechlike
+from tests.stand_ins import stub_module as _stub
 
 MEL_TOL = 1e-4
 PCM_TOL = 1e-4
 pytestmark = [pytest.mark.filterwarnings("ignore:`LoRACompatibleLinear` is deprecated:FutureWarning"),
               pytest.mark.usefixtures("one_thread")]
-
-
-def speechlike(seconds: float, sample_rate: int, seed: int = 0) -> torch.Tensor:
-    """[S] float32: a gliding harmonic tone with a syllable-rate envelope plus a little noise, peak 0.5."""
-    g = torch.Generator().manual_seed(seed)
-    t = torch.arange(int(seconds * sample_rate), dtype=torch.float64) / sample_rate
-    phase = 2 * math.pi * torch.cumsum(140 + 30 * torch.sin(2 * math.pi * 0.7 * t), 0) / sample_rate
-    voiced = sum((0.3 / k) * torch.sin(k * phase) for k in range(1, 12))
-    x = voiced * (0.5 + 0.5 * torch.sin(2 * math.pi * 2.3 * t).clamp(min=0))
-    x = x + 0.01 * torch.randn(t.shape, generator=g, dtype=torch.float64)
-    return (0.5 * x / x.abs().max()).to(torch.float32)
 
 
 def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -71,16 +62,6 @@ def seeded(seed: int) -> torch.Generator:
 
 
 # ------------------------------------------------------------------------------------------------ the reference
-
-
-def _stub(name: str, **attrs) -> types.ModuleType:
-    module = types.ModuleType(name)
-    module.__dict__.update(attrs)
-    return module
-
-
-def _refuse(*args, **kwargs):
-    raise NotImplementedError("stubbed for the test: not part of the code under test")
 
 
 def _stub_fbank(waveform, num_mel_bins=23, dither=0.0, sample_frequency=16000.0, **others):

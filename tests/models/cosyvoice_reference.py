@@ -37,21 +37,15 @@ import numpy as np
 import pytest
 import torch
 
+from tests.stand_ins import refuse as _refuse
+from tests.stand_ins import speechlike  # noqa: F401 - the tests take it from here
+from tests.stand_ins import stub_module as _stub
+
 REFERENCE_MODULES = (
     "cosyvoice.llm.llm", "cosyvoice.flow.flow", "cosyvoice.flow.flow_matching", "cosyvoice.flow.decoder",
     "cosyvoice.transformer.upsample_encoder", "cosyvoice.hifigan.generator", "cosyvoice.hifigan.f0_predictor",
     "cosyvoice.utils.common", "cosyvoice.cli.model", "cosyvoice.tokenizer.tokenizer", "omegaconf",
 )
-
-
-def _stub(name: str, **attrs) -> types.ModuleType:
-    module = types.ModuleType(name)
-    module.__dict__.update(attrs)
-    return module
-
-
-def _refuse(*args, **kwargs):
-    raise NotImplementedError("a stand-in for the test: not part of the code under test")
 
 
 class _Unavailable:
@@ -194,16 +188,3 @@ def stream_token2wav(model, tokens: list[int], prompt_tokens: torch.Tensor, prom
     finally:
         model.hift_cache_dict.pop(uuid)
     return chunks
-
-
-def speechlike(seconds: float, sample_rate: int, seed: int = 0) -> torch.Tensor:
-    """[S] float32: a gliding harmonic tone with a syllable-rate envelope plus a little noise, peak 0.5 (as in
-    tests/codecs/test_cosyvoice_frontend.py)."""
-    g = torch.Generator().manual_seed(seed)
-    t = torch.arange(int(seconds * sample_rate), dtype=torch.float64) / sample_rate
-    f0 = 140 + 30 * torch.sin(2 * math.pi * 0.7 * t)  # Hz
-    phase = 2 * math.pi * torch.cumsum(f0, 0) / sample_rate
-    voiced = sum((0.3 / k) * torch.sin(k * phase) for k in range(1, 12))
-    envelope = 0.5 + 0.5 * torch.sin(2 * math.pi * 2.3 * t).clamp(min=0)
-    x = voiced * envelope + 0.01 * torch.randn(t.shape, generator=g, dtype=torch.float64)
-    return (0.5 * x / x.abs().max()).to(torch.float32)
