@@ -15,9 +15,6 @@ second, unconditioned row and draws from cond + w (cond - uncond). Speech tokens
 
 from __future__ import annotations
 
-import hashlib
-import threading
-from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,6 +50,7 @@ from streamvox.models.chatterbox_cond import (
     T3Embeddings,
 )
 from streamvox.models.chatterbox_text import ChatterboxTextTokenizer
+from streamvox.models.clips import CLIP_CACHE_SIZE, ClipCache  # noqa: F401 - CLIP_CACHE_SIZE: the tests read it here
 from streamvox.models.llama import LlamaConfig, LlamaDecoderLayer
 from streamvox.models.params import load_checked, on_meta
 
@@ -63,7 +61,6 @@ LLAMA_FIXED = {"rms_norm_eps": 1e-5, "rope_theta": 500000.0, "tie_word_embedding
                                 "low_freq_factor": 1.0, "original_max_position_embeddings": 8192}}
 AUDIO_TOKENS = 6561  # speech tokens below this are audio
 VOICE_CLIP_S = 6.0  # the publisher conditions T3 on the clip's first 6 s (16 kHz), S3Gen on its first 10 s
-CLIP_CACHE_SIZE = 64
 TINY_MARKER = "streamvox_tiny.json"  # written by `make-tiny chatterbox`: random weights at the tiny sizes
 
 
@@ -143,8 +140,7 @@ class ChatterboxModel(SpeechModel):
         self.voices = tuple(voices)
         self.default_voice = self.voices[0] if self.voices else None
         self.is_random_weights = False
-        self._clips: OrderedDict[bytes, _Voice] = OrderedDict()  # clip hash -> its voice
-        self._clips_lock = threading.Lock()
+        self._clips = ClipCache()  # a clip's voice, once per distinct clip
 
     # -- checkpoint ----------------------------------------------------------------------------------------
 
@@ -212,17 +208,7 @@ class ChatterboxModel(SpeechModel):
         """A clip's voice (T3 and S3Gen conditioning), computed once per distinct clip."""
         if not reference.text.strip():
             raise ValueError("reference audio needs its transcript (what is said in it): send audio_text")
-        key = hashlib.sha256(reference.pcm.float().numpy().tobytes()).digest()
-        with self._clips_lock:
-            if key in self._clips:
-                self._clips.move_to_end(key)
-                return self._clips[key]
-        voice = self._voice_of(reference.pcm)
-        with self._clips_lock:
-            self._clips[key] = voice
-            while len(self._clips) > CLIP_CACHE_SIZE:
-                self._clips.popitem(last=False)
-        return voice
+        return self._clips.get(reference.pcm, self._voice_of)
 
     def _voice_of(self, pcm: torch.Tensor) -> _Voice:
         gen = self.s3gen.embed_ref(pcm, SAMPLE_RATE)  # ValueError for a silent or unusable clip

@@ -16,13 +16,10 @@ runs the flow over the prompt and all tokens so far and keeps the new mel, as th
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
 import re
-import threading
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,6 +37,7 @@ from streamvox.layers.linear import Linear
 from streamvox.layers.norm import RMSNorm
 from streamvox.layers.rotary import RotaryEmbedding
 from streamvox.models.base import Chunking, ChunkJob, Prepared, Reference, SpeechModel, TimingFacts
+from streamvox.models.clips import ClipCache
 from streamvox.models.llama import LlamaConfig, LlamaDecoderLayer
 from streamvox.models.params import load_checked, on_meta
 from streamvox.models.qwen_tokenizer import load_tokenizer
@@ -50,7 +48,6 @@ QWEN_SUBDIR = "CosyVoice-BlankEN"
 SAMPLE_RATE = 24000
 TOKEN_HZ = 25
 TOKEN_HOP = 25  # tokens a chunk covers (the flow's training chunk)
-CLIP_CACHE_SIZE = 64  # reference clips whose conditioning is kept
 # the publisher's tokenizer adds these after Qwen2's own (those already there keep their ids)
 SPECIAL_TOKENS = ("<|im_start|>", "<|im_end|>", "<|endofprompt|>", "[breath]", "<strong>", "</strong>", "[noise]",
                   "[laughter]", "[cough]", "[clucking]", "[accent]", "[quick_breath]", "<laughter>", "</laughter>",
@@ -138,8 +135,7 @@ class CosyVoice2Model(SpeechModel):
         self.timing = TimingFacts(SAMPLE_RATE, SAMPLE_RATE // TOKEN_HZ, lm_steps_per_frame=1)
         self.chunking = Chunking(TOKEN_HOP, TOKEN_HOP, flow.pre_lookahead_len, is_stateful=True)
         self.is_random_weights = is_random_weights
-        self._clips: OrderedDict[bytes, CosyConditioning] = OrderedDict()  # clip hash -> its conditioning
-        self._clips_lock = threading.Lock()  # requests are prepared on several threads
+        self._clips = ClipCache()  # a clip's conditioning, once per distinct clip
 
     # -- checkpoint ----------------------------------------------------------------------------------------
 
@@ -196,19 +192,12 @@ class CosyVoice2Model(SpeechModel):
                         chunking=self._chunking(len(speech)))
 
     def _clone(self, pcm: torch.Tensor) -> CosyConditioning:
-        """The conditioning of a clip, computed once per distinct clip (the last CLIP_CACHE_SIZE are kept)."""
-        key = hashlib.sha256(pcm.float().numpy().tobytes()).digest()
-        with self._clips_lock:
-            if key in self._clips:
-                self._clips.move_to_end(key)
-                return self._clips[key]
+        """The conditioning of a clip, computed once per distinct clip (the last few are kept)."""
+        return self._clips.get(pcm, self._conditioning_of)
+
+    def _conditioning_of(self, pcm: torch.Tensor) -> CosyConditioning:
         features = self.frontend(pcm, SAMPLE_RATE)
-        conditioning = CosyConditioning(features.speaker_embedding, features.prompt_tokens, features.prompt_mel)
-        with self._clips_lock:
-            self._clips[key] = conditioning
-            while len(self._clips) > CLIP_CACHE_SIZE:
-                self._clips.popitem(last=False)
-        return conditioning
+        return CosyConditioning(features.speaker_embedding, features.prompt_tokens, features.prompt_mel)
 
     def _speaker(self, voice: str | None) -> CosyConditioning:
         if voice is None:

@@ -32,7 +32,8 @@ from streamvox.models.chatterbox_cond import (
     text_embeddings,
 )
 from streamvox.models.chatterbox_text import ChatterboxTextTokenizer, punc_norm
-from streamvox.models.tiny.chatterbox_parts import TINY_EMBEDDINGS, TINY_T3_LLAMA, TINY_VE_HIDDEN, write_tiny
+from streamvox.models.tiny.chatterbox_parts import TINY_EMBEDDINGS, TINY_VE_HIDDEN, write_tiny
+from tests.models.chatterbox_reference import tiny_t3
 
 pytestmark = [
     pytest.mark.usefixtures("one_thread"),
@@ -111,13 +112,7 @@ def t3_state(tiny_dir):
 @pytest.fixture(scope="module")
 def ref_t3(ref, t3_state):
     """The publisher's T3 at the tiny config, loaded strictly from the tiny t3_cfg.safetensors."""
-    ref.LLAMA_CONFIGS[TINY_LLAMA_NAME] = dict(TINY_T3_LLAMA)
-    hp = ref.T3Config.english_only()
-    hp.llama_config_name = TINY_LLAMA_NAME
-    model = ref.T3(hp)
-    cfg = TINY_EMBEDDINGS
-    model.cond_enc.perceiver = ref.Perceiver(cfg.perceiver_queries, cfg.hidden_size, cfg.hidden_size,
-                                             cfg.perceiver_heads)
+    model = tiny_t3(ref)
     model.load_state_dict(t3_state, strict=True)
     return model.eval()
 
