@@ -82,7 +82,10 @@ class AudioChunk:
 class AudioPlan:
     """The served model's timing and chunking, as plain numbers. Chunk boundaries fall after
     `first_chunk_frames`, then every `frames_per_chunk` frames; the run of frames up to a boundary can be decoded
-    once `lookahead_frames` more frames exist (at the end of speech, whatever is left can)."""
+    once `lookahead_frames` more frames exist (at the end of speech, whatever is left can). A detokenizer that reruns
+    over the whole prefix for each chunk (flow matching over prompt + every token so far, as CosyVoice2 streams) has
+    `codec_prefix_frames` set: each chunk then reruns over L = prefix + chunk end + lookahead frames, so what a
+    stream costs the codec grows as it plays (`codec_rereads`, `codec_load`)."""
 
     lm_steps_per_frame: int
     frame_s: float  # seconds of audio in one frame
@@ -90,6 +93,27 @@ class AudioPlan:
     frames_per_chunk: int
     lookahead_frames: int
     codec_cost_per_frame: float = 1.0  # a frame's share of the codec batch budget (SpeechModel.codec_cost_per_frame)
+    codec_prefix_frames: int | None = None  # prompt frames a chunk's rerun starts from; None: no rerun
+
+    def codec_rereads(self, start_frame: int, end_frame: int) -> tuple[float, float]:
+        """(sum of L, sum of L^2) over the chunks of the plan that [start_frame, end_frame) covers, L being the
+        frames each reruns over; (0, 0) for a detokenizer without reruns."""
+        if self.codec_prefix_frames is None:
+            return 0.0, 0.0
+        total, squares, start = 0.0, 0.0, start_frame
+        while start < end_frame:
+            start = min(end_frame, self.next_boundary(start))
+            rerun = self.codec_prefix_frames + start + self.lookahead_frames
+            total, squares = total + rerun, squares + rerun * rerun
+        return total, squares
+
+    def codec_load(self, num_frames: int) -> tuple[float, float]:
+        """`codec_rereads` per frame of audio for a stream that has made `num_frames` frames (its next chunk's
+        rerun, shared by the chunk's frames)."""
+        if self.codec_prefix_frames is None:
+            return 0.0, 0.0
+        rerun = self.codec_prefix_frames + num_frames + self.frames_per_chunk + self.lookahead_frames
+        return rerun / self.frames_per_chunk, rerun * rerun / self.frames_per_chunk
 
     def frames_per_call(self, budget: int) -> int:
         """Frames one codec call takes under a budget of `budget` (max_codec_frames): at least one."""

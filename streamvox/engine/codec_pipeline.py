@@ -79,7 +79,8 @@ class CodecPipeline:
             batch = self._batches.popleft()
             results, busy_s = batch.future.result()
             self.timer.observe_codec(time.perf_counter() - batch.started_s)
-            self.timer.observe_codec_frames(sum(p.end_frame - p.start_frame for p in batch.pending), busy_s)
+            rereads = (sum(p.rereads[0] for p in batch.pending), sum(p.rereads[1] for p in batch.pending))
+            self.timer.observe_codec_frames(sum(p.end_frame - p.start_frame for p in batch.pending), busy_s, rereads)
             good = [(p, r) for p, r in zip(batch.pending, results, strict=True) if not isinstance(r, Exception)]
             for chunk, result in zip(batch.pending, results, strict=True):
                 if isinstance(result, Exception):

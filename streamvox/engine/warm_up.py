@@ -5,8 +5,12 @@ any load comes (what it measures is kept as the model's prior)."""
 from __future__ import annotations
 
 import dataclasses
+import time
 from typing import TYPE_CHECKING
 
+import torch
+
+from streamvox.models.base import ChunkJob
 from streamvox.sched.policy import POLICIES
 
 if TYPE_CHECKING:
@@ -19,6 +23,7 @@ WARM_UP_FRAMES = 12  # per request: long enough for the codec to run beside the 
 # cores: 20-30 %, and one warm-up differs from the next by 10 % or more), so until live steps and codec calls
 # say otherwise they are taken to cost this much more than it measured
 SERVING_BIAS = 1.3
+WARM_UP_RERUN_FRAMES = 200  # a detokenizer that reruns over the prefix is timed chunk by chunk this far in
 
 
 def warm_up(engine: EngineCore) -> None:
@@ -46,6 +51,30 @@ def warm_up(engine: EngineCore) -> None:
                     engine.add_request(f"warm-up-{index}", prepared, sampling, 0)
                 while engine.has_unfinished():
                     engine.step()
+        _time_reruns(engine)
     finally:
         scheduler.config, scheduler.policy, scheduler.max_wait_s = config, policy, max_wait_s
     engine.timer.keep_as_prior(bias=SERVING_BIAS)
+
+
+def _time_reruns(engine: EngineCore) -> None:
+    """A detokenizer that reruns over the whole prefix for each chunk costs more the further a stream is: one
+    stream's chunks up to WARM_UP_RERUN_FRAMES are decoded and timed one by one, so that the codec fit knows by
+    how much before any long stream plays (the requests above stop after a chunk or two)."""
+    model, plan = engine.model, engine.codec_runner.plan
+    if plan.codec_prefix_frames is None:
+        return
+    frames = torch.zeros(WARM_UP_RERUN_FRAMES + plan.lookahead_frames, model.codes_per_frame, dtype=torch.int64)
+    state, start = model.new_codec_state(None, 0), 0
+    try:
+        with torch.inference_mode():
+            while (end := plan.next_boundary(start)) <= WARM_UP_RERUN_FRAMES:
+                started = time.perf_counter()
+                model.decode_chunks([ChunkJob(frames[: end + plan.lookahead_frames], start, end, False, 0, state)])
+                if model.device.type == "cuda":
+                    torch.cuda.synchronize(model.device)
+                engine.timer.observe_codec_frames(end - start, time.perf_counter() - started,
+                                                  plan.codec_rereads(start, end))
+                start = end
+    finally:
+        model.release_codec_state(state)

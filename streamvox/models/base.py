@@ -44,6 +44,9 @@ class Chunking:
     frames_per_chunk: int  # every later chunk
     lookahead_frames: int  # frames past a chunk that must exist before it can be decoded (waived at the end)
     is_stateful: bool  # the codec carries per-request state from chunk to chunk
+    # a detokenizer that reruns over the whole prefix for each chunk: the prompt frames it starts from (a chunk
+    # ending at frame e reruns over this + e + lookahead); None: a chunk costs its own frames only
+    codec_prefix_frames: int | None = None
 
 
 @dataclass(frozen=True)

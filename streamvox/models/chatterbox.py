@@ -15,6 +15,7 @@ second, unconditioned row and draws from cond + w (cond - uncond). Speech tokens
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -125,7 +126,9 @@ class ChatterboxModel(SpeechModel):
     family = "chatterbox"
     # the publisher's generate(): temperature 0.8, min-p 0.05, top-p 1, repetition penalty 1.2, 1000 tokens
     default_sampling = SamplingParams(temperature=0.8, min_p=0.05, repetition_penalty=1.2, max_tokens=1000)
-    chunking = Chunking(FIRST_CHUNK_TOKENS, CHUNK_TOKENS, LOOKAHEAD_TOKENS, is_stateful=True)
+    # each chunk reruns S3Gen's flow over the voice's prompt tokens and every token so far (the request's plan
+    # says how many prompt tokens its voice has)
+    chunking = Chunking(FIRST_CHUNK_TOKENS, CHUNK_TOKENS, LOOKAHEAD_TOKENS, is_stateful=True, codec_prefix_frames=0)
     codes_per_frame = 1
     takes_reference_audio = True
     codec_cost_per_frame = 8 / (2 * CHUNK_TOKENS)  # about two chunks a call (measured like CosyVoice2's)
@@ -195,7 +198,9 @@ class ChatterboxModel(SpeechModel):
         if chosen["cfg_weight"] > 0:
             unconditioned = [*blank, *[(vocab + i, p) for p, i in enumerate(text_ids)], start, start]
             guidance = Guidance((unconditioned,), (-chosen["cfg_weight"],))
-        return Prepared(prompt, conditioning=speaker.gen, prompt_embeds=cond.float().cpu(), guidance=guidance)
+        chunking = dataclasses.replace(self.chunking, codec_prefix_frames=speaker.gen.prompt_tokens.shape[0])
+        return Prepared(prompt, conditioning=speaker.gen, chunking=chunking, prompt_embeds=cond.float().cpu(),
+                        guidance=guidance)
 
     def _builtin(self, voice: str | None) -> _Voice:
         voice = self.resolve_voice(voice)

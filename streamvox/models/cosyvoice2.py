@@ -116,7 +116,7 @@ class CosyVoice2Model(SpeechModel):
     # the publisher samples with top-p 0.8 within the top 25 (and redraws repeated tokens: not done here)
     default_sampling = SamplingParams(temperature=1.0, top_k=25, top_p=0.8, max_tokens=1500)
     chunking = Chunking(first_chunk_frames=TOKEN_HOP, frames_per_chunk=TOKEN_HOP, lookahead_frames=3,
-                        is_stateful=True)
+                        is_stateful=True, codec_prefix_frames=0)
     codes_per_frame = 1
     takes_reference_audio = True
     # a call of the codec budget (8) takes 4 chunks of 25 frames: on the tiny (CPU) a chunk costs 97 ms alone
@@ -133,7 +133,7 @@ class CosyVoice2Model(SpeechModel):
         self.voices = tuple(speakers)
         self.default_voice = None
         self.timing = TimingFacts(SAMPLE_RATE, SAMPLE_RATE // TOKEN_HZ, lm_steps_per_frame=1)
-        self.chunking = Chunking(TOKEN_HOP, TOKEN_HOP, flow.pre_lookahead_len, is_stateful=True)
+        self.chunking = self._chunking(0)
         self.is_random_weights = is_random_weights
         self._clips = ClipCache()  # a clip's conditioning, once per distinct clip
 
@@ -206,9 +206,11 @@ class CosyVoice2Model(SpeechModel):
         return CosyConditioning(torch.as_tensor(embedding, dtype=torch.float32).reshape(-1))
 
     def _chunking(self, num_prompt_tokens: int) -> Chunking:
-        """The first chunk also covers what rounds the prompt's tokens up to a multiple of the hop."""
+        """The first chunk also covers what rounds the prompt's tokens up to a multiple of the hop. Each chunk
+        reruns the flow over the prompt's tokens and every one so far."""
         pad = math.ceil(num_prompt_tokens / TOKEN_HOP) * TOKEN_HOP - num_prompt_tokens
-        return Chunking(TOKEN_HOP + pad, TOKEN_HOP, self.flow.pre_lookahead_len, is_stateful=True)
+        return Chunking(TOKEN_HOP + pad, TOKEN_HOP, self.flow.pre_lookahead_len, is_stateful=True,
+                        codec_prefix_frames=num_prompt_tokens)
 
     # -- steps and audio ---------------------------------------------------------------------------------------
 

@@ -29,6 +29,7 @@ class PendingChunk:
     end_frame: int
     is_last: bool
     job: ChunkJob | None
+    rereads: tuple[float, float] = (0.0, 0.0)  # AudioPlan.codec_rereads of the chunk
 
 
 @dataclass
@@ -48,7 +49,7 @@ def audio_plan(model: SpeechModel, chunking: Chunking | None = None) -> AudioPla
     timing, chunking = model.timing, chunking or model.chunking
     return AudioPlan(timing.lm_steps_per_frame, timing.samples_per_frame / timing.sample_rate,
                      chunking.first_chunk_frames, chunking.frames_per_chunk, chunking.lookahead_frames,
-                     model.codec_cost_per_frame)
+                     model.codec_cost_per_frame, chunking.codec_prefix_frames)
 
 
 class CodecRunner:
@@ -116,6 +117,8 @@ class CodecRunner:
             request = self.requests[request_id]
             start = request.num_taken_frames
             end = self._ready_end(request)
+            if request.plan.codec_prefix_frames is not None:
+                end = self._one_chunk(request, start, end)
             if end - start > budget:
                 capped = request.plan.boundary_at_most(start + budget)
                 if pending and (capped <= start or start == 0):
@@ -131,7 +134,7 @@ class CodecRunner:
             if end > start:
                 frames = torch.tensor(request.frames, dtype=torch.int64)  # [num_known_frames, codes_per_frame]
                 job = ChunkJob(frames, start, end, is_last, request.seed, request.state)
-            pending.append(PendingChunk(request_id, start, end, is_last, job))
+            pending.append(PendingChunk(request_id, start, end, is_last, job, request.plan.codec_rereads(start, end)))
             request.num_taken_frames = end
             request.is_in_flight = True
         return pending
@@ -173,6 +176,16 @@ class CodecRunner:
                 del self.requests[chunk.request_id]
                 self.model.release_codec_state(request.state)
         return chunks
+
+    @staticmethod
+    def _one_chunk(request: _CodecRequest, start: int, end: int) -> int:
+        """The end of the request's next chunk alone. A detokenizer that reruns over the prefix decodes a job of
+        several chunks chunk after chunk, each pass as long as a batch of every request's next chunk: one job
+        of several chunks holds the codec thread as long as several calls, while the others' chunks wait."""
+        boundary = request.plan.next_boundary(start)
+        if boundary >= end or (request.is_complete and len(request.frames) - boundary < request.plan.lookahead_frames):
+            return end
+        return boundary
 
     def _ready_end(self, request: _CodecRequest) -> int | None:
         """End frame of the request's next chunk if one is ready, else None (the closing chunk of a complete

@@ -17,6 +17,8 @@ class Playback:
     arrival_s: float
     first_chunk_s: float | None = None
     audio_sent_s: float = 0.0
+    frames_made: int | None = None  # once its speech is all made (the LM is done with it): its frames
+    plan: AudioPlan | None = None  # then: its chunk plan (what its codec chunks still cost)
 
 
 class PlaybackTracker:
@@ -28,6 +30,17 @@ class PlaybackTracker:
 
     def add(self, request_id: str, arrival_s: float) -> None:
         self.streams[request_id] = Playback(arrival_s)
+
+    def on_speech_made(self, request_id: str, num_frames: int, plan: AudioPlan) -> None:
+        """The LM made the request's last frame; the codec still has whatever was not sent."""
+        stream = self.streams.get(request_id)
+        if stream is not None:
+            stream.frames_made, stream.plan = num_frames, plan
+
+    def frames_sent(self, request_id: str) -> int:
+        """Frames of the request's audio that went out."""
+        stream = self.streams.get(request_id)
+        return 0 if stream is None else round(stream.audio_sent_s / self.plan.frame_s)
 
     def drop(self, request_id: str) -> None:
         self.streams.pop(request_id, None)

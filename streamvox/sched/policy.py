@@ -12,7 +12,9 @@ The scheduler applies one policy through the same few questions, so features are
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
+from streamvox.batch import AudioPlan
 from streamvox.config import SchedulerConfig
 from streamvox.sched.playback import PlaybackTracker
 from streamvox.sched.request import Request
@@ -23,10 +25,23 @@ FIRST_CHUNK_GRACE = 0.3  # streaming: a playing stream's chunk goes to the codec
 # this share of the TTFA target sooner
 
 
-def _state(request: Request) -> tuple[int, int]:
-    """(positions the request attends over now, LM steps it is expected still to take)."""
-    return (len(request.prompt_token_ids) + request.num_output_tokens,
-            max(0, request.expected_tokens - request.num_output_tokens))
+class _Load(NamedTuple):
+    """What a stream costs the engine. The LM: the positions it attends over now and the steps it is expected
+    still to take (0 once its speech is made). The codec: its plan, and the frames decoded so far and still to
+    decode (expected): a stream costs the codec until its audio is all out, long after the LM is done with it
+    when the LM runs faster than real time."""
+
+    positions: int
+    steps_left: int
+    plan: AudioPlan
+    frames_done: int
+    frames_left: int
+
+    def after(self, steps: int, frames: int) -> _Load:
+        """The stream `steps` LM steps and `frames` frames of playback on."""
+        steps, frames = min(steps, self.steps_left), min(frames, self.frames_left)
+        return _Load(self.positions + steps, self.steps_left - steps, self.plan, self.frames_done + frames,
+                     self.frames_left - frames)
 
 
 class Policy:
@@ -97,6 +112,7 @@ class StreamingPolicy(OfflinePolicy):
     _timings: dict[str, tuple[float, float]] = {}
     _num_starting = 0  # running streams with no audio out yet
     _full_period_s = 0.0  # predicted loop period with every running stream in the step
+    _frame_rereads = (0.0, 0.0)  # mean AudioPlan.codec_load of the running streams: what a frame costs to rerun
 
     def begin_step(self, running: list[Request]) -> None:
         self._timings: dict[str, tuple[float, float]] = {}
@@ -104,7 +120,9 @@ class StreamingPolicy(OfflinePolicy):
         self._num_starting = sum(1 for r in running if r.request_id in streams and
                                  streams[r.request_id].first_chunk_s is None)
         active = [r for r in running if not r.is_held]
-        self._full_period_s = self.timer.period_s(len(active), len(active), sum(_state(r)[0] for r in active))
+        self._full_period_s = self.timer.period_s(len(active), len(active), sum(r.num_tokens for r in active))
+        loads = [s.plan.codec_load(s.frames_done) for s in self._loads(running)] or [(0.0, 0.0)]
+        self._frame_rereads = (sum(x for x, _ in loads) / len(loads), sum(y for _, y in loads) / len(loads))
 
     def _timing(self, request: Request, now: float) -> tuple[float, float]:
         """(slack, tolerance) of a request, computed once per step. Slack: seconds to spare before its next
@@ -135,75 +153,122 @@ class StreamingPolicy(OfflinePolicy):
     def is_optional(self, request: Request, now: float) -> bool:
         return self.slack_s(request, now) >= self.config.urgent_slack_s
 
-    def _keeps_up(self, num_streams: int, num_context: int) -> bool:
-        """Whether `num_streams` streams attending over `num_context` positions all stay ahead of playback: the
-        predicted loop period within `realtime_headroom` of real time, and the codec thread busy within that share
-        of its time. Each stream makes a frame per frame_s; they are decoded in calls of up to max_codec_frames
-        frames (a frame's worth of every stream at most, so a few streams pay a call each)."""
-        limit, plan = self.config.realtime_headroom, self.playback.plan
-        if self.timer.period_s(num_streams, num_streams, num_context) > limit * plan.realtime_step_s:
-            return False
-        per_call = min(num_streams, plan.frames_per_call(self.config.max_codec_frames))
-        codec_s = self.timer.codec_call_s(per_call) * num_streams / per_call  # per frame_s
-        return codec_s <= limit * plan.frame_s
+    def _state(self, request: Request) -> _Load:
+        plan = request.plan or self.playback.plan
+        done = self.playback.frames_sent(request.request_id)
+        return _Load(request.num_tokens, max(0, request.expected_tokens - request.num_output_tokens), plan, done,
+                     max(0, request.expected_tokens // plan.lm_steps_per_frame - done))
 
-    def _fits(self, streams: list[tuple[int, int]], new: tuple[int, int]) -> bool:
-        """Whether streams given as (positions now, steps left) and a new one keep up until the new one ends,
-        checked as each of them ends and as the new one does, with the contexts grown by then."""
-        horizon = new[1]
-        for t in sorted({left for _, left in streams if left < horizon} | {horizon}):
-            alive = [(length, left) for length, left in streams if left >= t] + [new]
-            if not self._keeps_up(len(alive), sum(length + min(t, left) for length, left in alive)):
+    def _loads(self, running: list[Request]) -> list[_Load]:
+        """The loads of the running requests and of the streams whose speech is made but not all sent."""
+        ids = {r.request_id for r in running}
+        loads = [self._state(r) for r in running]
+        for request_id, stream in self.playback.streams.items():
+            if request_id not in ids and stream.frames_made is not None and stream.plan is not None:
+                done = self.playback.frames_sent(request_id)
+                loads.append(_Load(0, 0, stream.plan, done, max(0, stream.frames_made - done)))
+        return loads
+
+    def _lm_keeps_up(self, rows: list[_Load]) -> bool:
+        """Whether the predicted loop period over `rows` (streams in the LM) is within `realtime_headroom` of
+        real time."""
+        limit, plan = self.config.realtime_headroom, self.playback.plan
+        return self.timer.period_s(len(rows), len(rows), sum(s.positions for s in rows)) <= \
+            limit * plan.realtime_step_s
+
+    def _codec_keeps_up(self, streams: list[_Load]) -> bool:
+        """Whether the codec thread decodes `streams` within `realtime_headroom` of its time. Each stream needs
+        a frame per frame_s; they are decoded in calls of up to max_codec_frames frames, at most a chunk of every
+        stream (a few streams of one-frame chunks pay a call each), and a detokenizer that reruns over the
+        prefix costs more the further each stream is (AudioPlan.codec_load)."""
+        plan = self.playback.plan
+        per_call = min(sum(s.plan.frames_per_chunk for s in streams),
+                       plan.frames_per_call(self.config.max_codec_frames))
+        loads = [s.plan.codec_load(s.frames_done) for s in streams]
+        share = per_call / len(streams)  # frames of each stream in one call
+        rereads = (share * sum(load[0] for load in loads), share * sum(load[1] for load in loads))
+        codec_s = self.timer.codec_call_s(per_call, rereads) * len(streams) / per_call  # per frame_s
+        return codec_s <= self.config.realtime_headroom * plan.frame_s
+
+    def _fits(self, streams: list[_Load], new: _Load) -> bool:
+        """Whether `streams` and a new one keep up until the new one ends: the LM checked as each of them
+        leaves it and as the new one does, the codec as each stream's audio is all decoded, grown by then."""
+        ends = sorted({s.steps_left for s in streams if 0 < s.steps_left < new.steps_left} | {new.steps_left})
+        for t in ends:  # the streams in the LM until t, as they are then
+            if not self._lm_keeps_up([s.after(t, 0) for s in streams if s.steps_left >= max(t, 1)] +
+                                     [new.after(t, 0)]):
+                return False
+        ends = sorted({s.frames_left for s in streams if 0 < s.frames_left < new.frames_left} | {new.frames_left})
+        for f in ends:  # the streams still decoding until f, as they are then
+            if not self._codec_keeps_up([s.after(0, f) for s in streams if s.frames_left >= max(f, 1)] +
+                                        [new.after(0, f)]):
                 return False
         return True
 
     def can_admit(self, request: Request, running: list[Request], now: float) -> bool:
-        """Admit while the streams already running and this one all stay ahead of playback until it ends."""
-        if not running or not self.timer.has_steps:
+        """Admit while the streams already running or still decoding and this one all stay ahead of playback
+        until it ends."""
+        streams = self._loads(running)
+        if not streams or not self.timer.has_steps:
             return True
-        return self._fits([_state(r) for r in running], _state(request))
+        return self._fits(streams, self._state(request))
+
+    def _typical(self, running: list[Request]) -> _Load:
+        """A stream like the running ones (of DEFAULT_CONTEXT steps when none runs), about to start."""
+        plan, prompt, steps = self.playback.plan, DEFAULT_PROMPT, DEFAULT_CONTEXT
+        if running:
+            prompt = sum(len(r.prompt_token_ids) for r in running) // len(running)
+            steps = sum(r.expected_tokens for r in running) // len(running)
+        return _Load(prompt, steps, plan, 0, steps // plan.lm_steps_per_frame)
 
     def capacity(self, running: list[Request]) -> int:
-        """Streams the engine keeps ahead of playback: the running ones plus as many more like them (or of
-        DEFAULT_CONTEXT steps when none runs) as fit."""
-        typical = (DEFAULT_PROMPT, DEFAULT_CONTEXT)
-        if running:
-            typical = (sum(len(r.prompt_token_ids) for r in running) // len(running),
-                       sum(r.expected_tokens for r in running) // len(running))
-        streams = [_state(r) for r in running]
-        while len(streams) < self.config.max_num_seqs and (not streams or self._fits(streams, typical)):
+        """Streams the engine keeps ahead of playback: the running ones plus as many more like them as fit."""
+        typical, streams = self._typical(running), self._loads(running)
+        num_streams = len(running)
+        while num_streams < self.config.max_num_seqs and (not streams or self._fits(streams, typical)):
             streams.append(typical)
-        return max(1, len(streams))
+            num_streams += 1
+        return max(1, num_streams)
 
     def start_wait_s(self, request: Request, ahead: list[Request], running: list[Request]) -> float:
         """Predicted seconds before `request`, queued behind `ahead`, can start: the queue is admitted in order
-        as running streams end (expected steps at the measured period)."""
+        as streams leave the LM (expected steps at the measured period) or have their audio all decoded."""
         period_s = self.timer.recent_period_s or self.timer.period_s(max(1, len(running)))
-        streams = [_state(r) for r in running]
-        queue = [_state(r) for r in [*ahead, request]]
-        elapsed = 0
+        frame_s = self.playback.plan.frame_s
+        streams = self._loads(running)
+        queue = [self._state(r) for r in [*ahead, request]]
+        elapsed_s = 0.0
         while True:
             while queue and (not streams or self._fits(streams, queue[0])):
                 streams.append(queue.pop(0))
                 if not queue:
-                    return elapsed * period_s
-            step = max(1, min(left for _, left in streams))  # to the next end
-            elapsed += step
-            streams = [(length + step, left - step) for length, left in streams if left > step]
+                    return elapsed_s
+            # on to the next end: of a stream's steps in the LM, or of its decoding
+            dt = min([s.steps_left * period_s for s in streams if s.steps_left > 0] +
+                     [s.frames_left * frame_s for s in streams if s.frames_left > 0])
+            elapsed_s += dt
+            streams = [s.after(max(1, round(dt / period_s)), max(1, round(dt / frame_s))) for s in streams]
+            streams = [s for s in streams if s.steps_left > 0 or s.frames_left > 0]
 
     def victim(self, running: list[Request], now: float) -> Request:
         return max(running, key=lambda r: self.slack_s(r, now))
 
     def codec_order(self, request_ids: list[str], now: float) -> list[str]:
-        """Deadline order, except that a playing stream's chunk goes before a first chunk due a little sooner
-        (FIRST_CHUNK_GRACE of the TTFA target): a late start costs the TTFA percentile a little, a stall makes a
-        stream unusable."""
+        """Deadline order, with playing streams first where it matters: a late start costs the TTFA percentile a
+        little, a stall makes a stream unusable. A playing stream's chunk due within two full codec calls (one
+        may be in flight ahead of it) goes before every first chunk; a first chunk already late counts as due now
+        (it waited in the queue, or behind other first chunks), and one due a little sooner (FIRST_CHUNK_GRACE of
+        the TTFA target) than a playing stream's chunk still goes after it."""
         streams, grace_s = self.playback.streams, FIRST_CHUNK_GRACE * self.config.ttfa_target_s
+        per_call = self.playback.plan.frames_per_call(self.config.max_codec_frames)
+        urgent_s = 2 * self.timer.codec_call_s(per_call, (per_call * self._frame_rereads[0],
+                                                          per_call * self._frame_rereads[1]))
 
-        def key(request_id: str) -> float:
-            stream = streams.get(request_id)
-            is_starting = stream is not None and stream.first_chunk_s is None
-            return self.playback.deadline_s(request_id) + (grace_s if is_starting else 0.0)
+        def key(request_id: str) -> tuple[bool, float]:
+            stream, deadline = streams.get(request_id), self.playback.deadline_s(request_id)
+            if stream is not None and stream.first_chunk_s is None:
+                return True, max(deadline, now) + grace_s
+            return deadline - now > urgent_s, deadline
         return sorted(request_ids, key=key)
 
     def is_codec_due(self, request_id: str, num_ready_frames: int, is_complete: bool, now: float) -> bool:
@@ -229,7 +294,8 @@ class StreamingPolicy(OfflinePolicy):
             # the next chunk goes to the codec at the step after its last frame is made: one step more
             next_chunk_s = (plan.frames_per_chunk * plan.lm_steps_per_frame + 1) * step_s
             # and it may wait for a full batch in flight to finish, then for the step that collects it
-            jitter_s = self.timer.codec_call_s(per_call) + step_s
+            rereads = (per_call * self._frame_rereads[0], per_call * self._frame_rereads[1])
+            jitter_s = self.timer.codec_call_s(per_call, rereads) + step_s
             return ready_s >= next_chunk_s + codec_batches * self.timer.codec_s + jitter_s
         left_s = self.playback.deadline_s(request_id) - now
         margin_s = 2 * self.timer.codec_s + self.config.codec_hold_margin_s

@@ -181,7 +181,7 @@ class Scheduler:
                 break
             if request.is_held:
                 continue  # an evicted held request comes back once it can run
-            if active and not self.policy.can_admit(request, active, now):
+            if not self.policy.can_admit(request, active, now):
                 break
             reserved = min(self._blocks_for(request, self.policy.reserved_tokens(request)), self.pool.num_blocks)
             num_tokens = self._fit(request, step, now, is_new=True)
@@ -241,6 +241,8 @@ class Scheduler:
                 continue  # cancelled while its step ran
             request.num_output_tokens += 1
             if is_stop or request.num_output_tokens >= request.sampling.max_tokens:
+                plan = request.plan or self.playback.plan
+                self.playback.on_speech_made(request_id, request.num_output_tokens // plan.lm_steps_per_frame, plan)
                 self.running.remove(request)
                 self._finish(request, FinishReason.STOP if is_stop else FinishReason.LENGTH)
         finished, self._newly_finished = self._newly_finished, []

@@ -10,9 +10,12 @@ server and the codec thread take their part of the cores), so predictions are sc
 measured over fitted step time (`bias`), taken before each step joins the fit. A prior measured with nothing else on
 the machine can start with a bias above 1, which relaxes as live steps come (about 60 of them).
 
-A codec call is modelled as `e + f * num_frames`, fitted the same way (the warm-up's calls of 1 to 8 frames as
-its prior): on a CPU a call of 8 frames costs about half as much per frame as a call of one, so what a stream
-costs the codec depends on how full its batches are. Its predictions carry a bias of their own (`codec_bias`).
+A codec call is modelled as `e + f * num_frames + g * sum(L) / 1000 + h * sum(L^2) / 1e6`, fitted the same way
+(the warm-up's calls as its prior): on a CPU a call of 8 frames costs about half as much per frame as a call of
+one, so what a stream costs the codec depends on how full its batches are. L are the frames a detokenizer reruns
+over for each chunk when it reruns over the whole prefix (flow matching, AudioPlan.codec_rereads; none for a
+plain codec): its attention makes a chunk late in a long utterance cost several times the first (on the tiny
+CosyVoice2, 0.8 s at frame 400 against 0.12 s). Its predictions carry a bias of their own (`codec_bias`).
 Pure Python.
 """
 
@@ -21,8 +24,10 @@ from __future__ import annotations
 PRIOR_WEIGHT = 30.0  # the warm-up counts as this many live samples
 MIN_BIAS, MAX_BIAS = 0.8, 2.0  # bounds of the correction of the fit by recent steps
 OUTLIER = 3.0  # a decode step or codec call longer than this many times the prediction counts as this many
+CODEC_RIDGE = 1e-3  # the same for a codec call, relative to each feature's spread
 RIDGE = 0.05  # pulls an unmeasured direction towards a guess, relative to the samples' weight (see `_fit`)
-NUM_FEATURES = 4  # of an LM step; a codec call has 2
+NUM_FEATURES = 4  # of an LM step
+NUM_CODEC_FEATURES = 4  # of a codec call: fixed, frames, rerun frames / 1000, squared rerun frames / 1e6
 
 
 def _solve(a: list[list[float]], b: list[float]) -> list[float]:
@@ -69,6 +74,24 @@ class _Sums:
         return out
 
 
+def _codec_features(num_frames: float, rereads: tuple[float, float]) -> list[float]:
+    return [1.0, float(num_frames), rereads[0] / 1000.0, rereads[1] / 1e6]
+
+
+def _ridge_fit(sums: _Sums, guesses: list[float], relative: float | None = None) -> list[float]:
+    """Non-negative coefficients of the weighted least-squares fit, each but the first (the fixed cost) pulled
+    towards its guess by RIDGE of the samples' weight (or by `relative` of the feature's own second moment, which
+    does not depend on the feature's units); the fixed cost then takes what the others leave."""
+    w = sums.xx[0][0]
+    ridges = [0.0] + [RIDGE * w if relative is None else relative * max(sums.xx[i][i], 1e-9 * w)
+                      for i in range(1, len(guesses))]
+    normal = [[v + (ridges[i] if i == j else 0.0) for j, v in enumerate(row)] for i, row in enumerate(sums.xx)]
+    target = [v + ridges[i] * g for i, (v, g) in enumerate(zip(sums.xy, guesses, strict=True))]
+    coefficients = [max(0.0, c) for c in _solve(normal, target)]
+    coefficients[0] = max(0.0, (sums.xy[0] - sum(c * sums.xx[0][i] for i, c in enumerate(coefficients) if i)) / w)
+    return coefficients
+
+
 def _corrected(bias: float, seconds: float, predicted_s: float) -> float:
     """`bias` moved a step towards measured over predicted time (a pause, GC or another process, is not a cost)."""
     ratio = min(seconds, OUTLIER * predicted_s) / predicted_s
@@ -95,8 +118,9 @@ class StepTimer:
         self.recent_step_s = 0.0  # moving average of the latest LM steps, whatever their size
         self.recent_period_s = 0.0  # moving average of the latest back-to-back loop periods
         self.overhead = 1.0  # loop period / LM step time: what the rest of the loop and the codec thread add
-        self._codec_live, self._codec_prior = _Sums(2), _Sums(2)  # codec calls: (1, frames) -> seconds
-        self._codec_fit: tuple[float, float] | None = None  # cached (per call, per frame), cleared by each call
+        # codec calls: _codec_features -> seconds
+        self._codec_live, self._codec_prior = _Sums(NUM_CODEC_FEATURES), _Sums(NUM_CODEC_FEATURES)
+        self._codec_fit: list[float] | None = None  # cached coefficients, cleared by each call
         self.num_steps = 0
 
     def observe_step(self, num_rows: int, num_tokens: int, num_context: int, seconds: float) -> None:
@@ -121,7 +145,7 @@ class StepTimer:
         """Samples from now to `keep_as_prior` (the warm-up) all count alike: none decays. Earlier ones are
         forgotten."""
         self.decay = 1.0
-        self._live, self._codec_live = _Sums(), _Sums(2)
+        self._live, self._codec_live = _Sums(), _Sums(NUM_CODEC_FEATURES)
         self._coefficients = self._codec_fit = None
 
     def keep_as_prior(self, bias: float = 1.0) -> None:
@@ -131,7 +155,7 @@ class StepTimer:
         self.bias = self.codec_bias = bias
         self._prior, self._codec_prior = _as_prior(self._prior, self._live), _as_prior(self._codec_prior,
                                                                                         self._codec_live)
-        self._live, self._codec_live = _Sums(), _Sums(2)
+        self._live, self._codec_live = _Sums(), _Sums(NUM_CODEC_FEATURES)
         self._coefficients = self._codec_fit = None
 
     def observe_period(self, period_s: float, step_s: float) -> None:
@@ -140,34 +164,31 @@ class StepTimer:
             self.overhead = 0.9 * self.overhead + 0.1 * max(1.0, period_s / step_s)
         self.recent_period_s = 0.9 * self.recent_period_s + 0.1 * period_s if self.recent_period_s else period_s
 
-    def observe_codec_frames(self, num_frames: int, busy_s: float) -> None:
-        """The codec thread took `busy_s` to decode a batch of `num_frames` frames."""
+    def observe_codec_frames(self, num_frames: int, busy_s: float, rereads: tuple[float, float] = (0.0, 0.0)) -> None:
+        """The codec thread took `busy_s` to decode a batch of `num_frames` frames whose chunks rerun over
+        `rereads` (AudioPlan.codec_rereads summed)."""
         if num_frames > 0:
-            predicted_s = self.codec_call_s(num_frames) / self.codec_bias
+            predicted_s = self.codec_call_s(num_frames, rereads) / self.codec_bias
             if predicted_s > 0:
                 self.codec_bias = _corrected(self.codec_bias, busy_s, predicted_s)
-            self._codec_live.add([1.0, float(num_frames)], busy_s, self.decay)
+            self._codec_live.add(_codec_features(num_frames, rereads), busy_s, self.decay)
             self._codec_fit = None
 
-    def codec_call_s(self, num_frames: int) -> float:
-        """Predicted codec thread seconds of one call decoding `num_frames` frames (0.0 before any call)."""
+    def codec_call_s(self, num_frames: float, rereads: tuple[float, float] = (0.0, 0.0)) -> float:
+        """Predicted codec thread seconds of one call decoding `num_frames` frames whose chunks rerun over
+        `rereads` (0.0 before any call)."""
         if self._codec_fit is None:
             self._codec_fit = self._fit_codec()
-        fixed, per_frame = self._codec_fit
-        return self.codec_bias * (fixed + per_frame * num_frames)
+        return self.codec_bias * sum(c * x for c, x in zip(self._codec_fit, _codec_features(num_frames, rereads),
+                                                            strict=True))
 
-    def _fit_codec(self) -> tuple[float, float]:
+    def _fit_codec(self) -> list[float]:
         sums = self._codec_prior.scaled_sum(self._codec_live, 1.0)
-        (n, frames), (_, frames_sq) = sums.xx
-        if n == 0.0:
-            return 0.0, 0.0
-        mean_frames, mean_s = frames / n, sums.xy[0] / n
-        spread = frames_sq / n - mean_frames**2
-        if spread > 0.01 * mean_frames**2:  # calls of several sizes say how much of a call is fixed
-            slope = (sums.xy[1] / n - mean_frames * mean_s) / spread
-            if 0.0 <= slope and mean_s - slope * mean_frames >= 0.0:
-                return mean_s - slope * mean_frames, slope
-        return 0.0, sums.xy[1] / frames_sq  # in proportion to the frames
+        if sums.xx[0][0] == 0.0:
+            return [0.0] * NUM_CODEC_FEATURES
+        # a direction the calls do not vary in (one size of call; no reruns) is pulled towards a call costing in
+        # proportion to its frames, with no rerun cost; the pull is slight against any spread
+        return _ridge_fit(sums, [0.0, sums.xy[0] / max(sums.xx[0][1], 1e-9), 0.0, 0.0], relative=CODEC_RIDGE)
 
     def observe_codec(self, seconds: float) -> None:
         self._codec_s = seconds if self._codec_s is None else 0.8 * self._codec_s + 0.2 * seconds
@@ -201,12 +222,7 @@ class StepTimer:
         # half grows with the rows, a prefill token costs what a row does, context costs nothing. The pull is
         # small against any real spread, e.g. batches that differ by one row.
         guess_row = 0.5 * (sums.xy[0] / w) / max(sums.xx[0][1] / w, 1.0)
-        guesses = [0.0, guess_row, guess_row, 0.0]
-        ridge = RIDGE * w
-        normal = [[v + (ridge if i == j and i else 0.0) for j, v in enumerate(row)] for i, row in enumerate(sums.xx)]
-        target = [v + ridge * g for v, g in zip(sums.xy, guesses, strict=True)]
-        coefficients = [max(0.0, c) for c in _solve(normal, target)]
-        coefficients[0] = max(0.0, (sums.xy[0] - sum(c * sums.xx[0][i] for i, c in enumerate(coefficients) if i)) / w)
+        coefficients = _ridge_fit(sums, [0.0, guess_row, guess_row, 0.0])
         self._coefficients = coefficients
         return coefficients
 

@@ -1,6 +1,7 @@
 """Codec batches are capped in frames; a capped request keeps the rest of its frames for the next batch."""
 
 import numpy as np
+import torch
 
 from streamvox.runner.codec_runner import CodecRunner
 
@@ -109,3 +110,37 @@ def test_codec_state_rows_come_back_from_failed_dropped_and_finished_streams(tmp
         assert not runner.requests and model.codec.pool.num_free == model.codec.pool.capacity
     finally:
         pipeline.close()
+
+
+def test_a_detokenizer_that_reruns_the_prefix_gets_one_chunk_a_job(tmp_path):
+    """A rerunning detokenizer decodes a job of several chunks one pass after another, holding the codec thread
+    as long as several calls: a request that caught up gets its next chunk alone, and the rest go in later
+    jobs (the last chunk takes what is left), with the same audio as one job of everything."""
+    import dataclasses
+    import importlib.util
+    from pathlib import Path
+
+    from streamvox.runner.codec_runner import audio_plan
+
+    spec = importlib.util.spec_from_file_location("toy_family", Path(__file__).parents[1] / "families/toy_family.py")
+    toy = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(toy)
+    model = toy.ToyModel.load(toy.write_tiny(tmp_path / "toy"), None, torch.float32, torch.device("cpu"))
+    rerunning = dataclasses.replace(audio_plan(model), codec_prefix_frames=0, lookahead_frames=2)
+    runner, whole = CodecRunner(model), CodecRunner(model)
+    runner.add("a", seed=1, plan=rerunning)
+    whole.add("a", seed=1)
+    for step in range(2 * 11):  # 11 frames: chunks end at 2, 6, 10 and 11
+        runner.push("a", step % 7)
+        whole.push("a", step % 7)
+    for r in (runner, whole):
+        r.mark_complete("a")
+    jobs, pieces = [], []
+    while runner.requests:
+        pending = runner.take_ready(["a"])
+        jobs += [(p.start_frame, p.end_frame) for p in pending]
+        pieces += [c.pcm for c in runner.complete(pending, runner.decode(pending))]
+    assert jobs == [(0, 2), (2, 6), (6, 11)]  # frame 10's boundary has no lookahead to spare: the rest is one
+    pending = whole.take_ready(["a"])
+    assert [(p.start_frame, p.end_frame) for p in pending] == [(0, 11)]
+    np.testing.assert_allclose(np.concatenate(pieces), whole.decode(pending)[0], atol=1e-6)

@@ -87,12 +87,7 @@ def test_eight_concurrent_streams_keep_playing_and_match_the_engine(family, clon
         sampling = {"seed": 30 + i, "max_tokens": STEPS}
         expected = clone_reference(texts[i], sampling["seed"], sampling["max_tokens"])
         assert same_audio(pcm, expected), i
-    if family[0] == "chatterbox":
-        assert not underruns, underruns
-    else:  # KNOWN DEFECT (README, "Open"): the admission model counts a frame's codec cost as fixed, while each
-        # CosyVoice2 chunk reruns the flow over the whole prefix; when all 8 end at once, 1 stream in 4 runs had
-        # its last chunk 0.56 s late. Bounded here so a worse regression still fails; mend, then assert none.
-        assert len(underruns) <= 2 and all(underrun_s < 1.5 for _, underrun_s, _ in underruns), underruns
+    assert not underruns, underruns
 
 
 def test_a_cloned_voice_changes_the_audio_and_is_reproducible(family, clone_server):

@@ -315,3 +315,74 @@ def test_a_playing_streams_chunk_goes_to_the_codec_before_a_first_chunk_due_a_li
     playback.add("starting", 0.0)  # its first chunk is due at 0.5
     playback.add("late", -0.4)  # due at 0.1
     assert policy.codec_order(["starting", "playing", "late"], now=0.35) == ["late", "playing", "starting"]
+
+
+HOP_PLAN = AudioPlan(lm_steps_per_frame=1, frame_s=0.04, first_chunk_frames=25, frames_per_chunk=25,
+                     lookahead_frames=3, codec_cost_per_frame=0.08, codec_prefix_frames=10)  # as CosyVoice2
+
+
+def test_a_rerunning_detokenizer_costs_each_chunk_its_whole_prefix():
+    assert HOP_PLAN.codec_rereads(0, 25) == (38, 38**2)  # prefix 10 + 25 frames + lookahead 3
+    assert HOP_PLAN.codec_rereads(25, 75) == (63 + 88, 63**2 + 88**2)  # two chunks, two passes
+    assert HOP_PLAN.codec_load(50) == ((10 + 50 + 25 + 3) / 25, 88**2 / 25)  # the next chunk's, per frame
+    assert PLAN.codec_rereads(0, 9) == (0, 0) and PLAN.codec_load(9) == (0, 0)
+
+
+def hop_codec_s(num_frames, rereads):
+    """A flow-matching detokenizer: 30 ms a call, 0.8 ms a frame, 1 ms per 1000 frames rerun, plus attention."""
+    return 0.030 + 0.0008 * num_frames + 1.0 * rereads[0] / 1000 + 0.5 * rereads[1] / 1e6
+
+
+def hop_timer():
+    timer = StepTimer()
+    for rows in (1, 4, 16):
+        for _ in range(5):
+            timer.observe_step(rows, rows, rows * 100, 0.001 + 0.0001 * rows)  # the LM is nearly free
+    for streams in (1, 2, 4):  # calls of one chunk from each of 1-4 streams, near the start and further in
+        for start in (0, 25, 100, 200):
+            end = start + 25
+            rereads = tuple(streams * x for x in HOP_PLAN.codec_rereads(start, end))
+            timer.observe_codec_frames(streams * 25, hop_codec_s(streams * 25, rereads), rereads)
+    return timer
+
+
+def test_the_codec_fit_learns_what_a_chunk_further_in_costs():
+    timer = hop_timer()
+    for start, tolerance in ((0, 0.05), (300, 0.05), (700, 0.1)):  # beyond what it saw, too
+        rereads = HOP_PLAN.codec_rereads(start, start + 25)
+        assert timer.codec_call_s(25, rereads) == pytest.approx(hop_codec_s(25, rereads), rel=tolerance), start
+
+
+def test_streams_whose_speech_is_made_count_for_the_codec_until_their_audio_is_out():
+    """The LM makes a stream's speech far faster than it plays, so a stream leaves the LM long before its codec
+    chunks are done: it still counts against the codec's time until its last frame is decoded, and a stream
+    costs more the further it is in, where each chunk reruns a longer prefix."""
+    config = SchedulerConfig(policy="streaming", realtime_headroom=0.9, max_codec_frames=8)
+    playback = PlaybackTracker(HOP_PLAN, 0.5, 0.0)
+    policy = StreamingPolicy(config, playback, hop_timer())
+    short, long = (Request(f"r{n}", tuple(range(10)), SamplingParams(max_tokens=n, ignore_eos=True, seed=0), 0)
+                   for n in (100, 400))
+    num_short, num_long = policy.capacity([short]), policy.capacity([long])
+    assert num_short >= 4 and num_long < num_short / 2, (num_short, num_long)
+    for i in range(3):
+        playback.add(f"made-{i}", 0.0)
+        playback.on_speech_made(f"made-{i}", 100, HOP_PLAN)  # nothing of it decoded yet
+    assert policy.capacity([short]) == num_short - 3
+    assert not policy.can_admit(short, [short] * (num_short - 3), 0.0)
+    for i in range(3):
+        playback.on_chunk(f"made-{i}", 100 * HOP_PLAN.frame_s, 0.1)  # all of it out
+    assert policy.capacity([short]) == num_short
+    assert policy.can_admit(short, [short] * (num_short - 3), 0.0)
+
+
+def test_a_playing_streams_chunk_due_within_two_codec_calls_goes_before_any_first_chunk():
+    timer = StepTimer()
+    timer.observe_codec_frames(8, 0.150)  # a full call: 150 ms
+    config = SchedulerConfig(policy="streaming", ttfa_target_s=0.5)
+    playback = PlaybackTracker(PLAN, config.ttfa_target_s, 0.0)
+    policy = StreamingPolicy(config, playback, timer)
+    playback.add("playing", 0.0)
+    playback.on_chunk("playing", 0.5, 0.3)  # runs dry at 0.8: within two calls of 0.55
+    playback.add("waited", -2.0)  # queued for 2 s: its first chunk was due at -1.5
+    assert policy.codec_order(["waited", "playing"], now=0.55) == ["playing", "waited"]
+    assert policy.codec_order(["waited", "playing"], now=0.35) == ["waited", "playing"]  # 0.45 s to spare
