@@ -12,8 +12,7 @@ from streamvox.bench.metrics import StreamTimeline, stalls
 from tests.server.test_failures import speech, wait_idle
 
 SAMPLE_RATE = 24000
-PREBUFFER_S = 0.25  # the test client shares two cores with the server: it may itself read a little late (1-25 ms
-# late pieces were seen in 3 of 12 runs on this machine, as often before the family-interface change as after)
+PREBUFFER_S = 0.2  # the test client shares two cores with the server: it may itself read a little late
 
 
 async def _timed(client: httpx.AsyncClient, body: dict) -> tuple[int, float, dict, StreamTimeline | None]:
