@@ -6,6 +6,9 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
+MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-3, 1e3  # beside 0 (greedy)
+MAX_PENALTY = 1e3  # repetition_penalty within [1 / MAX_PENALTY, MAX_PENALTY]
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -35,14 +38,19 @@ class SamplingParams:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
                 raise ValueError(f"{name} must be a finite number, got {value!r}")
+        # bounds that keep every step of sampling finite in float32: logits (tens at most) divided by the
+        # temperature or scaled by the penalty stay far from overflow
         checks = [
-            (self.temperature >= 0.0, "temperature must be >= 0 (0 means greedy)"),
+            (self.temperature == 0.0 or MIN_TEMPERATURE <= self.temperature <= MAX_TEMPERATURE,
+             f"temperature must be 0 (greedy) or in [{MIN_TEMPERATURE:g}, {MAX_TEMPERATURE:g}]"),
             (0 <= self.top_k <= 2**31, "top_k must be in [0, 2**31] (0 disables it)"),
             (0.0 < self.top_p <= 1.0, "top_p must be in (0, 1] (1 disables it)"),
             (0.0 <= self.min_p < 1.0, "min_p must be in [0, 1) (0 disables it)"),
-            (self.repetition_penalty > 0.0, "repetition_penalty must be > 0 (1 disables it)"),
-            (0 <= self.repetition_window <= 2**31, "repetition_window must be >= 0 (0 means all generated tokens)"),
-            (1 <= self.max_tokens <= 2**31, "max_tokens must be >= 1"),
+            (1 / MAX_PENALTY <= self.repetition_penalty <= MAX_PENALTY,
+             f"repetition_penalty must be in [{1 / MAX_PENALTY:g}, {MAX_PENALTY:g}] (1 disables it)"),
+            (0 <= self.repetition_window <= 2**31,
+             "repetition_window must be in [0, 2**31] (0 means all generated tokens)"),
+            (1 <= self.max_tokens <= 2**31, "max_tokens must be in [1, 2**31]"),
             (self.seed is None or 0 <= self.seed < 2**63, "seed must be in [0, 2**63)"),
         ]
         for is_ok, message in checks:

@@ -41,6 +41,9 @@ def check_request(model: SpeechModel, text: str, voice: str | None, sampling: Sa
         asked_s = sampling.max_tokens / timing.lm_steps_per_frame / timing.frame_rate_hz
         raise ValueError(f"max_tokens {sampling.max_tokens} asks for {asked_s:.0f} s of audio; this server makes at "
                          f"most {max_audio_s:g} s per request (max_tokens {max_tokens}): split the text")
+    if sampling.max_tokens < timing.lm_steps_per_frame:
+        raise ValueError(f"max_tokens {sampling.max_tokens} makes no audio: one frame of this model takes "
+                         f"{timing.lm_steps_per_frame} steps; send at least that")
     if sampling.seed is None:
         sampling = sampling.replace(seed=secrets.randbelow(2**63))
     return sampling

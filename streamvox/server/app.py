@@ -64,7 +64,7 @@ def create_app(engine_config: EngineConfig, server_config: ServerConfig) -> Fast
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, error: StarletteHTTPException):
-        return _error(ApiError(error.status_code, str(error.detail)))
+        return _error(ApiError(error.status_code, str(error.detail), headers=dict(error.headers or {})))
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, error: Exception):
@@ -149,5 +149,6 @@ def small_send_buffer_protocol() -> type:
 
 
 def _error(error: ApiError) -> JSONResponse:
-    headers = {"Retry-After": str(error.retry_after_s)} if error.retry_after_s is not None else None
-    return JSONResponse(error_body(error), status_code=error.status, headers=headers)
+    retry = {"Retry-After": str(error.retry_after_s)} if error.retry_after_s is not None else {}
+    headers = {**error.headers, **retry}
+    return JSONResponse(error_body(error), status_code=error.status, headers=headers or None)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 
+from pydantic import BaseModel
+
 from streamvox import protocol
 
 STATUS = {protocol.Failure.BAD_REQUEST: 400, protocol.Failure.CLIENT_TOO_SLOW: 408,
@@ -15,8 +17,10 @@ _TYPES = {400: "invalid_request_error", 404: "not_found_error", 408: "invalid_re
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None, retry_after_s: int | None = None):
+    def __init__(self, status: int, message: str, param: str | None = None, retry_after_s: int | None = None,
+                 headers: dict[str, str] | None = None):
         super().__init__(message)
+        self.headers = headers or {}  # more response headers (a 405's Allow)
         self.status = status
         self.message = message
         self.param = param
@@ -29,6 +33,33 @@ def from_failure(failed: protocol.Failed) -> ApiError:
     return ApiError(STATUS[failed.failure], failed.message, retry_after_s=retry_after_s)
 
 
+class ErrorDetail(BaseModel):
+    message: str  # what went wrong and what to change
+    type: str
+    param: str | None = None  # the request field at fault, if one is
+    code: int  # the HTTP status
+
+
+class ErrorBody(BaseModel):
+    """Every error the API answers with, in OpenAI's shape."""
+
+    error: ErrorDetail
+
+
+_DESCRIPTIONS = {400: "a field is out of range or does not fit the served model; the message says what to change",
+                 413: "the body or its reference audio is too large", 422: "the body does not parse: wrong types",
+                 429: "at capacity: retry after Retry-After seconds", 500: "the request failed in the engine",
+                 503: "the engine is starting or restarting: retry after Retry-After seconds"}
+
+
+def error_responses(*statuses: int) -> dict:
+    """OpenAPI `responses` declaring the error statuses a route answers with."""
+    return {status: {"model": ErrorBody, "description": _DESCRIPTIONS[status]} for status in statuses}
+
+
+ROUTE_ERRORS = error_responses(400, 413, 422, 429, 500, 503)  # of a route that takes a request to speak
+
+
 def error_body(error: ApiError) -> dict:
-    kind = _TYPES.get(error.status, "server_error")
+    kind = _TYPES.get(error.status, "invalid_request_error" if error.status < 500 else "server_error")
     return {"error": {"message": error.message, "type": kind, "param": error.param, "code": error.status}}

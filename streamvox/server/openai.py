@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict
 
 from streamvox import protocol
 from streamvox.server.audio_format import FORMATS, StreamEncoder, UnsupportedFormat, media_type
-from streamvox.server.errors import ApiError
+from streamvox.server.errors import ROUTE_ERRORS, ApiError
 from streamvox.server.streaming import SpeechStream, StreamFailedError, check_options
 from streamvox.server.voxserve import reference_clip
 
@@ -28,7 +28,9 @@ OPENAI_MODEL_NAMES = ("tts-1", "tts-1-hd", "gpt-4o-mini-tts")  # accepted as the
 
 
 class SpeechRequest(BaseModel):
-    model_config = ConfigDict(extra="allow")  # a family's own options (e.g. cfg_weight); others are a 422
+    # strict: a number must be sent as a JSON number (not "0.5" or true); a family's own options (e.g. cfg_weight)
+    # are extra fields, others a 422
+    model_config = ConfigDict(extra="allow", strict=True)
 
     model: str
     input: str
@@ -61,7 +63,7 @@ def check_model(request: Request, model: str) -> None:
         raise ApiError(400, f"unknown model {model!r}; this server serves {served!r} (GET /v1/models)", "model")
 
 
-@router.post("/v1/audio/speech")
+@router.post("/v1/audio/speech", responses=ROUTE_ERRORS)
 async def speech(body: SpeechRequest, request: Request):
     check_model(request, body.model)
     if body.response_format not in FORMATS:

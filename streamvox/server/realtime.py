@@ -34,14 +34,14 @@ TEXT_IDLE_TIMEOUT_S = 120.0  # a stream whose text stops coming (before final) i
 
 
 class StreamStart(SpeechRequest):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     input: str = ""
     response_format: str = "pcm"
 
 
 class TextPiece(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     text: str = ""
     final: bool = False

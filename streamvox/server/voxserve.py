@@ -16,7 +16,7 @@ from fastapi.responses import Response, StreamingResponse
 
 from streamvox import protocol
 from streamvox.server.audio_format import decode_upload, encode_whole, wav_header
-from streamvox.server.errors import ApiError
+from streamvox.server.errors import ROUTE_ERRORS, ApiError
 from streamvox.server.streaming import SpeechStream, StreamFailedError, check_options
 
 router = APIRouter()
@@ -24,7 +24,7 @@ MAX_REFERENCE_S = 30.0  # a voice prompt; longer clips fill the context without 
 FORM_FIELDS = ("text", "audio", "audio_text", "streaming", "speaker", "seed", "max_tokens", "ignore_eos")
 
 
-@router.post("/generate")
+@router.post("/generate", responses=ROUTE_ERRORS)
 async def generate(request: Request, text: Annotated[str, Form()], audio: Annotated[UploadFile | None, File()] = None,
                    audio_text: Annotated[str | None, Form()] = None,
                    streaming: Annotated[bool, Form()] = True, speaker: Annotated[str | None, Form()] = None,

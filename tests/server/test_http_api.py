@@ -115,9 +115,16 @@ def test_sixteen_concurrent_streams_each_get_exactly_their_audio_as_it_is_made(s
     ({"speed": 1.5}, 400, "speed"),
     ({"input": "  "}, 400, "input is empty"),
     ({"input": "x" * 5000}, 400, "the limit is 4096"),
-    ({"temperature": -1}, 400, "temperature must be >= 0"),
+    ({"temperature": -1}, 400, "temperature must be 0 (greedy) or in [0.001, 1000]"),
+    ({"temperature": 1e-300}, 400, "temperature must be 0 (greedy) or in [0.001, 1000]"),  # logits / t: inf
+    ({"repetition_penalty": 1e308}, 400, "repetition_penalty must be in [0.001, 1000]"),
     ({"top_p": 0}, 400, "top_p"),
-    ({"max_tokens": 0}, 400, "max_tokens must be >= 1"),
+    ({"max_tokens": 0}, 400, "max_tokens must be in [1, 2**31]"),
+    ({"max_tokens": 2**31 + 1}, 400, "max_tokens must be in [1, 2**31]"),
+    ({"max_tokens": 6}, 400, "max_tokens 6 makes no audio: one frame of this model takes 7 steps"),
+    ({"max_tokens": "20"}, 422, "max_tokens: Input should be a valid integer"),  # numbers are JSON numbers
+    ({"max_tokens": True}, 422, "max_tokens: Input should be a valid integer"),
+    ({"temperature": "0.5"}, 422, "temperature: Input should be a valid number"),
     ({"seed": 1.5}, 422, "seed"),
     ({"top_k": "many"}, 422, "top_k"),
     ({"stream_format": "chunks"}, 422, "stream_format"),
@@ -127,6 +134,17 @@ def test_bad_input_gets_a_4xx_that_says_what_to_change(server, body, status, say
     response = httpx.post(f"{server.url}/v1/audio/speech", json={"model": "tiny-orpheus", "input": TEXT, **body})
     assert response.status_code == status
     assert says in response.json()["error"]["message"]
+
+
+def test_a_wrong_method_says_which_is_allowed_and_the_schema_declares_the_errors(server):
+    response = httpx.get(f"{server.url}/v1/audio/speech")
+    assert response.status_code == 405 and response.headers["allow"] == "POST"
+    assert response.json()["error"]["type"] == "invalid_request_error"  # the client's mistake, not the server's
+    paths = httpx.get(f"{server.url}/openapi.json").json()["paths"]
+    for path in ("/v1/audio/speech", "/generate"):
+        responses = paths[path]["post"]["responses"]
+        assert {"400", "413", "422", "429", "500", "503"} <= set(responses), (path, list(responses))
+        assert "ErrorBody" in responses["429"]["content"]["application/json"]["schema"]["$ref"]
 
 
 def test_bad_forms_and_uploads_are_refused(server):
