@@ -253,6 +253,12 @@ class StreamingPolicy(OfflinePolicy):
     def victim(self, running: list[Request], now: float) -> Request:
         return max(running, key=lambda r: self.slack_s(r, now))
 
+    def _full_call_s(self) -> float:
+        """Predicted seconds of a full codec call of the running streams' chunks."""
+        per_call = self.playback.plan.frames_per_call(self.config.max_codec_frames)
+        rereads = (per_call * self._frame_rereads[0], per_call * self._frame_rereads[1])
+        return self.timer.codec_call_s(per_call, rereads)
+
     def codec_order(self, request_ids: list[str], now: float) -> list[str]:
         """Deadline order, with playing streams first where it matters: a late start costs the TTFA percentile a
         little, a stall makes a stream unusable. A playing stream's chunk due within two full codec calls (one
@@ -260,9 +266,7 @@ class StreamingPolicy(OfflinePolicy):
         (it waited in the queue, or behind other first chunks), and one due a little sooner (FIRST_CHUNK_GRACE of
         the TTFA target) than a playing stream's chunk still goes after it."""
         streams, grace_s = self.playback.streams, FIRST_CHUNK_GRACE * self.config.ttfa_target_s
-        per_call = self.playback.plan.frames_per_call(self.config.max_codec_frames)
-        urgent_s = 2 * self.timer.codec_call_s(per_call, (per_call * self._frame_rereads[0],
-                                                          per_call * self._frame_rereads[1]))
+        urgent_s = 2 * self._full_call_s()
 
         def key(request_id: str) -> tuple[bool, float]:
             stream, deadline = streams.get(request_id), self.playback.deadline_s(request_id)
@@ -294,8 +298,7 @@ class StreamingPolicy(OfflinePolicy):
             # the next chunk goes to the codec at the step after its last frame is made: one step more
             next_chunk_s = (plan.frames_per_chunk * plan.lm_steps_per_frame + 1) * step_s
             # and it may wait for a full batch in flight to finish, then for the step that collects it
-            rereads = (per_call * self._frame_rereads[0], per_call * self._frame_rereads[1])
-            jitter_s = self.timer.codec_call_s(per_call, rereads) + step_s
+            jitter_s = self._full_call_s() + step_s
             return ready_s >= next_chunk_s + codec_batches * self.timer.codec_s + jitter_s
         left_s = self.playback.deadline_s(request_id) - now
         margin_s = 2 * self.timer.codec_s + self.config.codec_hold_margin_s
