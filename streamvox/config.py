@@ -151,3 +151,4 @@ class ServerConfig:
     engine_hang_timeout_s: float = 30.0  # no report from a busy engine for this long: restart it
     max_unread_s: float = 4.0  # audio made but not yet written to a slow client beyond this pauses its request
     reader_timeout_s: float = 60.0  # a paused request whose client reads nothing for this long is cancelled
+    ws_start_timeout_s: float = 10.0  # a WebSocket that sends no start message for this long is closed (408)

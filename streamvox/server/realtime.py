@@ -52,8 +52,9 @@ async def speech_stream(websocket: WebSocket) -> None:
     await websocket.accept()
     request_id = f"stream-{secrets.token_hex(8)}"
     client = websocket.app.state.engine
+    start_timeout_s = websocket.app.state.config.ws_start_timeout_s
     try:
-        start = await _receive(websocket, StreamStart)
+        start = await asyncio.wait_for(_receive(websocket, StreamStart), start_timeout_s)
         encoder = _check_start(websocket, start)
         info = client.info
         if info is not None and not info.takes_text_stream:
@@ -67,6 +68,10 @@ async def speech_stream(websocket: WebSocket) -> None:
         return
     except EngineUnavailableError as error:
         await _close_with_error(websocket, 503, str(error))
+        return
+    except TimeoutError:  # a connection that never starts would be held for good
+        await _close_with_error(websocket, 408, f"no start message came within {start_timeout_s:g} s; send it "
+                                "as soon as the socket opens")
         return
     except WebSocketDisconnect:
         return

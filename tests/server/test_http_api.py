@@ -194,3 +194,19 @@ def test_httpx_streaming_gets_decodable_audio_in_every_format(server, reference,
     expected = len(reference(TEXT, 6, 70)) // 2
     tolerance = 0 if fmt in ("pcm", "wav", "flac") else 4096
     assert abs(decoded_samples(fmt, data) - expected) <= tolerance
+
+
+def test_a_websocket_that_never_sends_its_start_message_is_closed_with_a_408(server):
+    from websockets.exceptions import ConnectionClosed
+    from websockets.sync.client import connect
+
+    url = server.url.replace("http://", "ws://") + "/v1/audio/speech/stream"
+    opened = time.monotonic()
+    with connect(url, open_timeout=10, close_timeout=5) as ws:  # and then silence
+        error = json.loads(ws.recv(timeout=30))
+        with pytest.raises(ConnectionClosed):
+            ws.recv(timeout=5)
+    waited_s = time.monotonic() - opened
+    assert error["error"]["code"] == 408 and "no start message came within 10 s" in error["error"]["message"]
+    assert ws.close_code == 1008 and 9.5 <= waited_s <= 15, (ws.close_code, waited_s)
+    assert httpx.get(f"{server.url}/health").status_code == 200
