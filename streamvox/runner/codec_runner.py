@@ -118,16 +118,16 @@ class CodecRunner:
             start = request.num_taken_frames
             end = self._ready_end(request)
             if request.plan.codec_prefix_frames is not None:
-                end = self._one_chunk(request, start, end)
+                # a detokenizer that reruns over the prefix decodes a job of several chunks pass after pass, each
+                # as long as a batch of every request's next chunk: the others' chunks would wait that long
+                end = self._cut(request, request.plan.next_boundary(start), end)
             if end - start > budget:
                 capped = request.plan.boundary_at_most(start + budget)
                 if pending and (capped <= start or start == 0):
                     break
                 if capped <= start:
                     capped = min(end, request.plan.next_boundary(start))  # the first request always gets a chunk
-                if request.is_complete and len(request.frames) - capped < request.plan.lookahead_frames:
-                    capped = end  # a boundary short of its lookahead is no place to split: the rest is the last chunk
-                end = capped
+                end = self._cut(request, capped, end)
             budget -= end - start
             is_last = request.is_complete and end == len(request.frames)
             job = None
@@ -178,11 +178,10 @@ class CodecRunner:
         return chunks
 
     @staticmethod
-    def _one_chunk(request: _CodecRequest, start: int, end: int) -> int:
-        """The end of the request's next chunk alone. A detokenizer that reruns over the prefix decodes a job of
-        several chunks chunk after chunk, each pass as long as a batch of every request's next chunk: one job
-        of several chunks holds the codec thread as long as several calls, while the others' chunks wait."""
-        boundary = request.plan.next_boundary(start)
+    def _cut(request: _CodecRequest, boundary: int, end: int) -> int:
+        """The end of a chunk of frames up to `end` cut at `boundary`: `end` itself when the boundary is not
+        before it, or when the request is complete and fewer than its lookahead frames follow the boundary (no
+        place to split: the rest is the last chunk)."""
         if boundary >= end or (request.is_complete and len(request.frames) - boundary < request.plan.lookahead_frames):
             return end
         return boundary

@@ -11,9 +11,7 @@ from streamvox import protocol
 STATUS = {protocol.Failure.BAD_REQUEST: 400, protocol.Failure.CLIENT_TOO_SLOW: 408,
           protocol.Failure.AT_CAPACITY: 429, protocol.Failure.ENGINE_ERROR: 500, protocol.Failure.UNAVAILABLE: 503}
 
-_TYPES = {400: "invalid_request_error", 404: "not_found_error", 408: "invalid_request_error",
-          413: "invalid_request_error", 422: "invalid_request_error", 429: "rate_limit_error",
-          503: "service_unavailable"}
+_TYPES = {404: "not_found_error", 429: "rate_limit_error", 503: "service_unavailable"}  # others: by class
 
 
 class ApiError(Exception):
