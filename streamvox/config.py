@@ -106,6 +106,8 @@ class SchedulerConfig:
     client_prebuffer_s: float = 0.0  # audio a client buffers before it starts playing
     urgent_slack_s: float = 1.0  # streaming: a request with less slack than this is urgent
     realtime_headroom: float = 0.9  # streaming: admit while the predicted step time <= this share of real time
+    codec_headroom: float = 0.75  # streaming: admit while the codec is busy <= this share of real time (lower: every
+    # new stream's first chunk queues there behind the playing streams' chunks)
     max_codec_frames: int = 8  # frames decoded in one codec call (on CPU a frame costs least at about 8)
     max_chunk_s: float = 0.7  # streaming: a chunk is decoded once it holds this much audio, due or not
     codec_hold_margin_s: float = 1.0  # streaming: decode once the client has less than this (+ codec time) left
@@ -119,8 +121,8 @@ class SchedulerConfig:
             raise ValueError("max_queue_len and client_prebuffer_s must be >= 0 and ttfa_target_s > 0")
         if self.max_queue_wait_s <= 0 or self.max_prompt_tokens < 1 or self.max_audio_s <= 0:
             raise ValueError("max_queue_wait_s and max_audio_s must be > 0 and max_prompt_tokens >= 1")
-        if not 0 < self.realtime_headroom <= 1:
-            raise ValueError("realtime_headroom must be in (0, 1]")
+        if not (0 < self.realtime_headroom <= 1 and 0 < self.codec_headroom <= 1):
+            raise ValueError("realtime_headroom and codec_headroom must be in (0, 1]")
 
 
 @dataclass(frozen=True)

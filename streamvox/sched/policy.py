@@ -177,7 +177,7 @@ class StreamingPolicy(OfflinePolicy):
             limit * plan.realtime_step_s
 
     def _codec_keeps_up(self, streams: list[_Load]) -> bool:
-        """Whether the codec thread decodes `streams` within `realtime_headroom` of its time. Each stream needs
+        """Whether the codec thread decodes `streams` within `codec_headroom` of its time. Each stream needs
         a frame per frame_s; they are decoded in calls of up to max_codec_frames frames, at most a chunk of every
         stream (a few streams of one-frame chunks pay a call each), and a detokenizer that reruns over the
         prefix costs more the further each stream is (AudioPlan.codec_load)."""
@@ -188,7 +188,7 @@ class StreamingPolicy(OfflinePolicy):
         share = per_call / len(streams)  # frames of each stream in one call
         rereads = (share * sum(load[0] for load in loads), share * sum(load[1] for load in loads))
         codec_s = self.timer.codec_call_s(per_call, rereads) * len(streams) / per_call  # per frame_s
-        return codec_s <= self.config.realtime_headroom * plan.frame_s
+        return codec_s <= self.config.codec_headroom * plan.frame_s
 
     def _fits(self, streams: list[_Load], new: _Load) -> bool:
         """Whether `streams` and a new one keep up until the new one ends: the LM checked as each of them
@@ -262,16 +262,16 @@ class StreamingPolicy(OfflinePolicy):
     def codec_order(self, request_ids: list[str], now: float) -> list[str]:
         """Deadline order, with playing streams first where it matters: a late start costs the TTFA percentile a
         little, a stall makes a stream unusable. A playing stream's chunk due within two full codec calls (one
-        may be in flight ahead of it) goes before every first chunk; a first chunk already late counts as due now
-        (it waited in the queue, or behind other first chunks), and one due a little sooner (FIRST_CHUNK_GRACE of
-        the TTFA target) than a playing stream's chunk still goes after it."""
+        may be in flight ahead of it) goes before every first chunk; otherwise a first chunk goes after a
+        playing stream's chunk due up to FIRST_CHUNK_GRACE of the TTFA target later. A late first chunk keeps
+        its deadline, so it moves up as it waits instead of starving behind streams that run close to theirs."""
         streams, grace_s = self.playback.streams, FIRST_CHUNK_GRACE * self.config.ttfa_target_s
         urgent_s = 2 * self._full_call_s()
 
         def key(request_id: str) -> tuple[bool, float]:
             stream, deadline = streams.get(request_id), self.playback.deadline_s(request_id)
             if stream is not None and stream.first_chunk_s is None:
-                return True, max(deadline, now) + grace_s
+                return True, deadline + grace_s
             return deadline - now > urgent_s, deadline
         return sorted(request_ids, key=key)
 

@@ -283,7 +283,7 @@ def test_codec_calls_are_fitted_as_a_cost_per_call_plus_a_cost_per_frame():
 def test_capacity_counts_streams_decoded_together_in_one_codec_call():
     """A codec call of 6 ms + 3 ms a frame: 8 frames cost 3.75 ms each, so the codec keeps 20 streams of 85 ms
     frames within 90 % of its time, where one call a frame (9 ms) would keep 8."""
-    config = SchedulerConfig(policy="streaming", realtime_headroom=0.9, max_codec_frames=8)
+    config = SchedulerConfig(policy="streaming", codec_headroom=0.9, max_codec_frames=8)
     timer = StepTimer()
     for rows in (1, 4, 16, 32):
         for _ in range(5):
@@ -315,6 +315,18 @@ def test_a_playing_streams_chunk_goes_to_the_codec_before_a_first_chunk_due_a_li
     playback.add("starting", 0.0)  # its first chunk is due at 0.5
     playback.add("late", -0.4)  # due at 0.1
     assert policy.codec_order(["starting", "playing", "late"], now=0.35) == ["late", "playing", "starting"]
+
+
+def test_a_first_chunk_moves_up_the_codec_queue_as_it_waits():
+    """With the codec busy, playing streams run close to their deadlines; a first chunk that only ever counted
+    as due now would wait behind them until the LM had made the whole stream."""
+    config = SchedulerConfig(policy="streaming", ttfa_target_s=0.5)
+    playback = PlaybackTracker(PLAN, config.ttfa_target_s, 0.0)
+    policy = StreamingPolicy(config, playback, StepTimer())
+    playback.add("playing", 0.0)
+    playback.on_chunk("playing", 0.256, 0.3)  # runs dry at 0.556
+    playback.add("waiting", -0.5)  # its first chunk was due at 0.0
+    assert policy.codec_order(["playing", "waiting"], now=0.45) == ["waiting", "playing"]
 
 
 HOP_PLAN = AudioPlan(lm_steps_per_frame=1, frame_s=0.04, first_chunk_frames=25, frames_per_chunk=25,
@@ -357,7 +369,7 @@ def test_streams_whose_speech_is_made_count_for_the_codec_until_their_audio_is_o
     """The LM makes a stream's speech far faster than it plays, so a stream leaves the LM long before its codec
     chunks are done: it still counts against the codec's time until its last frame is decoded, and a stream
     costs more the further it is in, where each chunk reruns a longer prefix."""
-    config = SchedulerConfig(policy="streaming", realtime_headroom=0.9, max_codec_frames=8)
+    config = SchedulerConfig(policy="streaming", codec_headroom=0.9, max_codec_frames=8)
     playback = PlaybackTracker(HOP_PLAN, 0.5, 0.0)
     policy = StreamingPolicy(config, playback, hop_timer())
     short, long = (Request(f"r{n}", tuple(range(10)), SamplingParams(max_tokens=n, ignore_eos=True, seed=0), 0)
