@@ -3,7 +3,7 @@ PYTHON ?= python3.11
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: serve test lint venv
+.PHONY: serve test lint venv browser
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
@@ -24,5 +24,11 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check streamvox tests benchmarks
 	$(VENV)/bin/lint-imports
 
-test: lint
+# the playground's test drives a real browser: Debian's chromium (as root, or through sudo)
+browser:
+	@command -v chromium >/dev/null || { sudo=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+		$$sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -qq \
+		--no-install-recommends chromium >/dev/null; }
+
+test: lint browser
 	STREAMVOX_CACHE=$${STREAMVOX_CACHE:-$(CURDIR)/.cache} $(VENV)/bin/python -m pytest -q

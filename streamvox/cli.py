@@ -123,22 +123,29 @@ def _add_device_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_flags(parser: argparse.ArgumentParser, config_type: type) -> None:
-    """One --flag per field of a config dataclass, typed and defaulted from the field."""
+    """One --flag per field of a config dataclass, typed and defaulted from the field; a tuple field is a flag
+    given once per value (its name in the field's metadata)."""
     for field in dataclasses.fields(config_type):
         default = field.default
+        if isinstance(default, tuple):
+            parser.add_argument(f"--{field.metadata['flag']}", dest=field.name, action="append", default=[],
+                                help="(repeatable)")
+            continue
         kind = type(default) if default is not None else str
         parser.add_argument(f"--{field.name.replace('_', '-')}", type=kind, default=default,
                             help=f"(default: {default})")
 
 
 def _from_flags(config_type: type, args: argparse.Namespace):
-    return config_type(**{field.name: getattr(args, field.name) for field in dataclasses.fields(config_type)})
+    values = {field.name: getattr(args, field.name) for field in dataclasses.fields(config_type)}
+    return config_type(**{name: tuple(v) if isinstance(v, list) else v for name, v in values.items()})
 
 
 def _serve(args) -> int:
     import uvicorn
 
-    from streamvox.server.app import create_app, small_send_buffer_protocol
+    from streamvox.server.app import create_app
+    from streamvox.server.connection import guarded_protocol
 
     scheduler = _from_flags(SchedulerConfig, args)
     scheduler.validate()
@@ -151,7 +158,8 @@ def _serve(args) -> int:
               "checkpoint", file=sys.stderr)
     app = create_app(engine, server)
     uvicorn.run(app, host=server.host, port=server.port, log_level="info", access_log=False,
-                timeout_graceful_shutdown=5, http=small_send_buffer_protocol())
+                timeout_graceful_shutdown=5,
+                http=guarded_protocol(server.read_timeout_s, server.read_idle_timeout_s))
     return 1 if app.state.engine.status == "failed" else 0
 
 

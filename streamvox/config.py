@@ -150,7 +150,20 @@ class ServerConfig:
     max_input_chars: int = 4096  # longest text one request may speak
     max_upload_mb: float = 10.0  # largest reference-audio upload
     served_model_name: str | None = None  # the `model` clients send; None = the model argument as given
-    engine_hang_timeout_s: float = 30.0  # no report from a busy engine for this long: restart it
+    # no report from the engine for this long (it reports twice a second when idle): it is hung; its streams fail
+    # and it is restarted
+    engine_hang_timeout_s: float = 5.0
     max_unread_s: float = 4.0  # audio made but not yet written to a slow client beyond this pauses its request
     reader_timeout_s: float = 60.0  # a paused request whose client reads nothing for this long is cancelled
+    read_timeout_s: float = 60.0  # a request's headers and body must arrive within this of its first byte (408)
+    read_idle_timeout_s: float = 10.0  # ... with no pause longer than this (slowloris, half-sent bodies)
     ws_start_timeout_s: float = 10.0  # a WebSocket that sends no start message for this long is closed (408)
+    # keys a request must bear (Authorization: Bearer KEY) on every route but /health and the playground; none:
+    # the API is open. STREAMVOX_API_KEYS (comma-separated) adds more. The flag is --api-key, repeatable.
+    api_keys: tuple[str, ...] = dataclasses.field(default=(), metadata={"flag": "api-key"})
+    # browser origins allowed to call the API (CORS) and open its WebSocket; "*" for any. --cors-origin, repeatable
+    cors_origins: tuple[str, ...] = dataclasses.field(default=(), metadata={"flag": "cors-origin"})
+    # OpenAI voice names -> the model's voices, beyond the default table (server/voices.py): --voice-alias NAME=VOICE
+    voice_aliases: tuple[str, ...] = dataclasses.field(default=(), metadata={"flag": "voice-alias"})
+    data_dir: str = ""  # stored voices live here ("": $STREAMVOX_DATA, else ~/.local/share/streamvox)
+    max_concurrent_streams: int = 0  # streams the server holds open at once, beyond which it answers 429; 0: no limit

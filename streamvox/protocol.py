@@ -81,6 +81,7 @@ class EngineReady(msgspec.Struct, tag=True, frozen=True):
     takes_reference_audio: bool = False  # a voice clip with its transcript can steer the voice (/generate audio)
     takes_text_stream: bool = False  # text may arrive in pieces (WS /v1/audio/speech/stream)
     options: dict[str, tuple[float, float, float]] = {}  # the family's request options: name -> (default, low, high)
+    keeps_context: bool = False  # reference audio may be the previous turn (text streamed in pieces keeps prosody)
 
 
 class Audio(msgspec.Struct, frozen=True):
@@ -137,6 +138,8 @@ class EngineStats(msgspec.Struct, frozen=True):
     num_blocks: int
     step_s: float  # measured duration of the last LM step
     batch_size: int  # LM rows in the last step
+    lm_steps: list[tuple[int, float]] = []  # (rows, seconds) of every LM step since the last report
+    codec_calls: list[tuple[int, float]] = []  # (frames, seconds) of every codec call since the last report
 
 
 class StepReport(msgspec.Struct, tag=True, frozen=True):

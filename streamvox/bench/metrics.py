@@ -1,13 +1,16 @@
 """Streaming metrics with one definition everywhere (DESIGN.md §8). Pure Python.
 
 For one request: t0 = sent, a_i = arrival of audio piece i, d_i = its duration. TTFA = a_0 - t0. Piece i >= 1
-stalls when p + sum(d_j, j < i) < a_i - a_0 (p = client prebuffer); underrun_s is the total gap time.
+stalls when p + sum(d_j, j < i) < a_i - a_0 (p = client prebuffer); underrun_s is the total gap time
+(streamvox.playout, shared with the server's metrics).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+
+from streamvox.playout import Playout
 
 
 @dataclass(frozen=True)
@@ -23,18 +26,11 @@ class StreamTimeline:
 
 
 def stalls(timeline: StreamTimeline, prebuffer_s: float = 0.0) -> tuple[int, float]:
-    """(pieces that stall, underrun seconds). A player that waits whenever it runs dry has waited, in all,
-    for the largest lateness of any piece against the uninterrupted schedule: that is the underrun."""
-    if not timeline.arrivals_s:
-        return 0, 0.0
-    start, received_s, count, underrun_s = timeline.arrivals_s[0], prebuffer_s, 0, 0.0
-    for i, (arrival, duration) in enumerate(zip(timeline.arrivals_s, timeline.durations_s, strict=True)):
-        lateness = arrival - start - received_s
-        if i and lateness > 1e-9:
-            count += 1
-            underrun_s = max(underrun_s, lateness)
-        received_s += duration
-    return count, underrun_s
+    """(pieces that stall, underrun seconds), as streamvox.playout defines them."""
+    playout = Playout(prebuffer_s)
+    for arrival, duration in zip(timeline.arrivals_s, timeline.durations_s, strict=True):
+        playout.add(arrival, duration)
+    return playout.num_late, playout.underrun_s
 
 
 def percentile(values: list[float], q: float) -> float:

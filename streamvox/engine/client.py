@@ -23,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import msgspec
@@ -55,7 +56,7 @@ class RequestStream:
 
 
 class EngineClient:
-    def __init__(self, config: EngineConfig, hang_timeout_s: float = 30.0, max_unread_s: float = 4.0,
+    def __init__(self, config: EngineConfig, hang_timeout_s: float = 5.0, max_unread_s: float = 4.0,
                  reader_timeout_s: float = 60.0) -> None:
         self.config = config
         self.hang_timeout_s = hang_timeout_s  # no report for this long while running: the engine is hung
@@ -71,6 +72,7 @@ class EngineClient:
         self._process: subprocess.Popen | None = None
         self._supervisor: asyncio.Task | None = None
         self._is_stopping = False
+        self.on_report: Callable[[protocol.StepReport], None] | None = None  # e.g. the server's metrics
 
     @property
     def is_ready(self) -> bool:
@@ -156,8 +158,9 @@ class EngineClient:
                 raise
             except Exception:  # noqa: BLE001 - keep supervising whatever went wrong
                 logger.exception("engine supervision failed")
+            self.status = "restarting" if not self._is_stopping else "stopped"
+            self._fail_all("the engine stopped while this request was running; retry it")  # before a slow kill
             await self._kill()
-            self._fail_all("the engine stopped while this request was running; retry it")
             if self._is_stopping:
                 return
             if self.info is None:  # it never started: a bad model, codec or flag, which a restart cannot mend
@@ -215,6 +218,8 @@ class EngineClient:
 
     def _route(self, report: protocol.StepReport) -> None:
         self.stats = report.stats
+        if self.on_report is not None:
+            self.on_report(report)
         for message in (*report.accepted, *report.failed, *report.finished, *report.audio):
             stream = self._streams.get(message.request_id)
             if stream is None:

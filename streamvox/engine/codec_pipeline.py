@@ -26,6 +26,7 @@ from streamvox.sched.timing import StepTimer
 
 logger = logging.getLogger(__name__)
 BATCHES_IN_FLIGHT = 2
+CALLS_KEPT = 1024  # recent calls kept for the metrics, which take them at every report
 
 
 @dataclass
@@ -42,6 +43,7 @@ class CodecPipeline:
         self.max_frames = runner.plan.frames_per_call(max_frames)
         self.timer = timer
         self.busy_s = 0.0  # total codec time since start
+        self.calls: deque[tuple[int, float]] = deque(maxlen=CALLS_KEPT)  # (frames, seconds) of recent calls
         self.before_decode: Callable[[list[PendingChunk]], None] | None = None  # fault injection; may raise
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="codec")
         self._batches: deque[_Batch] = deque()  # dispatched, in order
@@ -80,7 +82,9 @@ class CodecPipeline:
             results, busy_s = batch.future.result()
             self.timer.observe_codec(time.perf_counter() - batch.started_s)
             rereads = (sum(p.rereads[0] for p in batch.pending), sum(p.rereads[1] for p in batch.pending))
-            self.timer.observe_codec_frames(sum(p.end_frame - p.start_frame for p in batch.pending), busy_s, rereads)
+            num_frames = sum(p.end_frame - p.start_frame for p in batch.pending)
+            self.timer.observe_codec_frames(num_frames, busy_s, rereads)
+            self.calls.append((num_frames, busy_s))
             good = [(p, r) for p, r in zip(batch.pending, results, strict=True) if not isinstance(r, Exception)]
             for chunk, result in zip(batch.pending, results, strict=True):
                 if isinstance(result, Exception):

@@ -17,6 +17,7 @@ import signal
 import sys
 import time
 import traceback
+from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -28,6 +29,7 @@ import zmq
 from streamvox import protocol
 from streamvox.audio import to_int16
 from streamvox.config import EngineConfig, SamplingParams
+from streamvox.engine.codec_pipeline import CALLS_KEPT
 from streamvox.engine.core import EngineCore, QueueFullError, StepEvents
 from streamvox.engine.requests import expected_tokens
 from streamvox.models.base import Reference
@@ -71,6 +73,8 @@ class EngineLoop:
         self._decode_faults: set[str] = set()
         self._parent_pid = os.getppid()
         self._last_report_s = 0.0
+        self._lm_steps: deque[tuple[int, float]] = deque(maxlen=CALLS_KEPT)  # since the last report
+        engine.codec.calls.clear()  # the metrics count serving, not the warm-up
         if faults.decode_mark:
             engine.codec.before_decode = self._inject_decode_fault
 
@@ -190,6 +194,8 @@ class EngineLoop:
         failed = self._failed + [protocol.Failed(f.request_id, f.failure, f.message, f.retry_after_s)
                                  for f in events.failures]
         accepted, self._failed, self._accepted = self._accepted, [], []
+        if events.num_rows:
+            self._lm_steps.append((events.num_rows, events.step_s))
         now = time.monotonic()
         if not (events.chunks or events.finish_reasons or failed or accepted) and \
                 now - self._last_report_s < protocol.HEARTBEAT_S:
@@ -218,7 +224,11 @@ class EngineLoop:
             num_blocks=load.num_blocks,
             step_s=events.step_s,
             batch_size=events.num_rows,
+            lm_steps=list(self._lm_steps),
+            codec_calls=list(engine.codec.calls),
         )
+        self._lm_steps.clear()
+        engine.codec.calls.clear()
         self.push.send(protocol.encode(protocol.StepReport(audio, finished, failed, stats, accepted)))
 
 
@@ -264,6 +274,7 @@ def main(argv: list[str] | None = None) -> None:
             model.takes_reference_audio and config.engine != "naive",
             model.open_text_stream() is not None and config.engine != "naive",
             dict(model.options) if config.engine != "naive" else {},
+            model.keeps_context and config.engine != "naive",
         )))
         if config.engine == "naive":
             NaiveLoop(engine, config, pull, push, args.output, context).run()

@@ -156,6 +156,9 @@ class SpeechModel(ABC):
     is_random_weights: bool  # a tiny test checkpoint: its audio is noise
     min_steps: int = 0  # the stop tokens are not drawn before this many steps
     takes_reference_audio: bool = False  # prepare_request accepts a Reference
+    # a Reference may be the conversation's previous turn, spoken by the same speaker: text streamed piece by piece
+    # keeps its prosody from piece to piece (CSM's context turns)
+    keeps_context: bool = False
     # what decoding one frame costs, in units of the engine's codec batch budget (`max_codec_frames`): 1 for a
     # codec whose frames cost alike; more for a detokenizer whose frames cost more (flow matching + vocoder)
     codec_cost_per_frame: float = 1.0

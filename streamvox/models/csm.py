@@ -199,7 +199,7 @@ class CsmModel(SpeechModel):
         self.codec = codec
         # reference audio -> codes, on the CPU where prompts are prepared; None when the checkpoint lacks it
         self.encoder = encoder
-        self.takes_reference_audio = encoder is not None
+        self.takes_reference_audio = self.keeps_context = encoder is not None
         if codec.num_codebooks != self.ids.num_codebooks:
             raise ValueError(f"the Mimi codec has {codec.num_codebooks} codebooks, the model {self.ids.num_codebooks}")
         self.codes_per_frame = self.ids.num_codebooks

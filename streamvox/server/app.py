@@ -9,21 +9,27 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import socket
+import re
+from pathlib import Path
 
 import msgspec
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from streamvox.config import EngineConfig, ServerConfig
 from streamvox.engine.client import EngineClient, EngineUnavailableError
-from streamvox.server import openai, realtime, voxserve
-from streamvox.server.errors import ApiError, error_body
+from streamvox.server import openai, realtime, voices, voxserve
+from streamvox.server.auth import ApiKeyAuth, configured_keys
+from streamvox.server.errors import ApiError, error_response
+from streamvox.server.metrics import CONTENT_TYPE, Metrics, RequestCounter
+from streamvox.server.voice_store import VoiceStore, data_dir
 
 logger = logging.getLogger("streamvox.server")
+PLAYGROUND = Path(__file__).with_name("playground.html")  # a static page, no build step, nothing from a CDN
 
 
 def create_app(engine_config: EngineConfig, server_config: ServerConfig) -> FastAPI:
@@ -41,39 +47,59 @@ def create_app(engine_config: EngineConfig, server_config: ServerConfig) -> Fast
     app.state.config = server_config
     app.state.model_name = server_config.served_model_name or os.path.basename(engine_config.model.rstrip("/"))
     app.state.model_aliases = {app.state.model_name, engine_config.model}
+    app.state.voice_aliases = voices.parse_aliases(server_config.voice_aliases)
+    store_name = re.sub(r"[^A-Za-z0-9_.-]", "_", app.state.model_name)
+    app.state.voice_store = VoiceStore(data_dir(server_config.data_dir) / "voices" / store_name)
+    app.state.metrics = metrics = Metrics(app.state.model_name, engine_config.scheduler.client_prebuffer_s)
+    client.on_report = lambda report: metrics.observe_report(report, client.info.sample_rate if client.info else 1)
     app.include_router(openai.router)
     app.include_router(voxserve.router)
     app.include_router(realtime.router)
 
+    # outermost last: the counter sees every answer; CORS answers preflights, which bear no key
     app.add_middleware(BodySizeLimit, limit_bytes=int(server_config.max_upload_mb * 2**20) + 64 * 1024)
+    app.add_middleware(ApiKeyAuth, keys=configured_keys(server_config.api_keys))
+    if server_config.cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=list(server_config.cors_origins), allow_methods=["*"],
+                           allow_headers=["*"], expose_headers=["Retry-After", "X-Finish-Reason"])
+    routes = [*openai.router.routes, *voxserve.router.routes, *realtime.router.routes, *app.router.routes]
+    app.add_middleware(RequestCounter, metrics=metrics, routes=routes)
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, error: ApiError):
-        return _error(error)
+        return error_response(error)
 
     @app.exception_handler(EngineUnavailableError)
     async def unavailable(request: Request, error: EngineUnavailableError):
-        return _error(ApiError(503, str(error), retry_after_s=error.retry_after_s))
+        return error_response(ApiError(503, str(error), retry_after_s=error.retry_after_s))
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, error: RequestValidationError):
         problems = "; ".join(
             f"{'.'.join(str(p) for p in e['loc'][1:]) or 'body'}: {e['msg']}" for e in error.errors()
         )
-        return _error(ApiError(422, f"invalid request: {problems}"))
+        return error_response(ApiError(422, f"invalid request: {problems}"))
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, error: StarletteHTTPException):
-        return _error(ApiError(error.status_code, str(error.detail), headers=dict(error.headers or {})))
+        return error_response(ApiError(error.status_code, str(error.detail), headers=dict(error.headers or {})))
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, error: Exception):
         logger.exception("unexpected error in %s %s", request.method, request.url.path)
-        return _error(ApiError(500, f"internal error: {type(error).__name__}; the server logged the details"))
+        return error_response(ApiError(500, f"internal error: {type(error).__name__}; the server logged the details"))
 
     @app.get("/health")
     async def health():
         return {"status": "ok"}
+
+    @app.get("/", include_in_schema=False)
+    async def playground():
+        return HTMLResponse(PLAYGROUND.read_text())
+
+    @app.get("/metrics")
+    async def prometheus():
+        return Response(metrics.render(), media_type=CONTENT_TYPE)
 
     @app.get("/ready")
     async def ready():
@@ -103,7 +129,7 @@ class BodySizeLimit:
         length = dict(scope["headers"]).get(b"content-length", b"")
         if length.isdigit() and int(length) > self.limit_bytes:
             message = f"request body is {int(length)} bytes; the limit is {self.limit_bytes}"
-            await _error(ApiError(413, message))(scope, receive, send)
+            await error_response(ApiError(413, message))(scope, receive, send)
             return
         received, is_over, is_started = 0, False, False
 
@@ -126,29 +152,4 @@ class BodySizeLimit:
             await self.app(scope, counting_receive, tracking_send)
         if is_over and not is_started:
             message = f"request body is over the limit of {self.limit_bytes} bytes"
-            await _error(ApiError(413, message))(scope, receive, send)
-
-
-SEND_BUFFER_BYTES = 64 * 1024  # about 1.4 s of 24 kHz int16 audio: a fast link still moves megabytes a second
-
-
-def small_send_buffer_protocol() -> type:
-    """uvicorn's HTTP protocol with a small kernel send buffer on each connection, so that a client that stops
-    reading blocks the server's writes within a second or two of audio (the pacing in EngineClient measures
-    those writes) instead of after megabytes of an auto-tuned buffer."""
-    from uvicorn.protocols.http.h11_impl import H11Protocol
-
-    class SmallSendBuffer(H11Protocol):
-        def connection_made(self, transport) -> None:
-            sock = transport.get_extra_info("socket")
-            if sock is not None:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER_BYTES)
-            super().connection_made(transport)
-
-    return SmallSendBuffer
-
-
-def _error(error: ApiError) -> JSONResponse:
-    retry = {"Retry-After": str(error.retry_after_s)} if error.retry_after_s is not None else {}
-    headers = {**error.headers, **retry}
-    return JSONResponse(error_body(error), status_code=error.status, headers=headers or None)
+            await error_response(ApiError(413, message))(scope, receive, send)

@@ -3,7 +3,9 @@
 Every encoder here is incremental: `StreamEncoder.encode` returns each byte the container can emit as soon as the
 codec has produced it, so a client can start playback while the engine is still generating. pcm and wav are
 pure byte framing; mp3, opus (Ogg), flac and aac (ADTS) go through PyAV (ffmpeg) into an in-memory sink that is
-drained on every call, so memory per stream stays bounded (a few codec frames), however long the response.
+drained on every call, so memory per stream stays bounded (a few codec frames), however long the response; mulaw
+and alaw are G.711's byte a sample at 8 kHz. A response at another rate than the model's goes through ffmpeg's
+resampler (swresample) first, which holds back only its filter's few samples until the end.
 """
 
 from __future__ import annotations
@@ -17,7 +19,9 @@ import av
 import numpy as np
 from av.codec.codec import UnknownCodecError
 
-FORMATS: tuple[str, ...] = ("pcm", "wav", "mp3", "opus", "flac", "aac")
+FORMATS: tuple[str, ...] = ("pcm", "wav", "mp3", "opus", "flac", "aac", "mulaw", "alaw")
+SAMPLE_RATES = (8000, 16000, 22050, 24000, 44100, 48000)  # a response may ask for any of these
+G711_RATE = 8000  # mulaw and alaw are telephony's: 8 kHz, a byte a sample, no header
 
 _MEDIA_TYPES = {
     "pcm": "audio/pcm",
@@ -26,7 +30,10 @@ _MEDIA_TYPES = {
     "opus": "audio/ogg",  # Ogg Opus
     "flac": "audio/flac",
     "aac": "audio/aac",  # ADTS frames
+    "mulaw": "audio/basic",  # G.711 µ-law, 8 kHz
+    "alaw": "audio/x-alaw-basic",  # G.711 A-law, 8 kHz
 }
+_G711_ENCODERS = {"mulaw": "pcm_mulaw", "alaw": "pcm_alaw"}
 
 _BYTES_PER_SAMPLE = 2  # int16 mono
 _WAV_UNKNOWN_SIZE = 0xFFFFFFFF  # RIFF/data size while streaming; wave and ffmpeg then read to end of stream
@@ -108,13 +115,19 @@ class StreamEncoder:
     chunk (~100x realtime per core), cheap enough to call inline from an asyncio handler at modest concurrency.
     """
 
-    def __init__(self, fmt: str, sample_rate: int):
+    def __init__(self, fmt: str, sample_rate: int, output_rate: int | None = None):
+        """`sample_rate`: the PCM fed in; `output_rate`: the response's (default: the same, 8 kHz for G.711)."""
         _check_available(fmt)
         _check_sample_rate(sample_rate)
+        output_rate = output_rate or (G711_RATE if fmt in _G711_ENCODERS else sample_rate)
+        if fmt in _G711_ENCODERS and output_rate != G711_RATE:
+            raise UnsupportedFormat(f"{fmt} is 8 kHz telephony audio: leave sample_rate out or send 8000")
         self.fmt = fmt
-        self.sample_rate = sample_rate
-        self._pending_header = wav_header(sample_rate, None) if fmt == "wav" else b""
-        self._av = _AvEncoder(_AV_CODECS[fmt], sample_rate, _Sink()) if fmt in _AV_CODECS else None
+        self.sample_rate = output_rate
+        self._resampler = _Resampler(sample_rate, output_rate) if output_rate != sample_rate else None
+        self._pending_header = wav_header(output_rate, None) if fmt == "wav" else b""
+        self._av = _AvEncoder(_AV_CODECS[fmt], output_rate, _Sink()) if fmt in _AV_CODECS else None
+        self._g711 = _G711Encoder(_G711_ENCODERS[fmt]) if fmt in _G711_ENCODERS else None
         self._is_finished = False
 
     def encode(self, pcm: bytes) -> bytes:
@@ -125,7 +138,14 @@ class StreamEncoder:
         """
         self._check_open()
         _check_pcm(pcm)
+        if self._resampler is not None:
+            pcm = self._resampler.resample(pcm)
+        return self._encode(pcm)
+
+    def _encode(self, pcm: bytes) -> bytes:
         header, self._pending_header = self._pending_header, b""
+        if self._g711 is not None:
+            return self._g711.encode(pcm)
         if self._av is None:
             return header + bytes(pcm)
         return self._av.encode(pcm)
@@ -133,11 +153,11 @@ class StreamEncoder:
     def finish(self) -> bytes:
         """Flush the encoder and the container; return the trailing bytes. The encoder is unusable afterwards."""
         self._check_open()
+        tail = self._encode(self._resampler.flush()) if self._resampler is not None else b""
         self._is_finished = True
-        header, self._pending_header = self._pending_header, b""
         if self._av is None:
-            return header
-        return self._av.finish()
+            return tail + self._pending_header
+        return tail + self._av.finish()
 
     def _check_open(self) -> None:
         if self._is_finished:
@@ -154,6 +174,9 @@ def encode_whole(fmt: str, sample_rate: int, pcm: bytes) -> bytes:
         return bytes(pcm)
     if fmt == "wav":
         return wav_header(sample_rate, len(pcm) // _BYTES_PER_SAMPLE) + bytes(pcm)
+    if fmt in _G711_ENCODERS:
+        encoder = StreamEncoder(fmt, sample_rate)
+        return encoder.encode(pcm) + encoder.finish()
     sink = io.BytesIO()
     encoder = _AvEncoder(_AV_CODECS[fmt], sample_rate, sink)
     encoder.encode(pcm)
@@ -180,6 +203,52 @@ class _Sink:
         return data
 
 
+def _frame(pcm: bytes, sample_rate: int, pts: int) -> av.AudioFrame:
+    samples = np.frombuffer(pcm, dtype="<i2")  # [num_samples]
+    frame = av.AudioFrame.from_ndarray(samples.reshape(1, -1), format="s16", layout="mono")
+    frame.sample_rate = sample_rate
+    frame.pts = pts
+    return frame
+
+
+class _Resampler:
+    """int16 mono PCM from one rate to another through ffmpeg's swresample, incrementally."""
+
+    def __init__(self, input_rate: int, output_rate: int) -> None:
+        self._input_rate = input_rate
+        self._num_samples = 0
+        self._resampler = av.AudioResampler(format="s16", layout="mono", rate=output_rate)
+
+    def resample(self, pcm: bytes) -> bytes:
+        if not pcm:
+            return b""
+        frame = _frame(pcm, self._input_rate, self._num_samples)
+        self._num_samples += len(pcm) // _BYTES_PER_SAMPLE
+        return self._take(frame)
+
+    def flush(self) -> bytes:
+        return self._take(None)
+
+    def _take(self, frame: av.AudioFrame | None) -> bytes:
+        return b"".join(out.to_ndarray().reshape(-1).astype("<i2").tobytes() for out in self._resampler.resample(frame))
+
+
+class _G711Encoder:
+    """8 kHz int16 mono PCM -> G.711 bytes (ffmpeg's pcm_mulaw or pcm_alaw), a byte a sample."""
+
+    def __init__(self, encoder: str) -> None:
+        self._context = av.CodecContext.create(encoder, "w")
+        self._context.sample_rate, self._context.layout, self._context.format = G711_RATE, "mono", "s16"
+        self._num_samples = 0
+
+    def encode(self, pcm: bytes) -> bytes:
+        if not pcm:
+            return b""
+        frame = _frame(pcm, G711_RATE, self._num_samples)
+        self._num_samples += len(pcm) // _BYTES_PER_SAMPLE
+        return b"".join(bytes(packet) for packet in self._context.encode(frame))
+
+
 class _AvEncoder:
     """One PyAV output container with one mono audio stream, writing into `sink`."""
 
@@ -198,12 +267,10 @@ class _AvEncoder:
         self._container.start_encoding()  # writes the header now, so the first `encode` returns it
 
     def encode(self, pcm: bytes) -> bytes:
-        samples = np.frombuffer(pcm, dtype="<i2")  # [num_samples]
-        if samples.size:
-            frame = av.AudioFrame.from_ndarray(samples.reshape(1, -1), format="s16", layout="mono")
-            frame.sample_rate = self._sample_rate
-            frame.pts = self._num_samples  # without it Ogg granule positions come out shifted by the Opus pre-skip
-            self._num_samples += samples.size
+        if pcm:
+            # pts: without it Ogg granule positions come out shifted by the Opus pre-skip
+            frame = _frame(pcm, self._sample_rate, self._num_samples)
+            self._num_samples += len(pcm) // _BYTES_PER_SAMPLE
             # PyAV's encoder runs every frame through its own AudioResampler to the codec's sample format, rate
             # and fixed frame size, so a rate the codec cannot take (22.05 kHz Opus) is resampled here.
             self._container.mux(self._stream.encode(frame))

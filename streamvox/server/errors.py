@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
 from streamvox import protocol
@@ -45,6 +46,7 @@ class ErrorBody(BaseModel):
 
 
 _DESCRIPTIONS = {400: "a field is out of range or does not fit the served model; the message says what to change",
+                 401: "no valid API key", 404: "no such stored voice", 409: "the name is taken",
                  413: "the body or its reference audio is too large", 422: "the body does not parse: wrong types",
                  429: "at capacity: retry after Retry-After seconds", 500: "the request failed in the engine",
                  503: "the engine is starting or restarting: retry after Retry-After seconds"}
@@ -61,3 +63,9 @@ ROUTE_ERRORS = error_responses(400, 413, 422, 429, 500, 503)  # of a route that 
 def error_body(error: ApiError) -> dict:
     kind = _TYPES.get(error.status, "invalid_request_error" if error.status < 500 else "server_error")
     return {"error": {"message": error.message, "type": kind, "param": error.param, "code": error.status}}
+
+
+def error_response(error: ApiError) -> JSONResponse:
+    retry = {"Retry-After": str(error.retry_after_s)} if error.retry_after_s is not None else {}
+    headers = {**error.headers, **retry}
+    return JSONResponse(error_body(error), status_code=error.status, headers=headers or None)

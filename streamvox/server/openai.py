@@ -10,17 +10,19 @@ from __future__ import annotations
 import base64
 import json
 import logging
-from typing import Literal
+from typing import Annotated, Literal
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, File, Form, Request, UploadFile
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict
 
 from streamvox import protocol
-from streamvox.server.audio_format import FORMATS, StreamEncoder, UnsupportedFormat, media_type
-from streamvox.server.errors import ROUTE_ERRORS, ApiError
+from streamvox.server import voices as voice_names
+from streamvox.server.audio_format import FORMATS, SAMPLE_RATES, StreamEncoder, UnsupportedFormat, media_type
+from streamvox.server.errors import ROUTE_ERRORS, ApiError, error_responses
 from streamvox.server.streaming import SpeechStream, StreamFailedError, check_options
-from streamvox.server.voxserve import reference_clip
+from streamvox.server.voice_store import NAME
+from streamvox.server.voxserve import read_clip, reference_clip
 
 logger = logging.getLogger("streamvox.server")
 router = APIRouter()
@@ -51,10 +53,26 @@ class SpeechRequest(BaseModel):
     ignore_eos: bool | None = None
     reference_audio: str | None = None  # base64 of a voice clip (wav, flac, mp3, ogg) to clone, for families that can
     reference_text: str | None = None  # what is said in reference_audio
+    sample_rate: int | None = None  # of the response (SAMPLE_RATES), resampled from the model's; None: the model's
 
     def sampling(self) -> protocol.SamplingOverrides:
         names = protocol.SamplingOverrides.__struct_fields__
         return protocol.SamplingOverrides(**{name: getattr(self, name) for name in names})
+
+
+def response_encoder(request: Request, body: SpeechRequest) -> StreamEncoder:
+    """The encoder of the response body asks for; ApiError 400 for a format or rate it cannot have."""
+    if body.response_format not in FORMATS:
+        raise ApiError(400, f"unknown response_format {body.response_format!r}; choose one of: "
+                       f"{', '.join(FORMATS)}", "response_format")
+    if body.sample_rate is not None and body.sample_rate not in SAMPLE_RATES:
+        raise ApiError(400, f"sample_rate {body.sample_rate} is not offered; choose one of: "
+                       f"{', '.join(map(str, SAMPLE_RATES))}", "sample_rate")
+    info = request.app.state.engine.info
+    try:
+        return StreamEncoder(body.response_format, info.sample_rate if info is not None else 24000, body.sample_rate)
+    except UnsupportedFormat as error:
+        raise ApiError(400, str(error), "sample_rate" if body.sample_rate else "response_format") from None
 
 
 def check_model(request: Request, model: str) -> None:
@@ -66,20 +84,14 @@ def check_model(request: Request, model: str) -> None:
 @router.post("/v1/audio/speech", responses=ROUTE_ERRORS)
 async def speech(body: SpeechRequest, request: Request):
     check_model(request, body.model)
-    if body.response_format not in FORMATS:
-        raise ApiError(400, f"unknown response_format {body.response_format!r}; choose one of: "
-                       f"{', '.join(FORMATS)}", "response_format")
     if body.speed != 1.0:
         raise ApiError(400, f"speed {body.speed} is not supported; this model speaks at its own pace, send 1.0",
                        "speed")
     if body.instructions:
-        raise ApiError(400, "instructions are not supported by this model; leave them out", "instructions")
-    info = request.app.state.engine.info
-    sample_rate = info.sample_rate if info is not None else 24000
-    try:
-        encoder = StreamEncoder(body.response_format, sample_rate)
-    except UnsupportedFormat as error:
-        raise ApiError(400, str(error), "response_format") from None
+        family = info.family if (info := request.app.state.engine.info) is not None else "served"
+        raise ApiError(400, f"the {family} family takes no instructions, and no family streamvox serves takes a "
+                            "style prompt yet; leave them out", "instructions")
+    encoder = response_encoder(request, body)
     options = check_options(request, body.model_extra or {})
     reference = await _reference(request, body)
     speech_stream = await SpeechStream.open(request, body.input, body.voice, body.sampling(), reference,
@@ -127,7 +139,8 @@ async def _sse(speech_stream: SpeechStream, encoder: StreamEncoder):
                 yield event({"type": "speech.audio.delta", "audio": base64.b64encode(data).decode()})
         if data := encoder.finish():
             yield event({"type": "speech.audio.delta", "audio": base64.b64encode(data).decode()})
-        yield event({"type": "speech.audio.done", "usage": speech_stream.usage})
+        yield event({"type": "speech.audio.done", "usage": speech_stream.usage,
+                     "finish_reason": speech_stream.finish_reason})
     except StreamFailedError as error:
         yield event({"type": "error", "error": {"message": str(error), "type": "server_error"}})
 
@@ -138,7 +151,8 @@ async def models(request: Request):
     entry = {"id": request.app.state.model_name, "object": "model", "owned_by": "streamvox"}
     if info is not None:
         entry |= {"family": info.family, "sample_rate": info.sample_rate, "voices": info.voices,
-                  "random_weights": info.is_random_weights,
+                  "random_weights": info.is_random_weights, "takes_reference_audio": info.takes_reference_audio,
+                  "takes_text_stream": info.takes_text_stream,
                   "options": {name: {"default": default, "min": low, "max": high}
                               for name, (default, low, high) in info.options.items()}}
     return {"object": "list", "data": [entry]}
@@ -149,4 +163,35 @@ async def voices(request: Request):
     info = request.app.state.engine.info
     if info is None:
         raise ApiError(503, "the engine is starting; retry shortly")
-    return {"voices": info.voices, "default": info.default_voice}
+    aliases = voice_names.alias_table(info.voices, request.app.state.voice_aliases)
+    return {"voices": info.voices, "default": info.default_voice,
+            "aliases": {name: voice or info.default_voice for name, voice in aliases.items()
+                        if voice is None or voice in info.voices},
+            "stored": request.app.state.voice_store.names()}
+
+
+@router.post("/v1/audio/voices", status_code=201, responses=error_responses(400, 409, 413, 422, 503))
+async def store_voice(request: Request, name: Annotated[str, Form()], text: Annotated[str, Form()],
+                      audio: Annotated[UploadFile, File()]):
+    """Store a voice clip and its transcript under `name`, for families that clone from reference audio."""
+    info = request.app.state.engine.info
+    if info is None:
+        raise ApiError(503, "the engine is starting; retry shortly")
+    if not NAME.fullmatch(name):
+        raise ApiError(400, "name must be 1-64 letters, digits, '_', '.' or '-', starting with a letter or digit",
+                       "name")
+    store = request.app.state.voice_store
+    found, _ = voice_names.resolve(name, info.voices, request.app.state.voice_aliases)
+    if found or store.get(name) is not None:
+        raise ApiError(409, f"the voice name {name!r} is taken (a built-in voice, an alias or a stored voice); "
+                            "choose another, or DELETE the stored one first", "name")
+    pcm, transcript = await read_clip(request, audio, text, ("audio", "text"))
+    record = store.add(name, pcm, transcript, info.sample_rate)
+    return {"name": record["name"], "duration_s": record["duration_s"]}
+
+
+@router.delete("/v1/audio/voices/{name}", responses=error_responses(404))
+async def delete_voice(request: Request, name: str):
+    if not request.app.state.voice_store.remove(name):
+        raise ApiError(404, f"no stored voice is named {name!r} (built-in voices cannot be deleted)", "name")
+    return {"deleted": name}

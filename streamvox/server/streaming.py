@@ -19,6 +19,7 @@ from fastapi import Request
 from streamvox import protocol
 from streamvox.config import SamplingParams
 from streamvox.engine.client import EngineClient, RequestStream
+from streamvox.server import voices
 from streamvox.server.errors import ApiError, from_failure
 
 DISCONNECT_POLL_S = 0.2
@@ -34,8 +35,9 @@ class StreamFailedError(Exception):
 
 def check_speech_input(request: Request, text: str, voice: str | None,
                        sampling: protocol.SamplingOverrides) -> str | None:
-    """The voice as the model names it (matched without regard to case); ApiError (400) naming what to change
-    for text, voice or sampling values the model cannot take."""
+    """The voice as the model names it (matched without regard to case, or through the alias table: None for the
+    model's default); ApiError (400) naming what to change for text, voice or sampling values the model cannot
+    take."""
     config = request.app.state.config
     if not text.strip():
         raise ApiError(400, "input is empty; give the text to speak", "input")
@@ -48,17 +50,35 @@ def check_speech_input(request: Request, text: str, voice: str | None,
         raise ApiError(400, f"input is {len(text)} characters; the limit is {config.max_input_chars}: split the "
                        "text into several requests", "input")
     info = request.app.state.engine.info
-    if info is not None and voice is not None and voice not in info.voices:
-        matches = [name for name in info.voices if name.casefold() == voice.casefold()]
-        if len(matches) != 1:
-            raise ApiError(400, f"unknown voice {voice!r}; choose one of: {', '.join(info.voices)} "
-                           "(GET /v1/audio/voices lists them)", "voice")
-        voice = matches[0]
+    if info is not None and voice is not None:
+        found, model_voice = voices.resolve(voice, info.voices, request.app.state.voice_aliases)
+        if not found:
+            raise ApiError(400, f"unknown voice {voice!r}; choose one of: {', '.join(info.voices) or '(none)'}, "
+                           "or one of OpenAI's names (GET /v1/audio/voices lists them all)", "voice")
+        voice = model_voice
     try:
         SamplingParams(**{k: v for k, v in msgspec.structs.asdict(sampling).items() if v is not None}).validate()
     except (TypeError, ValueError) as error:
         raise ApiError(400, str(error)) from None
     return voice
+
+
+def stored_voice(request: Request, voice: str | None,
+                 reference: tuple[bytes, str] | None) -> tuple[str | None, tuple[bytes, str] | None]:
+    """(voice, reference) to send: a stored voice's name becomes its clip, in the model's default voice."""
+    stored = request.app.state.voice_store.get(voice) if voice else None
+    if stored is None:
+        return voice, reference
+    if reference is not None:
+        raise ApiError(400, f"voice {voice!r} is a stored clip; send it or reference audio, not both", "voice")
+    return None, stored
+
+
+def check_stream_limit(request: Request) -> None:
+    """ApiError 429 when the server already holds `max_concurrent_streams` streams open."""
+    limit = request.app.state.config.max_concurrent_streams
+    if limit and request.app.state.engine.num_open_streams >= limit:
+        raise ApiError(429, f"the server holds at most {limit} streams at once; retry shortly", retry_after_s=1)
 
 
 def check_options(request: Request, fields: dict) -> dict[str, float] | None:
@@ -94,6 +114,7 @@ class SpeechStream:
         self.num_samples = 0
         self._first: protocol.Accepted | protocol.Audio | None = None
         self._is_done = False
+        self.timing = http_request.app.state.metrics.stream(http_request.scope)
 
     @classmethod
     async def open(cls, http_request: Request, text: str, voice: str | None, sampling: protocol.SamplingOverrides,
@@ -101,7 +122,9 @@ class SpeechStream:
                    options: dict[str, float] | None = None) -> SpeechStream:
         """Send the request and wait for its first audio (`until_audio`), or only until the engine accepts it.
         ApiError if it is refused, or fails before that."""
+        voice, reference = stored_voice(http_request, voice, reference)
         voice = check_speech_input(http_request, text, voice, sampling)
+        check_stream_limit(http_request)
         client: EngineClient = http_request.app.state.engine
         request_id = f"speech-{secrets.token_hex(8)}"
         speech = cls(client, http_request, client.open(request_id, text, voice, sampling, reference=reference,
@@ -132,19 +155,29 @@ class SpeechStream:
             event = self._first
             while True:
                 if isinstance(event, protocol.Failed):
-                    raise StreamFailedError(event.message, from_failure(event).status)
+                    status = self.http_request.state.status = from_failure(event).status
+                    raise StreamFailedError(event.message, status)
                 if isinstance(event, protocol.Finished):
                     self.finished = event
                 elif isinstance(event, protocol.Audio):
                     self.num_samples += len(event.pcm) // 2
                     if event.pcm:
+                        self.timing.sent(len(event.pcm) // 2, self.client.info.sample_rate)
                         yield event.pcm
                     if event.is_last:
                         self._is_done = True
                         return
                 event = await self.client.take(self.stream)
         finally:
+            if not self._is_done and not hasattr(self.http_request.state, "status"):
+                self.http_request.state.status = 499  # the client went away
             self.client.close(self.stream.request_id, cancel=not self._is_done)
+
+    @property
+    def finish_reason(self) -> str:
+        """Why the audio ended: stop (the model ended its speech), length (max_tokens), capacity (the KV cache
+        holds no more of it: the audio is cut short)."""
+        return self.finished.reason if self.finished is not None else "stop"
 
     @property
     def usage(self) -> dict:

@@ -32,7 +32,7 @@ async def generate(request: Request, text: Annotated[str, Form()], audio: Annota
                    ignore_eos: Annotated[bool | None, Form()] = None):
     reference = None
     if audio is not None:
-        reference = await _reference(request, audio, audio_text)
+        reference = await read_clip(request, audio, audio_text, ("audio", "audio_text"))
     elif audio_text is not None:
         raise ApiError(400, "audio_text is the transcript of a reference clip: send the clip as `audio` too, or "
                             "leave audio_text out", "audio_text")
@@ -53,7 +53,8 @@ async def generate(request: Request, text: Annotated[str, Form()], audio: Annota
         pcm = b"".join([chunk async for chunk in speech_stream.pcm()])
     except StreamFailedError as error:
         raise ApiError(error.status, str(error)) from None
-    return Response(encode_whole("wav", sample_rate, pcm), media_type="audio/wav")
+    return Response(encode_whole("wav", sample_rate, pcm), media_type="audio/wav",
+                    headers={"X-Finish-Reason": speech_stream.finish_reason})
 
 
 async def _option_fields(request: Request) -> dict[str, float | str]:
@@ -68,13 +69,15 @@ async def _option_fields(request: Request) -> dict[str, float | str]:
     return fields
 
 
-async def _reference(request: Request, audio: UploadFile, audio_text: str | None) -> tuple[bytes, str]:
-    """The uploaded voice clip as int16 PCM at the model's rate, and its transcript (`audio_text`)."""
+async def read_clip(request: Request, audio: UploadFile, transcript: str | None,
+                    fields: tuple[str, str]) -> tuple[bytes, str]:
+    """An uploaded voice clip as int16 PCM at the model's rate, and its transcript (`fields`: the form's names
+    for them)."""
     limit = int(request.app.state.config.max_upload_mb * 2**20)
     data = await audio.read(limit + 1)
     if len(data) > limit:
-        raise ApiError(413, f"audio upload is larger than {limit} bytes; send a shorter clip", "audio")
-    return await reference_clip(request, data, audio_text, ("audio", "audio_text"))
+        raise ApiError(413, f"{fields[0]} upload is larger than {limit} bytes; send a shorter clip", fields[0])
+    return await reference_clip(request, data, transcript, fields)
 
 
 async def reference_clip(request: Request, data: bytes, transcript: str | None,

@@ -5,7 +5,7 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import httpx
 import numpy as np
@@ -18,9 +18,10 @@ from streamvox.audio import to_int16
 class Server:
     url: str
     process: subprocess.Popen
+    headers: dict = field(default_factory=dict)  # an API key, for a server that wants one
 
     def ready(self) -> dict:
-        return httpx.get(f"{self.url}/ready", timeout=5).json()
+        return httpx.get(f"{self.url}/ready", headers=self.headers, timeout=5).json()
 
     def wait_ready(self, timeout_s: float = 120.0) -> dict:
         deadline = time.monotonic() + timeout_s
@@ -51,7 +52,7 @@ def start_server(tiny_dir, tmp_path_factory):
     servers = []
 
     def start(*flags: str, env: dict | None = None, model_dir=None, name: str = "tiny-orpheus",
-              is_patient: bool = True) -> Server:
+              is_patient: bool = True, headers: dict | None = None) -> Server:
         if is_patient:
             flags = ("--max-queue-wait-s", "600", *flags)
         port = free_port()
@@ -59,7 +60,7 @@ def start_server(tiny_dir, tmp_path_factory):
         command = [sys.executable, "-m", "streamvox.cli", "serve", "--model", str(model_dir or tiny_dir), "--port",
                    str(port), "--host", "127.0.0.1", "--served-model-name", name, *flags]
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
-        server = Server(f"http://127.0.0.1:{port}", process)
+        server = Server(f"http://127.0.0.1:{port}", process, headers or {})
         servers.append(server)
         server.wait_ready()
         return server
@@ -122,3 +123,41 @@ def _same_audio(got: bytes, expected: bytes) -> bool:
         return False
     diff = np.abs(np.frombuffer(got, np.int16).astype(np.int32) - np.frombuffer(expected, np.int16))
     return int(diff.max(initial=0)) <= 1
+
+
+@pytest.fixture
+def speaks_to_openai_defaults():
+    return _speaks_to_openai_defaults
+
+
+def _speaks_to_openai_defaults(server) -> None:
+    """The official client as a voice-agent plugin drives it by default (model gpt-4o-mini-tts, OpenAI's voice
+    names) gets audio, in pcm and mp3."""
+    import openai
+
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+    for voice, fmt in (("alloy", "pcm"), ("ash", "mp3")):
+        with client.audio.speech.with_streaming_response.create(
+                model="gpt-4o-mini-tts", voice=voice, input="Hello from an agent.", response_format=fmt,
+                extra_body={"max_tokens": 40, "seed": 1}) as response:
+            assert response.status_code == 200 and len(response.read()) > 0, (voice, fmt)
+
+
+@pytest.fixture
+def noise_wav():
+    return _noise_wav
+
+
+def _noise_wav(seconds: float, sample_rate: int = 16000) -> bytes:
+    """A noise clip as a 16 kHz WAV file (a server must resample it to the model's rate)."""
+    import io
+    import wave
+
+    samples = (np.random.default_rng(0).standard_normal(int(seconds * sample_rate)) * 3000).astype("<i2")
+    out = io.BytesIO()
+    with wave.open(out, "wb") as wav:
+        wav.setnchannels(1)
+        wav.setsampwidth(2)
+        wav.setframerate(sample_rate)
+        wav.writeframes(samples.tobytes())
+    return out.getvalue()

@@ -20,7 +20,9 @@ from streamvox.server.audio_format import (
 CHUNK_SAMPLES = 2048
 LOSSLESS = ("pcm", "wav", "flac")
 LOSSY = ("mp3", "opus", "aac")
-DEMUXERS = {"wav": "wav", "mp3": "mp3", "opus": "ogg", "flac": "flac", "aac": "aac"}  # ffmpeg input format names
+G711 = ("mulaw", "alaw")
+DEMUXERS = {"wav": "wav", "mp3": "mp3", "opus": "ogg", "flac": "flac", "aac": "aac", "mulaw": "mulaw", "alaw": "alaw"}
+# (ffmpeg input format names; mulaw and alaw are headerless 8 kHz)
 MAX_CODEC_FRAME_SAMPLES = 1152  # longest frame of any format here (MP3 at 32 kHz and above)
 
 
@@ -51,7 +53,8 @@ def decode(fmt: str, data: bytes, sample_rate: int, is_complete: bool = True) ->
     resampler = av.AudioResampler(format="s16", layout="mono", rate=sample_rate)
     pieces, duration_s = [], 0.0
     try:
-        with av.open(io.BytesIO(data), format=DEMUXERS[fmt]) as container:
+        options = {"sample_rate": "8000"} if fmt in G711 else {}  # a headerless stream says nothing of its rate
+        with av.open(io.BytesIO(data), format=DEMUXERS[fmt], options=options) as container:
             for frame in container.decode(audio=0):
                 duration_s += frame.samples / frame.sample_rate
                 pieces += [out.to_ndarray()[0] for out in resampler.resample(frame)]
@@ -163,6 +166,8 @@ def test_media_types():
         "opus": "audio/ogg",
         "flac": "audio/flac",
         "aac": "audio/aac",
+        "mulaw": "audio/basic",
+        "alaw": "audio/x-alaw-basic",
     }
     assert {fmt: media_type(fmt) for fmt in available_formats()} == {fmt: expected[fmt] for fmt in available_formats()}
 
@@ -190,3 +195,38 @@ def test_bad_input_is_rejected_with_what_to_change():
     encoder.finish()
     with pytest.raises(RuntimeError, match="create a new one"):
         encoder.encode(b"\x00\x00")
+
+
+@pytest.mark.parametrize("output_rate", [8000, 16000, 22050, 44100, 48000])
+@pytest.mark.parametrize("fmt", ["pcm", "wav", "flac", "mp3"])
+def test_a_response_at_another_rate_is_the_same_audio_resampled(fmt, output_rate):
+    samples = speech_like(24000)
+    encoder = StreamEncoder(fmt, 24000, output_rate)
+    pieces = [encoder.encode(samples[i : i + CHUNK_SAMPLES].tobytes()) for i in range(0, samples.size, CHUNK_SAMPLES)]
+    data = b"".join(pieces) + encoder.finish()
+    assert encoder.sample_rate == output_rate
+    if fmt == "wav":
+        with wave.open(io.BytesIO(data)) as wav:
+            assert wav.getframerate() == output_rate
+    decoded, duration_s = decode(fmt, data, output_rate)
+    padding_s = 2 * MAX_CODEC_FRAME_SAMPLES / output_rate if fmt in LOSSY else 0.0  # encoder priming, end padding
+    assert abs(duration_s - 1.5) <= 0.01 + padding_s, duration_s  # as long as the input: nothing dropped or repeated
+    resampler = av.AudioResampler(format="s16", layout="mono", rate=output_rate)
+    frame = av.AudioFrame.from_ndarray(samples.reshape(1, -1), format="s16", layout="mono")
+    frame.sample_rate = 24000
+    expected = np.concatenate([out.to_ndarray()[0] for out in [*resampler.resample(frame), *resampler.resample(None)]])
+    assert aligned_correlation(expected, decoded, max_lag=output_rate // 5) > 0.95
+    if fmt in ("pcm", "wav"):  # the resampler holds back no more than its filter's few samples
+        assert all(abs(len(piece) - 2 * CHUNK_SAMPLES * output_rate / 24000) < 100 for piece in pieces[1:-1])
+
+
+def test_telephony_formats_are_8_khz_bytes_a_sample():
+    samples = speech_like(24000)
+    for fmt in G711:
+        pieces, tail = stream(fmt, 24000, samples)
+        assert abs(sum(map(len, pieces)) + len(tail) - samples.size // 3) <= 2  # 8 kHz, one byte a sample
+        with pytest.raises(UnsupportedFormat, match="8 kHz"):
+            StreamEncoder(fmt, 24000, 16000)
+    known = np.array([0, 32767, -32768, 1000], np.int16).tobytes()  # G.711's code words (as the stdlib's audioop)
+    assert StreamEncoder("mulaw", 8000).encode(known) == bytes([0xFF, 0x80, 0x00, 0xCE])
+    assert StreamEncoder("alaw", 8000).encode(known) == bytes([0xD5, 0xAA, 0x2A, 0xFA])

@@ -152,3 +152,7 @@ def test_chatterbox_takes_its_guidance_and_exaggeration_options(family, clone_se
     assert default == explicit and unguided != default and exaggerated != default  # the defaults are 0.5 / 0.5
     too_much = httpx.post(url, json={**body, "cfg_weight": 5}, timeout=60)
     assert too_much.status_code == 400 and "from 0 to 2" in too_much.json()["error"]["message"]
+
+
+def test_an_openai_client_with_a_voice_agents_defaults_gets_audio(clone_server, speaks_to_openai_defaults):
+    speaks_to_openai_defaults(clone_server)

@@ -5,7 +5,6 @@ import io
 import wave
 
 import httpx
-import numpy as np
 import pytest
 
 from streamvox.models.tiny import csm, qwen3_tts
@@ -79,23 +78,11 @@ def test_eight_concurrent_streams_in_wav_and_pcm_get_their_whole_audio(family, f
         assert pieces >= 2, "audio must arrive as it is made"
 
 
-def _wav_bytes(seconds: float, sample_rate: int = 16000) -> bytes:
-    """A noise clip as a 16 kHz WAV file: the server must resample it to the model's rate."""
-    samples = (np.random.default_rng(0).standard_normal(int(seconds * sample_rate)) * 3000).astype("<i2")
-    out = io.BytesIO()
-    with wave.open(out, "wb") as wav:
-        wav.setnchannels(1)
-        wav.setsampwidth(2)
-        wav.setframerate(sample_rate)
-        wav.writeframes(samples.tobytes())
-    return out.getvalue()
-
-
-def test_reference_audio_steers_csm_and_is_refused_by_others(family, family_server):
+def test_reference_audio_steers_csm_and_is_refused_by_others(family, family_server, noise_wav):
     name, _ = family
     url = f"{family_server.url}/generate"
     form = {"text": "Say it in this voice.", "seed": "4", "max_tokens": "6", "streaming": "false"}
-    clip = {"audio": ("clip.wav", _wav_bytes(1.2))}
+    clip = {"audio": ("clip.wav", noise_wav(1.2))}
     with_clip = httpx.post(url, data={**form, "audio_text": "Some words."}, files=clip, timeout=120)
     if name != "csm":
         assert with_clip.status_code == 400 and "reference audio" in with_clip.json()["error"]["message"]
@@ -107,7 +94,7 @@ def test_reference_audio_steers_csm_and_is_refused_by_others(family, family_serv
     refused = [httpx.post(url, data=form, files=clip, timeout=60),  # no transcript
                httpx.post(url, data={**form, "audio_text": "x"}, files={"audio": ("a.wav", b"RIFF" * 10)},
                           timeout=60),
-               httpx.post(url, data={**form, "audio_text": "x"}, files={"audio": ("a.wav", _wav_bytes(31))},
+               httpx.post(url, data={**form, "audio_text": "x"}, files={"audio": ("a.wav", noise_wav(31))},
                           timeout=60),
                httpx.post(url, data={**form, "audio_text": "a transcript but no clip"}, timeout=60),
                httpx.post(url, data={**form, "audio_text": "x" * 5000}, files=clip, timeout=60)]
@@ -115,3 +102,7 @@ def test_reference_audio_steers_csm_and_is_refused_by_others(family, family_serv
     assert [r.status_code for r in refused] == [400] * 5
     assert "audio_text" in messages[0] and "could not be decoded" in messages[1] and "longer than 30" in messages[2]
     assert "send the clip" in messages[3] and "the limit is 4096" in messages[4]
+
+
+def test_an_openai_client_with_a_voice_agents_defaults_gets_audio(family_server, speaks_to_openai_defaults):
+    speaks_to_openai_defaults(family_server)

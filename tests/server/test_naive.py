@@ -47,15 +47,18 @@ def test_naive_engine_streams_frames_and_serves_one_request_at_a_time(naive_serv
 
 def test_naive_engine_rejects_bad_input_like_the_engine(naive_server):
     response = httpx.post(f"{naive_server.url}/v1/audio/speech", timeout=30,
-                          json={"model": "tiny-orpheus", "input": "hi", "voice": "alloy"})
+                          json={"model": "tiny-orpheus", "input": "hi", "voice": "nobody"})
     assert response.status_code == 400 and "unknown voice" in response.json()["error"]["message"]
 
 
-def test_naive_engine_refuses_text_streams_and_reference_audio(naive_server):
+def test_naive_engine_speaks_streamed_text_by_sentences_and_refuses_reference_audio(naive_server):
     with connect(naive_server.url.replace("http://", "ws://") + "/v1/audio/speech/stream", open_timeout=10) as ws:
-        ws.send(json.dumps({"model": "tiny-orpheus", "input": "Hi"}))
-        error = json.loads(ws.recv(timeout=30))
-    assert error["error"]["code"] == 400 and "whole text" in error["error"]["message"]
+        ws.send(json.dumps({"model": "tiny-orpheus", "input": "Hi there.", "max_tokens": 35}))
+        ws.send(json.dumps({"text": " Bye.", "final": True}))
+        messages = []
+        while not messages or isinstance(messages[-1], bytes):
+            messages.append(ws.recv(timeout=60))
+    assert json.loads(messages[-1])["type"] == "speech.audio.done" and len(b"".join(messages[:-1])) > 0
     response = httpx.post(f"{naive_server.url}/generate", data={"text": "Hi", "audio_text": "x"},
                           files={"audio": ("a.wav", b"RIFF" * 10)})
     assert response.status_code == 400 and "reference audio" in response.json()["error"]["message"]

@@ -3,10 +3,12 @@
 import json
 import time
 
+import httpx
 import pytest
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
+from streamvox.bench.metrics import StreamTimeline, stalls
 from streamvox.models.tiny import csm, qwen3_tts
 from streamvox.runner.weights import load_model
 
@@ -33,9 +35,10 @@ def _ws_url(server) -> str:
     return server.url.replace("http://", "ws://") + "/v1/audio/speech/stream"
 
 
-def _speak(server, start: dict, pieces: list[tuple[str, float]]):
+def _speak(server, start: dict, pieces: list[tuple[str, float]], sizes: list | None = None):
     """Send the start message and the pieces (each after a pause); return (audio bytes, arrival times, last
-    JSON message). Receiving runs between the pieces, so audio made while text is pending is seen arriving."""
+    JSON message); `sizes` gets each audio message's length. Receiving runs between the pieces, so audio made
+    while text is pending is seen arriving."""
     audio, arrivals, last = b"", [], None
     with connect(_ws_url(server), open_timeout=10, close_timeout=5) as ws:
         ws.send(json.dumps(start))
@@ -51,6 +54,8 @@ def _speak(server, start: dict, pieces: list[tuple[str, float]]):
                 if isinstance(message, bytes):
                     audio += message
                     arrivals.append(time.monotonic() - started)
+                    if sizes is not None:
+                        sizes.append(len(message))
                 else:
                     last = json.loads(message)
                     return True
@@ -73,7 +78,8 @@ def test_text_in_five_pieces_with_long_pauses_speaks_the_whole_texts_audio(qwen_
              "max_tokens": FRAMES, "input": pieces[0]}
     # each pause is far longer than the audio the pieces so far can make: the stream waits, it does not fail
     audio, arrivals, last = _speak(qwen_server, start, [(piece, 1.5) for piece in pieces[1:]])
-    assert last == {"type": "speech.audio.done", "usage": last["usage"]} and last["usage"]["output_tokens"] == FRAMES
+    assert last["type"] == "speech.audio.done" and last["usage"]["output_tokens"] == FRAMES
+    assert last["finish_reason"] == "length"
     assert same_audio(audio, qwen_reference(TEXT, 3, FRAMES, "ryan"))
     assert len(audio) == FRAMES * 1920 * 2
     assert arrivals[0] < 1.5, "the first words are heard before the rest of the text is sent"
@@ -121,9 +127,9 @@ def _until_closed(ws) -> list:
         return messages
 
 
-def _wait_until_idle(server) -> None:
-    """The server holds no stream and the engine no request, within 10 s."""
-    deadline = time.monotonic() + 10
+def _wait_until_idle(server, within_s: float = 10.0) -> None:
+    """The server holds no stream and the engine no request, within `within_s`."""
+    deadline = time.monotonic() + within_s
     while time.monotonic() < deadline:
         ready = server.ready()
         if not ready["open_streams"] and not ready["engine"]["num_requests"]:
@@ -139,9 +145,111 @@ def test_a_client_that_leaves_mid_stream_frees_its_request(qwen_server):
     _wait_until_idle(qwen_server)
 
 
-def test_a_family_that_needs_the_whole_text_says_so(start_server, tmp_path_factory):
-    server = start_server(model_dir=csm.write_tiny(tmp_path_factory.mktemp("tiny-csm"), seed=0), name="tiny-csm")
-    with connect(_ws_url(server), open_timeout=10) as ws:
-        ws.send(json.dumps({"model": "tiny-csm", "input": "Hello"}))
-        error = json.loads(ws.recv(timeout=30))
-    assert error["error"]["code"] == 400 and "needs the whole text" in error["error"]["message"]
+@pytest.fixture(scope="module")
+def orpheus_server(start_server):
+    return start_server()
+
+
+@pytest.fixture(scope="module")
+def csm_server(start_server, tmp_path_factory):
+    return start_server(model_dir=csm.write_tiny(tmp_path_factory.mktemp("tiny-csm"), seed=0), name="tiny-csm")
+
+
+def _posted(server, text: str, **fields) -> bytes:
+    body = {"model": server_model(server), "input": text, "response_format": "pcm", **fields}
+    response = httpx.post(f"{server.url}/v1/audio/speech", json=body, timeout=120)
+    assert response.status_code == 200, response.text
+    return response.content
+
+
+def server_model(server) -> str:
+    return httpx.get(f"{server.url}/v1/models").json()["data"][0]["id"]
+
+
+def test_orpheus_hears_text_word_by_word_sentence_by_sentence_without_a_gap(orpheus_server, same_audio):
+    first, second = "The first sentence is here.", "And the second one follows it, to the end."
+    words = (first + " " + second).split(" ")
+    start = {"model": "tiny-orpheus", "response_format": "pcm", "seed": 5, "max_tokens": 140, "ignore_eos": True}
+    sizes = []
+    audio, arrivals, last = _speak(orpheus_server, start, [(w if i == 0 else " " + w, 0.05)
+                                                           for i, w in enumerate(words)], sizes)
+    assert last["type"] == "speech.audio.done" and last["usage"]["output_tokens"] == 2 * 140
+    expected = _posted(orpheus_server, first, seed=5, max_tokens=140, ignore_eos=True) + \
+        _posted(orpheus_server, second, seed=6, max_tokens=140, ignore_eos=True)
+    assert same_audio(audio, expected), "each sentence is a request of its own, heard in order"
+    durations = [n / 2 / 24000 for n in sizes]
+    assert stalls(StreamTimeline(tuple(arrivals), tuple(durations)), 0.2)[0] == 0, "no gap at the join"
+    assert arrivals[0] < 1.5, "the first sentence is heard before the text is all sent"
+
+
+def test_flush_speaks_what_has_arrived_and_cancel_stops_it_but_keeps_the_session(orpheus_server, same_audio):
+    expected = _posted(orpheus_server, "No full stop here yet", seed=9, max_tokens=70, ignore_eos=True)
+    with connect(_ws_url(orpheus_server), open_timeout=10, close_timeout=5) as ws:
+        ws.send(json.dumps({"model": "tiny-orpheus", "response_format": "pcm", "seed": 9, "max_tokens": 70,
+                            "ignore_eos": True, "input": "No full stop here yet"}))
+        with pytest.raises(TimeoutError):
+            ws.recv(timeout=1.0)  # an open sentence waits for its end
+        ws.send(json.dumps({"type": "flush"}))
+        flushed, _ = _audio_until(ws, lambda m: len(m[0]) >= len(expected))
+        assert same_audio(flushed, expected)
+
+        ws.send(json.dumps({"text": "A long sentence that goes on and on. "}))
+        ws.send(json.dumps({"text": "And on, for a long while yet. "}))
+        assert isinstance(ws.recv(timeout=30), bytes)  # it is speaking
+        cancelled_at = time.monotonic()
+        ws.send(json.dumps({"type": "cancel"}))
+        _, message = _audio_until(ws, lambda m: m[1] is not None)
+        assert message == {"type": "speech.audio.cancelled"} and time.monotonic() - cancelled_at < 1.0
+        _wait_until_idle(orpheus_server, within_s=1.0)  # the engine dropped both sentences
+
+        ws.send(json.dumps({"text": "Something else.", "final": True}))
+        after, done = _audio_until(ws, lambda m: m[1] is not None)
+        assert done["type"] == "speech.audio.done" and len(after) > 0
+        assert same_audio(after, _posted(orpheus_server, "Something else.", seed=12, max_tokens=70, ignore_eos=True))
+
+
+def _audio_until(ws, is_enough) -> tuple[bytes, dict | None]:
+    audio, message = b"", None
+    while not is_enough((audio, message)):
+        received = ws.recv(timeout=30)
+        if isinstance(received, bytes):
+            audio += received
+        else:
+            message = json.loads(received)
+    return audio, message
+
+
+def test_csm_keeps_its_context_from_sentence_to_sentence(csm_server, same_audio):
+    import base64
+    import io
+    import wave
+
+    first, second = "First part here.", "Second part there."
+    start = {"model": "tiny-csm", "response_format": "pcm", "seed": 7, "max_tokens": 6, "ignore_eos": True}
+    audio, _, last = _speak(csm_server, start, [(first + " " + second, 0.0)])
+    assert last["type"] == "speech.audio.done"
+    one = _posted(csm_server, first, seed=7, max_tokens=6, ignore_eos=True)
+    clip = io.BytesIO()
+    with wave.open(clip, "wb") as wav:
+        wav.setnchannels(1)
+        wav.setsampwidth(2)
+        wav.setframerate(24000)
+        wav.writeframes(one)
+    two = _posted(csm_server, second, seed=8, max_tokens=6, ignore_eos=True,
+                  reference_audio=base64.b64encode(clip.getvalue()).decode(), reference_text=first)
+    assert same_audio(audio, one + two), "the second sentence is spoken with the first as its context"
+    assert not same_audio(audio[len(one):], _posted(csm_server, second, seed=8, max_tokens=6, ignore_eos=True))
+
+
+def test_text_is_cut_at_sentence_ends_and_a_long_run_at_its_last_clause_end():
+    from streamvox.server.ws_sessions import cut_segments
+
+    assert cut_segments("One. Two! Three") == (["One.", "Two!"], "Three")
+    assert cut_segments("Pi is 3.") == ([], "Pi is 3.")  # the next piece may be "14"
+    assert cut_segments("Pi is 3.14 and more") == ([], "Pi is 3.14 and more")
+    assert cut_segments("Pi is 3.", is_settled=True) == (["Pi is 3."], "")
+    assert cut_segments("First line\nsecond") == (["First line"], "second")
+    segments, rest = cut_segments("one, two; " * 8 + "three four five")  # 95 + 15 characters: not long yet
+    assert segments == [] and len(rest) == 95
+    segments, rest = cut_segments("one, two; " * 12 + "three four five")  # long: cut after its last "two; "
+    assert segments == ["one, two; " * 11 + "one, two;"] and rest == "three four five"
