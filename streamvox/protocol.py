@@ -39,6 +39,7 @@ class Submit(msgspec.Struct, tag=True, frozen=True):
     reference_pcm: bytes | None = None  # a clip of the voice to speak in: int16 mono at the model's sample rate
     reference_text: str | None = None  # what is said in it
     options: dict[str, float] | None = None  # the family's own request options (EngineReady.options), checked
+    instructions: str | None = None  # a style prompt, for a model that takes one (EngineReady.takes_instructions)
 
 
 class AppendText(msgspec.Struct, tag=True, frozen=True):
@@ -82,6 +83,8 @@ class EngineReady(msgspec.Struct, tag=True, frozen=True):
     takes_text_stream: bool = False  # text may arrive in pieces (WS /v1/audio/speech/stream)
     options: dict[str, tuple[float, float, float]] = {}  # the family's request options: name -> (default, low, high)
     keeps_context: bool = False  # reference audio may be the previous turn (text streamed in pieces keeps prosody)
+    takes_instructions: bool = False  # a style prompt (OpenAI's `instructions`) steers the voice
+    style_families: list[str] = []  # the families that take one, and which of their checkpoints: for messages
 
 
 class Audio(msgspec.Struct, frozen=True):

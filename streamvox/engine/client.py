@@ -100,15 +100,16 @@ class EngineClient:
 
     def open(self, request_id: str, text: str, voice: str | None, sampling: protocol.SamplingOverrides,
              text_complete: bool = True, reference: tuple[bytes, str] | None = None,
-             options: dict[str, float] | None = None) -> RequestStream:
+             options: dict[str, float] | None = None, instructions: str | None = None) -> RequestStream:
         """Send a request to the engine (with `text_complete` false, `text` is its first piece and `append_text`
         sends the rest; `reference`: int16 PCM of a voice clip and its transcript; `options`: the family's own,
-        checked); its messages arrive on the returned stream's queue."""
+        checked; `instructions`: a style prompt, for a model that takes one); its messages arrive on the returned
+        stream's queue."""
         if not self.is_ready or self._push is None:
             raise EngineUnavailableError(f"the engine is {self.status}; retry shortly")
         pcm, transcript = reference if reference is not None else (None, None)
         message = protocol.encode(protocol.Submit(request_id, text, voice, sampling, text_complete, pcm, transcript,
-                                                  options))
+                                                  options, instructions))
         stream = RequestStream(request_id)
         self._streams[request_id] = stream
         self._push.send(message)

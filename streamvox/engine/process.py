@@ -33,6 +33,7 @@ from streamvox.engine.codec_pipeline import CALLS_KEPT
 from streamvox.engine.core import EngineCore, QueueFullError, StepEvents
 from streamvox.engine.requests import expected_tokens
 from streamvox.models.base import Reference
+from streamvox.models.registry import families
 from streamvox.runner.device import describe
 from streamvox.runner.weights import load_model
 
@@ -73,6 +74,7 @@ class EngineLoop:
         self._decode_faults: set[str] = set()
         self._parent_pid = os.getppid()
         self._last_report_s = 0.0
+        self._is_changed = False  # something the stats show changed without a step event (a cancel)
         self._lm_steps: deque[tuple[int, float]] = deque(maxlen=CALLS_KEPT)  # since the last report
         engine.codec.calls.clear()  # the metrics count serving, not the warm-up
         if faults.decode_mark:
@@ -127,6 +129,7 @@ class EngineLoop:
                 preparing.is_cancelled = True
             self.engine.cancel(message.request_id)
             self._decode_faults.discard(message.request_id)
+            self._is_changed = True  # the next report goes out at once: the stats show the request gone
             return
         queued = len(self._preparing) + self.engine.load().num_waiting
         if queued >= self.engine.config.scheduler.max_queue_len:
@@ -147,7 +150,7 @@ class EngineLoop:
             self._refuse(message.request_id, error)
             return
         future = self._pool.submit(self._prepare, message.text, message.voice, message.reference_pcm,
-                                   message.reference_text, message.options)
+                                   message.reference_text, message.options, message.instructions)
         self._preparing[message.request_id] = _Preparing(future, message.text, sampling)
 
     def _append_text(self, message: protocol.AppendText) -> None:
@@ -159,7 +162,7 @@ class EngineLoop:
             self._refuse(message.request_id, error)
 
     def _prepare(self, text: str, voice: str | None, reference_pcm: bytes | None, reference_text: str | None,
-                 options: dict[str, float] | None):
+                 options: dict[str, float] | None, instructions: str | None):
         if self.faults.prepare_mark and self.faults.prepare_mark in text:
             raise RuntimeError("injected prepare failure (STREAMVOX_FAULT_INJECTION)")
         reference = None
@@ -167,6 +170,8 @@ class EngineLoop:
             pcm = torch.from_numpy(np.frombuffer(reference_pcm, dtype=np.int16).astype(np.float32) / 32768.0)
             reference = Reference(reference_text or "", pcm)
         extra = {"options": options} if options else {}  # only families that declare options take them
+        if instructions:  # only models that take instructions get them (the server checks)
+            extra["instructions"] = instructions
         return self.engine.model.prepare_request(text, voice, reference, **extra)
 
     def _admit_prepared(self) -> None:
@@ -197,10 +202,10 @@ class EngineLoop:
         if events.num_rows:
             self._lm_steps.append((events.num_rows, events.step_s))
         now = time.monotonic()
-        if not (events.chunks or events.finish_reasons or failed or accepted) and \
+        if not (events.chunks or events.finish_reasons or failed or accepted or self._is_changed) and \
                 now - self._last_report_s < protocol.HEARTBEAT_S:
             return
-        self._last_report_s = now
+        self._last_report_s, self._is_changed = now, False
         engine = self.engine
         audio = [
             protocol.Audio(c.request_id, to_int16(c.pcm).tobytes(), c.start_frame, c.end_frame, c.is_last)
@@ -275,6 +280,9 @@ def main(argv: list[str] | None = None) -> None:
             model.open_text_stream() is not None and config.engine != "naive",
             dict(model.options) if config.engine != "naive" else {},
             model.keeps_context and config.engine != "naive",
+            model.takes_instructions and config.engine != "naive",
+            [f"{family.name} ({family.model.style_prompt})" for family in families().values()
+             if family.model.style_prompt],
         )))
         if config.engine == "naive":
             NaiveLoop(engine, config, pull, push, args.output, context).run()

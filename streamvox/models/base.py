@@ -159,6 +159,10 @@ class SpeechModel(ABC):
     # a Reference may be the conversation's previous turn, spoken by the same speaker: text streamed piece by piece
     # keeps its prosody from piece to piece (CSM's context turns)
     keeps_context: bool = False
+    # a style prompt (OpenAI's `instructions`): prepare_request takes `instructions: str` when this is true;
+    # `style_prompt` says which checkpoints of the family take one (for the message to those that do not)
+    takes_instructions: bool = False
+    style_prompt: str = ""
     # what decoding one frame costs, in units of the engine's codec batch budget (`max_codec_frames`): 1 for a
     # codec whose frames cost alike; more for a detokenizer whose frames cost more (flow matching + vocoder)
     codec_cost_per_frame: float = 1.0
@@ -209,8 +213,9 @@ class SpeechModel(ABC):
     def prepare_request(self, text: str, voice: str | None, reference: Reference | None = None) -> Prepared:
         """Everything the engine needs to run one request. `reference`: audio of the voice to speak in, with its
         transcript, for families that take one (ValueError for the others). A family that declares `options`
-        also takes `options: dict[str, float]` (checked names and ranges; absent ones keep their defaults). CPU
-        only; ValueError, with what to change, for input the family cannot speak."""
+        also takes `options: dict[str, float]` (checked names and ranges; absent ones keep their defaults), one
+        that `takes_instructions` also `instructions: str`. CPU only; ValueError, with what to change, for input
+        the family cannot speak."""
         if reference is not None:
             raise ValueError(f"the {self.family} family does not take reference audio; leave it out")
         return Prepared(self.prepare(text, voice))

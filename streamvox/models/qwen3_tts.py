@@ -212,6 +212,7 @@ class Qwen3TtsModel(SpeechModel):
     chunking = Chunking(first_chunk_frames=1, frames_per_chunk=1, lookahead_frames=0, is_stateful=True)
     min_steps = MIN_STEPS
     codec_location = (CODEC_SUBDIR, CODEC_HUB_ID)
+    style_prompt = "its CustomVoice checkpoints above 0.6B"
 
     def __init__(self, config: dict, talker: QwenTalker, tokenizer: Tokenizer, codec: Qwen12HzCodec) -> None:
         self.ids = QwenTtsIds.from_config(config)
@@ -238,6 +239,9 @@ class Qwen3TtsModel(SpeechModel):
             raise ValueError("the tokenizer does not make <|im_start|>assistant\\n 3 tokens: it is not the Qwen "
                              "tokenizer this prompt format expects")
         self.role_ids = [im_start, *self.tokenizer.encode(HEAD, add_special_tokens=False).ids]
+        self.im_end = self.tokenizer.token_to_id("<|im_end|>")
+        # as the publisher's inference: its 0.6B checkpoints leave instructions out
+        self.takes_instructions = config.get("tts_model_size") != "0b6"
 
     @classmethod
     def detect(cls, path: Path, name: str) -> bool:
@@ -294,8 +298,15 @@ class Qwen3TtsModel(SpeechModel):
     def open_text_stream(self) -> QwenTextStream:
         return QwenTextStream(self)
 
-    def prompt_for(self, first_text_id: int, voice: str | None) -> list[StepToken]:
-        """The prompt rows up to and including the first text token (see the module docstring)."""
+    def instruction_ids(self, instructions: str) -> list[int]:
+        """A style prompt as the publisher puts it before the prompt: `<|im_start|>user\\n{instructions}<|im_end|>\\n`,
+        its control tokens as such and the text between them as text."""
+        user = self.tokenizer.encode("user\n" + instructions, add_special_tokens=False).ids
+        return [self.role_ids[0], *user, self.im_end, *self.tokenizer.encode("\n", add_special_tokens=False).ids]
+
+    def prompt_for(self, first_text_id: int, voice: str | None, instructions: str | None = None) -> list[StepToken]:
+        """The prompt rows up to and including the first text token (see the module docstring), after the style
+        prompt's text rows when there is one."""
         voice = self.resolve_voice(voice)
         ids, blank = self.ids, (-1,) * self.num_codebooks
         language = self.languages.get(self.dialects.get(voice) or "") if voice else None
@@ -304,22 +315,26 @@ class Qwen3TtsModel(SpeechModel):
         if voice is not None:
             prefix.append(self.speakers[voice])
         prefix.append(ids.codec_pad)
-        rows: list[StepToken] = [(*blank, token) for token in self.role_ids]
+        style = self.instruction_ids(instructions) if instructions else []
+        rows: list[StepToken] = [(*blank, token) for token in [*style, *self.role_ids]]
         for i, codec_id in enumerate(prefix):
             text = ids.tts_bos if i == len(prefix) - 1 else ids.tts_pad
             rows.append((codec_id, *blank[1:], text))
         rows.append((ids.codec_bos, *blank[1:], first_text_id))
         return rows
 
-    def prepare_request(self, text: str, voice: str | None, reference: Reference | None = None) -> Prepared:
+    def prepare_request(self, text: str, voice: str | None, reference: Reference | None = None,
+                        instructions: str | None = None) -> Prepared:
         if reference is not None:
             raise ValueError("voice cloning from reference audio is not supported for Qwen3-TTS yet; choose a "
                              "speaker")
+        if instructions and not self.takes_instructions:
+            raise ValueError("this Qwen3-TTS checkpoint (0.6B) takes no instructions; leave them out")
         stream = self.open_text_stream()
         text_ids = stream.feed(text, True)
         if len(text_ids) < 2:
             raise ValueError("text is empty; give at least one word to speak")
-        return Prepared(self.prompt_for(text_ids[0], voice), text_ids[1:])
+        return Prepared(self.prompt_for(text_ids[0], voice, instructions), text_ids[1:])
 
     def prepare(self, text: str, voice: str | None) -> list[StepToken]:
         return self.prepare_request(text, voice).prompt

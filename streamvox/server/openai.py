@@ -75,6 +75,16 @@ def response_encoder(request: Request, body: SpeechRequest) -> StreamEncoder:
         raise ApiError(400, str(error), "sample_rate" if body.sample_rate else "response_format") from None
 
 
+def check_instructions(request: Request, instructions: str | None) -> None:
+    """ApiError 400 for instructions (a style prompt) to a model that takes none, naming the families that do."""
+    info = request.app.state.engine.info
+    if not instructions or info is None or info.takes_instructions:
+        return
+    takers = ", ".join(info.style_families) or "none yet"
+    raise ApiError(400, f"this {info.family} model takes no instructions; leave them out (families that take a "
+                        f"style prompt: {takers})", "instructions")
+
+
 def check_model(request: Request, model: str) -> None:
     served = request.app.state.model_name
     if model not in request.app.state.model_aliases and model not in OPENAI_MODEL_NAMES:
@@ -87,15 +97,12 @@ async def speech(body: SpeechRequest, request: Request):
     if body.speed != 1.0:
         raise ApiError(400, f"speed {body.speed} is not supported; this model speaks at its own pace, send 1.0",
                        "speed")
-    if body.instructions:
-        family = info.family if (info := request.app.state.engine.info) is not None else "served"
-        raise ApiError(400, f"the {family} family takes no instructions, and no family streamvox serves takes a "
-                            "style prompt yet; leave them out", "instructions")
+    check_instructions(request, body.instructions)
     encoder = response_encoder(request, body)
     options = check_options(request, body.model_extra or {})
     reference = await _reference(request, body)
     speech_stream = await SpeechStream.open(request, body.input, body.voice, body.sampling(), reference,
-                                            options=options)
+                                            options=options, instructions=body.instructions or None)
     if body.stream_format == "sse":
         return StreamingResponse(_sse(speech_stream, encoder), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache"})

@@ -119,7 +119,7 @@ class SpeechStream:
     @classmethod
     async def open(cls, http_request: Request, text: str, voice: str | None, sampling: protocol.SamplingOverrides,
                    reference: tuple[bytes, str] | None = None, until_audio: bool = True,
-                   options: dict[str, float] | None = None) -> SpeechStream:
+                   options: dict[str, float] | None = None, instructions: str | None = None) -> SpeechStream:
         """Send the request and wait for its first audio (`until_audio`), or only until the engine accepts it.
         ApiError if it is refused, or fails before that."""
         voice, reference = stored_voice(http_request, voice, reference)
@@ -128,7 +128,7 @@ class SpeechStream:
         client: EngineClient = http_request.app.state.engine
         request_id = f"speech-{secrets.token_hex(8)}"
         speech = cls(client, http_request, client.open(request_id, text, voice, sampling, reference=reference,
-                                                       options=options))
+                                                       options=options, instructions=instructions))
         try:
             while True:  # until audio (or acceptance) or a failure; a Finished can come first, and commits to nothing
                 try:

@@ -261,3 +261,22 @@ def test_a_request_that_cannot_be_queued_leaves_nothing_behind(qwen_model, engin
             engine.submit_text_stream("Hello there friend, how are you", "ryan", greedy(5), request_id="r")
         assert set(engine._outputs) == {first} and not len(engine.text_streams)
     assert len(engine.result(first).step_tokens) == 3 and not engine.has_unfinished()
+
+
+def test_instructions_steer_the_talker_as_the_reference_does(qwen_model, reference, make_engine):
+    model, tokenizer, _ = reference
+    instructions = "Speak slowly, in a calm and warm voice."
+    engine = make_engine()
+    steered = qwen_model.prepare_request(TEXT, "ryan", instructions=instructions)
+    ours = engine.result(engine.submit_prepared(steered, greedy(FRAMES)))
+    style = tokenizer(f"<|im_start|>user\n{instructions}<|im_end|>\n")["input_ids"]
+    assert qwen_model.instruction_ids(instructions) == style
+    with torch.no_grad():
+        expected, _ = model.generate(input_ids=[torch.tensor([_chat_ids(tokenizer, TEXT)])], languages=["auto"],
+                                     speakers=["ryan"], instruct_ids=[torch.tensor([style])],
+                                     non_streaming_mode=False, max_new_tokens=FRAMES + 1, do_sample=False,
+                                     subtalker_dosample=False, repetition_penalty=1.0)
+    assert torch.equal(torch.tensor(ours.step_tokens), expected[0])
+    plain = engine.result(engine.submit(TEXT, "ryan", greedy(FRAMES)))
+    assert plain.step_tokens != ours.step_tokens, "the style prompt changes the speech"
+    assert qwen_model.takes_instructions  # the tiny mirrors the 1.7B CustomVoice checkpoint

@@ -106,3 +106,19 @@ def test_reference_audio_steers_csm_and_is_refused_by_others(family, family_serv
 
 def test_an_openai_client_with_a_voice_agents_defaults_gets_audio(family_server, speaks_to_openai_defaults):
     speaks_to_openai_defaults(family_server)
+
+
+def test_instructions_steer_a_family_that_takes_them_and_others_name_it(family, family_server, same_audio):
+    name, _ = family
+    url = f"{family_server.url}/v1/audio/speech"
+    body = {"model": f"tiny-{name}", "input": "Say it calmly.", "response_format": "pcm", "seed": 2,
+            "max_tokens": 10, "ignore_eos": True}
+    steered = httpx.post(url, json={**body, "instructions": "Speak slowly and calmly."}, timeout=60)
+    if name != "qwen3-tts":
+        message = steered.json()["error"]["message"]
+        assert steered.status_code == 400 and "takes no instructions" in message
+        assert "qwen3-tts (its CustomVoice checkpoints above 0.6B)" in message
+        return
+    plain = httpx.post(url, json=body, timeout=60)
+    assert steered.status_code == plain.status_code == 200 and len(steered.content) == len(plain.content)
+    assert not same_audio(steered.content, plain.content), "the style prompt changes the speech"

@@ -54,7 +54,7 @@ def tiny_config() -> dict:
     }
     return {
         "architectures": ["Qwen3TTSForConditionalGeneration"], "model_type": "qwen3_tts",
-        "tokenizer_type": "qwen3_tts_tokenizer_12hz", "tts_model_size": "0b6", "tts_model_type": "custom_voice",
+        "tokenizer_type": "qwen3_tts_tokenizer_12hz", "tts_model_size": "1b7", "tts_model_type": "custom_voice",
         "im_start_token_id": special["<|im_start|>"], "im_end_token_id": special["<|im_end|>"],
         "tts_pad_token_id": special["<|tts_pad|>"], "tts_bos_token_id": special["<|tts_text_bos|>"],
         "tts_eos_token_id": special["<|tts_text_eod|>"], "talker_config": talker,
