@@ -67,7 +67,6 @@ class _Utterance:
     text: str
     timing: object  # metrics.StreamMetrics
     pcm: list[bytes] = field(default_factory=list)  # its audio, kept when it becomes the next one's context
-    finished: protocol.Finished | None = None
 
 
 class Session:
@@ -214,7 +213,6 @@ class Session:
 
     async def _relay(self, utterance: _Utterance, event) -> None:
         if isinstance(event, protocol.Finished):
-            utterance.finished = event
             self.usage[0] += event.num_prompt_tokens
             self.usage[1] += event.num_output_tokens
             self.finish_reason = event.reason
@@ -222,7 +220,8 @@ class Session:
             return
         if event.pcm:
             utterance.timing.sent(len(event.pcm) // 2, self.client.info.sample_rate)
-            utterance.pcm.append(event.pcm)
+            if self.client.info.keeps_context:  # only a context-keeping family needs it again
+                utterance.pcm.append(event.pcm)
             if data := self.encoder.encode(event.pcm):
                 await self.websocket.send_bytes(data)
         if event.is_last:
