@@ -54,6 +54,10 @@ def main(argv: list[str] | None = None) -> int:
     batch.add_argument("--model", default="tiny-orpheus", help="checkpoint directory, hub id, or tiny-<family>")
     batch.add_argument("--format", default="wav", help="wav, flac, mp3, opus, aac or pcm")
     batch.add_argument("--max-num-seqs", type=int, default=32, help="requests generated at once")
+    batch.add_argument("--ray", action="store_true", help="run on Ray Data (pip install 'streamvox[ray]')")
+    batch.add_argument("--address", default=None, help="--ray: a running Ray cluster's address (default: start one)")
+    batch.add_argument("--engines", type=int, default=0,
+                       help="--ray: engine actors (default: one per GPU of the cluster, else 1)")
     _add_device_flags(batch)
 
     tiny = commands.add_parser("make-tiny", help="write a random-weight test checkpoint in the publisher layout")
@@ -153,6 +157,9 @@ def _serve(args) -> int:
                           dtype=args.dtype, num_threads=args.num_threads, attention=args.attention,
                           cuda_graphs=args.cuda_graphs, cache=_from_flags(CacheConfig, args), scheduler=scheduler)
     server = _from_flags(ServerConfig, args)
+    if server.data_parallel < 1 or server.data_parallel_routing not in ("load", "round-robin"):
+        print("--data-parallel must be 1 or more, and --data-parallel-routing load or round-robin", file=sys.stderr)
+        return 2
     if args.model.startswith("tiny-"):
         print(f"note: {args.model} has random weights and makes noise, not speech; pass --model DIR for a real "
               "checkpoint", file=sys.stderr)
@@ -188,6 +195,15 @@ def _synth(args) -> int:
 
 
 def _batch(args) -> int:
+    if args.ray:
+        try:
+            from streamvox.deploy.ray_data import run_batch_on_ray
+        except ImportError as error:
+            print(f"--ray needs Ray ({error}); pip install 'streamvox[ray]'", file=sys.stderr)
+            return 2
+        summary = run_batch_on_ray(args.texts, args.out, args.model, args.format, args.max_num_seqs,
+                                   device=args.device, dtype=args.dtype, address=args.address, engines=args.engines)
+        return 1 if summary["failed"] else 0
     from streamvox.jobs import run_batch
 
     summary = run_batch(args.texts, args.out, args.model, args.format, args.max_num_seqs, device=args.device,

@@ -167,3 +167,5 @@ class ServerConfig:
     voice_aliases: tuple[str, ...] = dataclasses.field(default=(), metadata={"flag": "voice-alias"})
     data_dir: str = ""  # stored voices live here ("": $STREAMVOX_DATA, else ~/.local/share/streamvox)
     max_concurrent_streams: int = 0  # streams the server holds open at once, beyond which it answers 429; 0: no limit
+    data_parallel: int = 1  # engine processes behind the server, each request routed to the one with most headroom
+    data_parallel_routing: str = "load"  # "load"; or "round-robin", blind to load (for comparison)

@@ -57,8 +57,10 @@ class RequestStream:
 
 class EngineClient:
     def __init__(self, config: EngineConfig, hang_timeout_s: float = 5.0, max_unread_s: float = 4.0,
-                 reader_timeout_s: float = 60.0) -> None:
+                 reader_timeout_s: float = 60.0, rank: int = 0, env: dict[str, str] | None = None) -> None:
         self.config = config
+        self.rank = rank  # which of the server's engines this is (--data-parallel)
+        self.env = {**(env or {}), "STREAMVOX_ENGINE_RANK": str(rank)}  # added to the engine process's environment
         self.hang_timeout_s = hang_timeout_s  # no report for this long while running: the engine is hung
         self.max_unread_s = max_unread_s
         self.reader_timeout_s = reader_timeout_s
@@ -184,8 +186,8 @@ class EngineClient:
             for socket, address in ((push, input_addr), (pull, output_addr)):
                 socket.setsockopt(zmq.LINGER, 0)
                 socket.bind(address)
-            self._process = subprocess.Popen(command, env=os.environ.copy())
-            logger.info("engine process %d starting (%s)", self._process.pid, self.config.model)
+            self._process = subprocess.Popen(command, env={**os.environ, **self.env})
+            logger.info("engine %d: process %d starting (%s)", self.rank, self._process.pid, self.config.model)
             await self._serve_reports(push, pull)
         finally:
             self._push = None

@@ -4,7 +4,9 @@ Started by the API server (`python -m streamvox.engine.process ...`), it dies wi
 and a parent check) and reports its own crash as EngineFailed before exiting. Text preparation (tokenisation)
 runs on a worker pool, so a slow prompt never blocks the step loop; a request whose preparation raises fails
 alone. Set STREAMVOX_FAULT_INJECTION="prepare=MARK,decode=MARK" to make requests whose text contains MARK fail at
-that stage (decoding: after their first chunk); the failure tests use it, and it is off unless set.
+that stage (decoding: after their first chunk); the failure tests use it, and it is off unless set. Likewise
+STREAMVOX_SLOW_ENGINE="RANK:SECONDS" makes every LM step of the server's engine RANK (--data-parallel) that much
+slower, warm-up included, as a GPU shared with another job would be; the routing tests use it.
 """
 
 from __future__ import annotations
@@ -45,12 +47,21 @@ MESSAGES_PER_PASS = 64
 class FaultInjection:
     prepare_mark: str | None = None
     decode_mark: str | None = None
+    step_delay_s: float = 0.0
 
     @classmethod
     def from_env(cls) -> FaultInjection:
         spec = os.environ.get("STREAMVOX_FAULT_INJECTION", "")
         marks = dict(item.split("=", 1) for item in spec.split(",") if "=" in item)
-        return cls(marks.get("prepare"), marks.get("decode"))
+        rank, _, delay_s = os.environ.get("STREAMVOX_SLOW_ENGINE", "").partition(":")
+        is_slow = bool(delay_s) and rank == os.environ.get("STREAMVOX_ENGINE_RANK", "0")
+        return cls(marks.get("prepare"), marks.get("decode"), float(delay_s) if is_slow else 0.0)
+
+    def slow_down(self, engine: EngineCore) -> None:
+        """Every LM step of `engine` takes `step_delay_s` longer (measured by its step timer like real work)."""
+        if self.step_delay_s:
+            execute = engine.lm_runner.execute
+            engine.lm_runner.execute = lambda batch: (time.sleep(self.step_delay_s), execute(batch))[1]
 
 
 @dataclass
@@ -271,6 +282,9 @@ def main(argv: list[str] | None = None) -> None:
                         describe(lm.device), str(lm.kv_cache.dtype).replace("torch.", ""), lm.attention,
                         engine.pool.num_blocks, lm.block_size,
                         lm.kv_cache.numel() * lm.kv_cache.element_size() / 2**30)
+        faults = FaultInjection.from_env()
+        if config.engine != "naive":
+            faults.slow_down(engine)
         engine.warm_up()
         model = engine.model
         push.send(protocol.encode(protocol.EngineReady(
@@ -287,7 +301,7 @@ def main(argv: list[str] | None = None) -> None:
         if config.engine == "naive":
             NaiveLoop(engine, config, pull, push, args.output, context).run()
         else:
-            EngineLoop(engine, pull, push, FaultInjection.from_env()).run()
+            EngineLoop(engine, pull, push, faults).run()
     except BaseException as error:  # report our own death, whatever it is
         message = "".join(traceback.format_exception_only(error)).strip()
         logger.error("engine failed: %s\n%s", message, traceback.format_exc())

@@ -21,7 +21,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from streamvox.config import EngineConfig, ServerConfig
-from streamvox.engine.client import EngineClient, EngineUnavailableError
+from streamvox.engine.client import EngineUnavailableError
+from streamvox.engine.pool import EnginePool
 from streamvox.server import openai, realtime, voices, voxserve
 from streamvox.server.auth import ApiKeyAuth, configured_keys
 from streamvox.server.errors import ApiError, error_response
@@ -33,8 +34,9 @@ PLAYGROUND = Path(__file__).with_name("playground.html")  # a static page, no bu
 
 
 def create_app(engine_config: EngineConfig, server_config: ServerConfig) -> FastAPI:
-    client = EngineClient(engine_config, server_config.engine_hang_timeout_s, server_config.max_unread_s,
-                          server_config.reader_timeout_s)
+    client = EnginePool(engine_config, server_config.data_parallel, server_config.data_parallel_routing,
+                        hang_timeout_s=server_config.engine_hang_timeout_s, max_unread_s=server_config.max_unread_s,
+                        reader_timeout_s=server_config.reader_timeout_s)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -51,7 +53,8 @@ def create_app(engine_config: EngineConfig, server_config: ServerConfig) -> Fast
     store_name = re.sub(r"[^A-Za-z0-9_.-]", "_", app.state.model_name)
     app.state.voice_store = VoiceStore(data_dir(server_config.data_dir) / "voices" / store_name)
     app.state.metrics = metrics = Metrics(app.state.model_name, engine_config.scheduler.client_prebuffer_s)
-    client.on_report = lambda report: metrics.observe_report(report, client.info.sample_rate if client.info else 1)
+    client.on_report = lambda report: metrics.observe_report(report, client.info.sample_rate if client.info else 1,
+                                                             client.stats)
     app.include_router(openai.router)
     app.include_router(voxserve.router)
     app.include_router(realtime.router)
@@ -106,7 +109,8 @@ def create_app(engine_config: EngineConfig, server_config: ServerConfig) -> Fast
         body = {"ready": client.is_ready, "status": client.status, "restarts": client.num_restarts,
                 "engine_pid": client.engine_pid, "open_streams": client.num_open_streams,
                 "policy": client.info.policy if client.info is not None else None,
-                "engine": msgspec.structs.asdict(client.stats) if client.stats is not None else None}
+                "engine": msgspec.structs.asdict(client.stats) if client.stats is not None else None,
+                "engines": client.describe()}
         if client.is_ready:
             return body
         return JSONResponse(body, status_code=503, headers={"Retry-After": "5"})

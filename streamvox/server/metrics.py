@@ -74,17 +74,18 @@ class Metrics:
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
-    def observe_report(self, report: protocol.StepReport, sample_rate: int) -> None:
-        stats, model = report.stats, self.model
+    def observe_report(self, report: protocol.StepReport, sample_rate: int, stats: protocol.EngineStats) -> None:
+        """One engine's report; `stats`: every engine's, added up (the gauges)."""
+        model = self.model
         self.queue_depth.labels(model).set(stats.num_waiting)
         self.running.labels(model).set(stats.num_running)
         self.capacity.labels(model).set(stats.capacity)
         self.kv_used.labels(model).set(stats.num_blocks - stats.num_free_blocks)
         self.kv_free.labels(model).set(stats.num_free_blocks)
-        for rows, seconds in stats.lm_steps:
+        for rows, seconds in report.stats.lm_steps:
             self.lm_batch.labels(model).observe(rows)
             self.lm_step.labels(model).observe(seconds)
-        for frames, seconds in stats.codec_calls:
+        for frames, seconds in report.stats.codec_calls:
             self.codec_frames.labels(model).observe(frames)
             self.codec_batch.labels(model).observe(seconds)
         if samples := sum(len(audio.pcm) for audio in report.audio) // 2:

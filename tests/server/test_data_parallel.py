@@ -1,0 +1,117 @@
+"""`--data-parallel 2`: two engine processes behind one real server, requests routed by each engine's headroom."""
+
+import asyncio
+import os
+import signal
+import time
+
+import httpx
+import pytest
+
+from streamvox.bench.metrics import stalls
+from tests.server.test_capacity import PREBUFFER_S, _timed
+from tests.server.test_failures import speech
+
+SLOW_STEP_S = 0.02  # engine 0's LM steps take this much longer: it cannot keep even one stream real-time
+NUM_STREAMS = 4
+
+
+def _run_streams(server, num_streams: int, max_tokens: int = 350) -> list:
+    async def run():
+        async with httpx.AsyncClient(base_url=server.url, timeout=120) as client:
+            return await asyncio.gather(*(_timed(client, speech(seed=i, max_tokens=max_tokens))
+                                          for i in range(num_streams)))
+
+    return asyncio.run(run())
+
+
+def _viable(result) -> bool:
+    """Admitted, started within 2 s and never stalled (with the client's prebuffer)."""
+    status, _, _, timeline = result
+    return status == 200 and timeline.ttfa_s < 2.0 and stalls(timeline, PREBUFFER_S)[0] == 0
+
+
+def _all_ready(server, timeout_s: float = 120.0) -> list[dict]:
+    """Each engine's part of /ready once every one is ready (the server is ready as soon as one is)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        engines = server.ready()["engines"]
+        if all(e["status"] == "ready" and e["engine"] is not None for e in engines):
+            return engines
+        assert time.monotonic() < deadline, engines
+        time.sleep(0.2)
+
+
+def _stop(server) -> None:
+    server.process.terminate()
+    server.process.wait(timeout=20)
+
+
+def test_routing_by_headroom_keeps_every_stream_viable_where_round_robin_stalls_some(start_server):
+    """Engine 0 is slowed (a test hook) below real time. Round robin sends it every other request and its streams
+    stall; routing by headroom sends them all to engine 1, and every stream plays."""
+    env = {"STREAMVOX_SLOW_ENGINE": f"0:{SLOW_STEP_S}"}
+    outcomes = {}
+    for routing in ("round-robin", "load"):
+        server = start_server("--data-parallel", "2", "--data-parallel-routing", routing, env=env, is_patient=False)
+        engines = _all_ready(server)
+        assert engines[0]["engine"]["capacity"] < engines[1]["engine"]["capacity"], engines
+        outcomes[routing] = _run_streams(server, NUM_STREAMS)
+        _stop(server)
+    blind = [(r[0], stalls(r[3], PREBUFFER_S)[0] if r[3] else None) for r in outcomes["round-robin"]]
+    assert any(status == 200 and num_stalls for status, num_stalls in blind), blind
+    routed = [(r[0], r[3].ttfa_s if r[3] else None, stalls(r[3], PREBUFFER_S) if r[3] else None)
+              for r in outcomes["load"]]
+    assert all(_viable(r) for r in outcomes["load"]), routed
+
+
+@pytest.fixture(scope="module")
+def two_engines(start_server):
+    server = start_server("--data-parallel", "2")
+    _all_ready(server)
+    return server
+
+
+def test_ready_reports_each_engine_and_the_sum(two_engines):
+    body = two_engines.ready()
+    assert body["ready"] and body["status"] == "ready" and len(body["engines"]) == 2
+    first, second = body["engines"]
+    assert first["pid"] != second["pid"] and first["rank"] == 0 and second["rank"] == 1
+    assert body["engine"]["num_blocks"] == first["engine"]["num_blocks"] + second["engine"]["num_blocks"]
+    assert body["engine"]["capacity"] == first["engine"]["capacity"] + second["engine"]["capacity"]
+    metrics = httpx.get(f"{two_engines.url}/metrics").text
+    capacity = next(line for line in metrics.splitlines() if line.startswith("streamvox_capacity"))
+    assert float(capacity.split()[-1]) == body["engine"]["capacity"]
+
+
+def test_killing_one_engine_fails_only_its_streams_and_the_other_keeps_serving(two_engines, reference, same_audio):
+    server = two_engines
+    victim = server.ready()["engines"][0]
+
+    async def stream(client, i):
+        try:
+            async with client.stream("POST", "/v1/audio/speech", json=speech(seed=i, max_tokens=700)) as response:
+                assert response.status_code == 200
+                return b"".join([data async for data in response.aiter_raw()])
+        except httpx.HTTPError as error:
+            return error
+
+    async def run():
+        async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
+            tasks = [asyncio.create_task(stream(client, i)) for i in range(4)]
+            await asyncio.sleep(1.5)  # audio is flowing on both engines
+            on_victim = server.ready()["engines"][0]["open_streams"]
+            os.kill(victim["pid"], signal.SIGKILL)
+            await asyncio.sleep(0.3)
+            during = await client.post("/v1/audio/speech", json=speech(seed=9, max_tokens=70))
+            return on_victim, await asyncio.gather(*tasks), during
+
+    on_victim, results, during = asyncio.run(run())
+    failed = [i for i, r in enumerate(results) if isinstance(r, Exception)]
+    assert on_victim == 2 and len(failed) == on_victim, (on_victim, results)
+    for i, pcm in enumerate(results):
+        if i not in failed:
+            assert same_audio(pcm, reference(speech()["input"], i, 700))
+    assert during.status_code == 200 and same_audio(during.content, reference(speech()["input"], 9, 70))
+    engines = _all_ready(server, timeout_s=60)
+    assert engines[0]["restarts"] == 1 and engines[0]["pid"] != victim["pid"] and engines[1]["restarts"] == 0
