@@ -203,7 +203,7 @@ def _batch(args) -> int:
             return 2
         summary = run_batch_on_ray(args.texts, args.out, args.model, args.format, args.max_num_seqs,
                                    device=args.device, dtype=args.dtype, address=args.address, engines=args.engines)
-        return 1 if summary["failed"] else 0
+        return 130 if summary.get("interrupted") else 1 if summary["failed"] else 0
     from streamvox.jobs import run_batch
 
     summary = run_batch(args.texts, args.out, args.model, args.format, args.max_num_seqs, device=args.device,

@@ -8,17 +8,20 @@ that Ray Data streams partitions through:
 2. generation in a pool of engine actors, one per GPU (`engines` of them on a CPU machine), each an offline
    engine that runs a partition's prompts together and returns the encoded files;
 3. the driver, which writes each file and its manifest line as partitions arrive, so an interrupted run
-   resumes where it stopped.
+   resumes where it stopped. SIGINT or SIGTERM stops it between two files and shuts down the Ray it started.
 
 The result of an item depends only on its text, voice and seed, so the files equal the local batch's.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pickle
+import signal
 import sys
+import threading
 
 import ray
 
@@ -100,26 +103,62 @@ def run_batch_on_ray(texts_path: str, out_dir: str, model: str = "tiny-orpheus",
     failed: list[str] = []
     progress = Progress(0, stream)
     if plan.todo:
-        if not ray.is_initialized():
+        is_ours = not ray.is_initialized()
+        if is_ours:
             ray.init(address=address, include_dashboard=False, log_to_driver=False,
                      runtime_env={"env_vars": {k: v for k, v in os.environ.items() if k.startswith("STREAMVOX_")}})
-        gpus = int(ray.cluster_resources().get("GPU", 0))
-        engines = engines or max(1, gpus)
         progress = Progress(len(plan.todo), stream)
-        rows = [{"number": number, "record": json.dumps(record)} for number, record in plan.todo]
-        dataset = ray.data.from_items(rows, override_num_blocks=max(1, -(-len(rows) // ROWS_PER_PARTITION)))
-        dataset = dataset.map_batches(Preparer, fn_constructor_kwargs={"model": model}, batch_size=None,
-                                      num_cpus=1, compute=ray.data.ActorPoolStrategy(size=prepare_actors))
-        dataset = dataset.map_batches(
-            Generator, fn_constructor_kwargs={"model": model, "fmt": fmt, "max_num_seqs": max_num_seqs,
-                                              "device": device, "dtype": dtype},
-            batch_size=None, num_gpus=1 if gpus else 0, num_cpus=0 if gpus else 1,
-            compute=ray.data.ActorPoolStrategy(size=engines))
-        with open(plan.manifest_path, "a", encoding="utf-8") as manifest:
-            for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
-                _store_partition(plan, manifest, batch, progress, failed)
+        try:
+            with _stopped_by_signals() as stop:
+                _run(plan, _dataset(plan, model, fmt, max_num_seqs, device, dtype, engines, prepare_actors),
+                     progress, failed, stop)
+        except KeyboardInterrupt:
+            progress.report(f"interrupted after {progress.num_done} items; run the same command again to resume")
+            return {**summarize(plan, progress, failed, stream), "interrupted": True}
+        finally:
+            if is_ours:
+                ray.shutdown()
     write_rejected(plan, stream)
     return summarize(plan, progress, failed, stream)
+
+
+def _dataset(plan, model: str, fmt: str, max_num_seqs: int, device: str, dtype: str, engines: int,
+             prepare_actors: int):
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    rows = [{"number": number, "record": json.dumps(record)} for number, record in plan.todo]
+    dataset = ray.data.from_items(rows, override_num_blocks=max(1, -(-len(rows) // ROWS_PER_PARTITION)))
+    dataset = dataset.map_batches(Preparer, fn_constructor_kwargs={"model": model}, batch_size=None,
+                                  num_cpus=1, compute=ray.data.ActorPoolStrategy(size=prepare_actors))
+    return dataset.map_batches(
+        Generator, fn_constructor_kwargs={"model": model, "fmt": fmt, "max_num_seqs": max_num_seqs,
+                                          "device": device, "dtype": dtype},
+        batch_size=None, num_gpus=1 if gpus else 0, num_cpus=0 if gpus else 1,
+        compute=ray.data.ActorPoolStrategy(size=engines or max(1, gpus)))
+
+
+def _run(plan, dataset, progress: Progress, failed: list[str], stop: threading.Event) -> None:
+    with open(plan.manifest_path, "a", encoding="utf-8") as manifest:
+        for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
+            _store_partition(plan, manifest, batch, progress, failed)
+            if stop.is_set():  # the signal's KeyboardInterrupt may have been raised (and lost) inside Ray
+                raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def _stopped_by_signals():
+    """SIGINT and SIGTERM stop the run between files (what is written stays written) and shut Ray down."""
+    stop = threading.Event()
+
+    def on_signal(signum, frame):
+        stop.set()
+        raise KeyboardInterrupt
+
+    previous = {signum: signal.signal(signum, on_signal) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield stop
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def _store_partition(plan, manifest, batch: dict, progress: Progress, failed: list[str]) -> None:

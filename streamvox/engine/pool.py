@@ -2,7 +2,8 @@
 
 Each new request goes to the ready engine with the most headroom by its own admission model: the streams it
 predicts it can keep ahead of playback (from its measured step and codec costs) less the streams it holds, then
-the share of its KV cache that is free, then its last step time. An engine that refuses a request for capacity
+the streams it can keep in all, the share of its KV cache that is free, and its last step time. An engine that
+predicts it cannot keep even one stream gets none while another can. An engine that refuses a request for capacity
 before accepting it hands it to the next engine in that order; when every engine refused, the request fails
 with the soonest `retry_after_s` any of them gave. Once accepted (or once its audio started), a request stays on
 its engine. Each engine is an `EngineClient`, supervised on its own: one that dies fails only its own streams and
@@ -158,7 +159,10 @@ class EnginePool:
                 if engine.is_ready:
                     return [engine]
             return []
-        return sorted(ready, key=headroom, reverse=True)
+        # an engine whose model says it cannot keep even one stream would start one and let it stall: better
+        # another, or a 429, unless every engine says so
+        able = [engine for engine in ready if engine.stats is None or engine.stats.capacity > 0]
+        return sorted(able or ready, key=headroom, reverse=True)
 
     def append_text(self, request_id: str, text: str, is_final: bool) -> None:
         stream = self._streams.get(request_id)
@@ -173,17 +177,20 @@ class EnginePool:
             protocol.Failed:
         while True:
             message = await stream.engine.take(stream.inner)
-            if not (isinstance(message, protocol.Failed) and message.failure is protocol.Failure.AT_CAPACITY
-                    and stream.submit is not None):
-                if isinstance(message, protocol.Accepted | protocol.Audio):
-                    stream.submit = None
-                return message
-            stream.refusals.append(message.retry_after_s)
-            untried = [engine for engine in stream.untried if engine.is_ready]
-            if not untried:
-                return msgspec.structs.replace(message, retry_after_s=min(stream.refusals))
-            stream.engine, stream.untried = untried[0], untried[1:]
-            stream.inner = stream.engine.open(**stream.submit)
+            if isinstance(message, protocol.Failed) and message.failure is protocol.Failure.AT_CAPACITY and \
+                    stream.submit is not None:
+                stream.refusals.append(message.retry_after_s)
+                untried = [engine for engine in stream.untried if engine.is_ready]
+                if untried:
+                    stream.engine, stream.untried = untried[0], untried[1:]
+                    stream.inner = stream.engine.open(**stream.submit)
+                    continue
+                message = msgspec.structs.replace(message, retry_after_s=min(stream.refusals))
+            if isinstance(message, protocol.Accepted | protocol.Audio):
+                stream.submit = None
+            if isinstance(message, protocol.Failed) or (isinstance(message, protocol.Audio) and message.is_last):
+                self._streams.pop(stream.request_id, None)  # nothing more comes for it (its engine forgot it too)
+            return message
 
     def close(self, request_id: str, cancel: bool) -> None:
         stream = self._streams.pop(request_id, None)
@@ -195,13 +202,14 @@ class EnginePool:
             self.on_report(report)
 
 
-def headroom(engine: EngineClient) -> tuple[float, float, float]:
-    """(streams it can still take, free share of its KV cache, minus its last step time): larger is better."""
+def headroom(engine: EngineClient) -> tuple[float, ...]:
+    """(streams it can still take, streams it can keep in all, free share of its KV cache, minus its last step
+    time): larger is better."""
     stats = engine.stats
     if stats is None:
-        return (0.0, 0.0, 0.0)
+        return (0.0, 0.0, 0.0, 0.0)
     load = max(engine.num_open_streams, stats.num_requests)
-    return (stats.capacity - load, stats.num_free_blocks / max(1, stats.num_blocks), -stats.step_s)
+    return (stats.capacity - load, stats.capacity, stats.num_free_blocks / max(1, stats.num_blocks), -stats.step_s)
 
 
 def _stats(stats: protocol.EngineStats | None) -> dict | None:

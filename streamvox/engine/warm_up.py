@@ -39,7 +39,8 @@ def warm_up(engine: EngineCore) -> None:
     # each round's prompts in one step, so that every decode step measured runs all of its rows (steps
     # taken while the others still prefill are slower than steady decoding, and would skew the fit)
     scheduler.config = dataclasses.replace(config, max_num_batched_tokens=max(
-        config.max_num_batched_tokens, WARM_UP_ROWS * len(long.prompt)))
+        config.max_num_batched_tokens, WARM_UP_ROWS * len(long.prompt)), max_queue_len=max(config.max_queue_len,
+                                                                                           WARM_UP_ROWS))
     scheduler.policy = POLICIES["fcfs"](scheduler.config, scheduler.playback, engine.timer)
     scheduler.max_wait_s = None
     try:

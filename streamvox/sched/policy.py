@@ -222,13 +222,14 @@ class StreamingPolicy(OfflinePolicy):
         return _Load(prompt, steps, plan, 0, steps // plan.lm_steps_per_frame)
 
     def capacity(self, running: list[Request]) -> int:
-        """Streams the engine keeps ahead of playback: the running ones plus as many more like them as fit."""
+        """Streams the engine keeps ahead of playback: the running ones plus as many more like them as fit (0 on
+        an idle engine too slow for even one: it would still start one, but a router should look elsewhere)."""
         typical, streams = self._typical(running), self._loads(running)
         num_streams = len(running)
-        while num_streams < self.config.max_num_seqs and (not streams or self._fits(streams, typical)):
+        while num_streams < self.config.max_num_seqs and self._fits(streams, typical):
             streams.append(typical)
             num_streams += 1
-        return max(1, num_streams)
+        return num_streams
 
     def start_wait_s(self, request: Request, ahead: list[Request], running: list[Request]) -> float:
         """Predicted seconds before `request`, queued behind `ahead`, can start: the queue is admitted in order

@@ -14,6 +14,7 @@ import httpx
 import openai
 import ray
 from ray import serve
+from websockets.sync.client import connect
 
 from streamvox.config import EngineConfig, SchedulerConfig, ServerConfig
 from streamvox.deploy.ray_serve import application
@@ -37,6 +38,21 @@ async def streams() -> list[tuple[bytes, float]]:
     return await asyncio.gather(*(speak(client, seed) for seed in range(NUM_STREAMS)))
 
 
+def over_websocket(text: str, seed: int) -> tuple[bytes, dict]:
+    """One sentence sent over the WebSocket: its audio and the closing message."""
+    audio, message = b"", {}
+    with connect(f"ws://127.0.0.1:{PORT}/v1/audio/speech/stream", open_timeout=30, close_timeout=5) as ws:
+        ws.send(json.dumps({"model": "tiny-orpheus", "response_format": "pcm", "seed": seed, "max_tokens": 70}))
+        ws.send(json.dumps({"text": text, "final": True}))
+        while message.get("type") != "speech.audio.done":
+            received = ws.recv(timeout=60)
+            if isinstance(received, bytes):
+                audio += received
+            else:
+                message = json.loads(received)
+    return audio, message
+
+
 def main(model_dir: str, out_dir: str) -> None:
     out = Path(out_dir)
     started = time.monotonic()
@@ -50,6 +66,7 @@ def main(model_dir: str, out_dir: str) -> None:
     results = asyncio.run(streams())
     for seed, (pcm, _) in enumerate(results):
         (out / f"{seed}.pcm").write_bytes(pcm)
+    (out / "ws.pcm").write_bytes(over_websocket("Something else.", 20)[0])
     replicas = serve.status().applications["speech"].deployments["streamvox"].replica_states
     serve.shutdown()
     ray.shutdown()

@@ -3,7 +3,6 @@ replicas behind the same HTTP API, and the offline batch on Ray Data."""
 
 import json
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -46,6 +45,8 @@ def wait_for_no_leftovers(timeout_s: float = 15.0) -> list[str]:
 
 def test_two_ray_serve_replicas_stream_what_the_engine_makes_and_shut_down_clean(tiny_dir, reference, same_audio,
                                                                                     tmp_path):
+    """Eight concurrent streams through the official openai client and a WebSocket sentence, each equal to the
+    in-process engine's audio for its seed; then serve.shutdown and ray.shutdown leave no process behind."""
     assert not leftovers(), leftovers()
     process = in_namespace(f"{sys.executable} tests/deploy/ray_serve_scenario.py {tiny_dir} {tmp_path}",
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -57,6 +58,7 @@ def test_two_ray_serve_replicas_stream_what_the_engine_makes_and_shut_down_clean
     for seed in range(8):
         assert same_audio((tmp_path / f"{seed}.pcm").read_bytes(),
                           reference("Keep talking while things break around you.", seed, 140)), seed
+    assert same_audio((tmp_path / "ws.pcm").read_bytes(), reference("Something else.", 20, 70)), "WebSocket"
     assert not wait_for_no_leftovers(), leftovers()
     assert summary["total_s"] < 240, summary
 
@@ -85,8 +87,9 @@ def test_a_hundred_lines_on_ray_data_make_the_local_files_and_an_interrupted_run
     while not (manifest.exists() and len(manifest.read_text().splitlines()) >= 16):
         assert first.poll() is None and time.monotonic() < deadline, first.stderr.read()[-4000:]
         time.sleep(0.1)
-    first.send_signal(signal.SIGINT)  # the shell exec'd python: the driver is interrupted, as by Ctrl-C
-    first.communicate(timeout=60)
+    first.terminate()  # the shell exec'd python: the driver stops between two files and shuts Ray down
+    _, errors = first.communicate(timeout=60)
+    assert first.returncode == 130 and "run the same command again to resume" in errors, errors[-2000:]
     done_first = len(manifest.read_text().splitlines())
     assert 16 <= done_first < 100 and not wait_for_no_leftovers(), leftovers()
 
