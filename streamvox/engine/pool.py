@@ -83,7 +83,8 @@ class EnginePool:
 
     @property
     def is_ready(self) -> bool:
-        return any(engine.is_ready for engine in self.engines)
+        """Every engine has started once, and one at least is ready now (the others may be restarting)."""
+        return all(engine.info is not None for engine in self.engines) and any(e.is_ready for e in self.engines)
 
     @property
     def status(self) -> str:

@@ -107,3 +107,21 @@ def test_a_hundred_lines_on_ray_data_make_the_local_files_and_an_interrupted_run
     expected = {json.loads(line)["id"]: json.loads(line) for line in local_lines}
     assert records == expected
     assert not wait_for_no_leftovers(), leftovers()
+
+
+def test_serve_run_arguments_reach_the_configs_and_unknown_ones_are_refused():
+    from ray.serve import Application
+
+    from streamvox.deploy.ray_serve import build
+
+    app = build({"model": "tiny-orpheus", "max_queue_wait_s": "5", "data_parallel": "2", "cuda_graphs": "false",
+                 "min_replicas": "1", "max_replicas": "4", "target_streams": "6"})
+    assert isinstance(app, Application)
+    deployment = app._bound_deployment
+    engine, server = deployment.init_args
+    assert engine.model == "tiny-orpheus" and engine.scheduler.max_queue_wait_s == 5.0 and engine.cuda_graphs is False
+    assert server.data_parallel == 2
+    scaling = deployment._deployment_config.autoscaling_config
+    assert (scaling.min_replicas, scaling.max_replicas, scaling.target_ongoing_requests) == (1, 4, 6.0)
+    with pytest.raises(ValueError, match="unknown options \\['replicas'\\]"):
+        build({"model": "tiny-orpheus", "replicas": "2"})
