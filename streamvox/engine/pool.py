@@ -1,9 +1,10 @@
 """Several engine processes behind one API server (`--data-parallel N`), routed by load.
 
-Each new request goes to the ready engine with the most headroom by its own admission model: the streams it
-predicts it can keep ahead of playback (from its measured step and codec costs) less the streams it holds, then
-the streams it can keep in all, the share of its KV cache that is free, and its last step time. An engine that
-predicts it cannot keep even one stream gets none while another can. An engine that refuses a request for capacity
+Each new request goes to the ready engine with the most headroom by its own admission model. Its headroom is
+the streams it predicts it can keep ahead of playback (from its measured step and codec costs) less the streams
+it holds. Among engines with room, the one with the largest share of its capacity free goes first (load spreads),
+then the free share of the KV cache and the last step time break ties. An engine that predicts it cannot keep
+even one stream gets none while another can. An engine that refuses a request for capacity
 before accepting it hands it to the next engine in that order; when every engine refused, the request fails
 with the soonest `retry_after_s` any of them gave. Once accepted (or once its audio started), a request stays on
 its engine. Each engine is an `EngineClient`, supervised on its own: one that dies fails only its own streams and
@@ -119,13 +120,13 @@ class EnginePool:
     @property
     def free_streams(self) -> int:
         """Streams the ready engines predict they can still take (what a replica tells Ray Serve's router)."""
-        return sum(max(0, int(headroom(engine)[0])) for engine in self.engines if engine.is_ready)
+        return sum(max(0, free_streams(engine)) for engine in self.engines if engine.is_ready)
 
     def describe(self) -> list[dict]:
         """Each engine as /ready shows it."""
         return [{"rank": engine.rank, "status": engine.status, "pid": engine.engine_pid,
                  "restarts": engine.num_restarts, "open_streams": engine.num_open_streams,
-                 "headroom": headroom(engine)[0] if engine.stats is not None else None,
+                 "headroom": free_streams(engine) if engine.stats is not None else None,
                  "engine": _stats(engine.stats)} for engine in self.engines]
 
     # -- lifecycle -----------------------------------------------------------------------------------------
@@ -203,14 +204,25 @@ class EnginePool:
             self.on_report(report)
 
 
-def headroom(engine: EngineClient) -> tuple[float, ...]:
-    """(streams it can still take, streams it can keep in all, free share of its KV cache, minus its last step
-    time): larger is better."""
+def free_streams(engine: EngineClient) -> int:
+    """Streams the engine predicts it can still take: its capacity less the streams it holds."""
     stats = engine.stats
     if stats is None:
-        return (0.0, 0.0, 0.0, 0.0)
-    load = max(engine.num_open_streams, stats.num_requests)
-    return (stats.capacity - load, stats.capacity, stats.num_free_blocks / max(1, stats.num_blocks), -stats.step_s)
+        return 0
+    return stats.capacity - max(engine.num_open_streams, stats.num_requests)
+
+
+def headroom(engine: EngineClient) -> tuple[float, ...]:
+    """The routing order's key, larger first: whether it has room at all; then the share of its capacity still
+    free (so that load spreads over the engines with room, even when an idle engine's capacity is still its
+    warm-up's cautious estimate and a busy one's is measured); then the free streams, the free share of its KV
+    cache and minus its last step time."""
+    stats = engine.stats
+    if stats is None:
+        return (0.0, 0.0, 0.0, 0.0, 0.0)
+    free = free_streams(engine)
+    return (float(free > 0), free / max(1, stats.capacity), free, stats.num_free_blocks / max(1, stats.num_blocks),
+            -stats.step_s)
 
 
 def _stats(stats: protocol.EngineStats | None) -> dict | None:

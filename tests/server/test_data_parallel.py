@@ -102,7 +102,6 @@ def test_a_burst_fills_both_engines_and_the_rest_get_a_fast_429_with_retry_after
 
 def test_killing_one_engine_fails_only_its_streams_and_the_other_keeps_serving(two_engines, reference, same_audio):
     server = two_engines
-    victim = server.ready()["engines"][0]
 
     async def stream(client, i):
         try:
@@ -117,17 +116,18 @@ def test_killing_one_engine_fails_only_its_streams_and_the_other_keeps_serving(t
             tasks = []
             while len(tasks) < 10:  # one at a time (each engine queues only one) until both hold a stream
                 tasks.append(asyncio.create_task(stream(client, len(tasks))))
-                await asyncio.sleep(0.3)
-                if all(e["open_streams"] for e in (await client.get("/ready")).json()["engines"]):
+                await asyncio.sleep(0.5)
+                engines = (await client.get("/ready")).json()["engines"]
+                if all(e["open_streams"] for e in engines):
                     break
-            await asyncio.sleep(0.5)  # audio is flowing on both engines
-            on_victim = server.ready()["engines"][0]["open_streams"]
+            victim = engines[0]
             os.kill(victim["pid"], signal.SIGKILL)
             await asyncio.sleep(0.3)
             during = await client.post("/v1/audio/speech", json=speech(seed=99, max_tokens=70))
-            return on_victim, await asyncio.gather(*tasks), during
+            return victim, await asyncio.gather(*tasks), during
 
-    on_victim, results, during = asyncio.run(run())
+    victim, results, during = asyncio.run(run())
+    on_victim = victim["open_streams"]
     failed = [i for i, r in enumerate(results) if isinstance(r, Exception)]
     assert 1 <= on_victim < len(results) and len(failed) == on_victim, (on_victim, results)
     for i, pcm in enumerate(results):
