@@ -157,13 +157,14 @@ def _serve(args) -> int:
                           dtype=args.dtype, num_threads=args.num_threads, attention=args.attention,
                           cuda_graphs=args.cuda_graphs, cache=_from_flags(CacheConfig, args), scheduler=scheduler)
     server = _from_flags(ServerConfig, args)
-    if server.data_parallel < 1 or server.data_parallel_routing not in ("load", "round-robin"):
-        print("--data-parallel must be 1 or more, and --data-parallel-routing load or round-robin", file=sys.stderr)
-        return 2
     if args.model.startswith("tiny-"):
         print(f"note: {args.model} has random weights and makes noise, not speech; pass --model DIR for a real "
               "checkpoint", file=sys.stderr)
-    app = create_app(engine, server)
+    try:
+        app = create_app(engine, server)
+    except ValueError as error:  # e.g. --data-parallel 0
+        print(error, file=sys.stderr)
+        return 2
     uvicorn.run(app, host=server.host, port=server.port, log_level="info", access_log=False,
                 timeout_graceful_shutdown=5,
                 http=guarded_protocol(server.read_timeout_s, server.read_idle_timeout_s))

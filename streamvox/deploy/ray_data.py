@@ -79,12 +79,13 @@ class Generator:
         ready = [i for i, error in enumerate(rows["error"]) if not error]
         items = [pickle.loads(rows["item"][i]) for i in ready]
         prompts = [pickle.loads(rows["prepared"][i]) for i in ready]
-        by_id = {}
+        row_of = {item.item_id: row for row, item in zip(ready, items, strict=True)}
+        by_index = {}
         for item, result, error in generate(self.engine, items, prompts):
-            by_id[item.item_id] = encode_item(item, result, self.fmt) if result is not None else error
+            by_index[row_of[item.item_id]] = encode_item(item, result, self.fmt) if result is not None else error
         names, data, records, errors = [], [], [], list(rows["error"])
-        for index, record in enumerate(rows["record"]):
-            outcome = by_id.get(json.loads(record)["id"]) if not errors[index] else None
+        for index in range(len(errors)):
+            outcome = by_index.get(index)
             name, audio, manifest = outcome if isinstance(outcome, tuple) else ("", b"", {})
             if isinstance(outcome, str):
                 errors[index] = f"failed: {outcome}"
@@ -138,8 +139,9 @@ def _dataset(plan, model: str, fmt: str, max_num_seqs: int, device: str, dtype: 
 
 def _run(plan, dataset, progress: Progress, failed: list[str], stop: threading.Event) -> None:
     with open(plan.manifest_path, "a", encoding="utf-8") as manifest:
+        todo = dict(plan.todo)  # line number -> record
         for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
-            _store_partition(plan, manifest, batch, progress, failed)
+            _store_partition(plan, todo, manifest, batch, progress, failed)
             if stop.is_set():  # the signal's KeyboardInterrupt may have been raised (and lost) inside Ray
                 raise KeyboardInterrupt
 
@@ -161,8 +163,8 @@ def _stopped_by_signals():
             signal.signal(signum, handler)
 
 
-def _store_partition(plan, manifest, batch: dict, progress: Progress, failed: list[str]) -> None:
-    todo = dict(plan.todo)
+def _store_partition(plan, todo: dict[int, dict], manifest, batch: dict, progress: Progress,
+                     failed: list[str]) -> None:
     for number, name, data, record, error in zip(batch["number"], batch["file"], batch["data"], batch["manifest"],
                                                  batch["error"], strict=True):
         if error.startswith("failed: "):

@@ -21,11 +21,12 @@ import asyncio
 import dataclasses
 import itertools
 import logging
+import math
 import os
 import shutil
 import subprocess
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import msgspec
 
@@ -46,7 +47,7 @@ class PoolStream:
     inner: RequestStream
     untried: list[EngineClient]
     submit: dict | None  # EngineClient.open's arguments, until an engine accepts the request
-    refusals: list[float] = field(default_factory=list)  # retry_after_s of each engine that refused it
+    soonest_retry_s: float | None = None  # the smallest retry_after_s of the engines that refused it
 
 
 class EnginePool:
@@ -75,10 +76,6 @@ class EnginePool:
     # -- what the routes and /ready read -------------------------------------------------------------------
 
     @property
-    def config(self) -> EngineConfig:
-        return self.engines[0].config
-
-    @property
     def info(self) -> protocol.EngineReady | None:
         return next((engine.info for engine in self.engines if engine.info is not None), None)
 
@@ -90,7 +87,7 @@ class EnginePool:
     @property
     def status(self) -> str:
         statuses = {engine.status for engine in self.engines}
-        if statuses == {"ready"} or len(statuses) == 1:
+        if len(statuses) == 1:
             return statuses.pop()
         return "degraded" if "ready" in statuses else "starting"
 
@@ -181,13 +178,13 @@ class EnginePool:
             message = await stream.engine.take(stream.inner)
             if isinstance(message, protocol.Failed) and message.failure is protocol.Failure.AT_CAPACITY and \
                     stream.submit is not None:
-                stream.refusals.append(message.retry_after_s)
+                stream.soonest_retry_s = min(message.retry_after_s, stream.soonest_retry_s or math.inf)
                 untried = [engine for engine in stream.untried if engine.is_ready]
                 if untried:
                     stream.engine, stream.untried = untried[0], untried[1:]
                     stream.inner = stream.engine.open(**stream.submit)
                     continue
-                message = msgspec.structs.replace(message, retry_after_s=min(stream.refusals))
+                message = msgspec.structs.replace(message, retry_after_s=stream.soonest_retry_s)
             if isinstance(message, protocol.Accepted | protocol.Audio):
                 stream.submit = None
             if isinstance(message, protocol.Failed) or (isinstance(message, protocol.Audio) and message.is_last):
