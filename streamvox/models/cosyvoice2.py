@@ -8,10 +8,12 @@ and tokenizer; its weights are replaced by llm.pt).
 
 Backbone inputs share one id space: [0, T) text (the Qwen2 embedding), T the start marker and T + 1 the task marker
 (`llm_embedding`), T + 2 + s speech token s (`speech_embedding`). Prompt: start, the clip's transcript and the text,
-task, the clip's speech tokens. A step draws a speech token s < 6561, or 6561 = the end (the head's two filler ids
-are never drawn). A frame is one token (40 ms). Chunks: the first covers 25 tokens plus what rounds the prompt's
-tokens up to a multiple of 25, later ones 25, each once 3 more tokens exist (the flow's lookahead); every chunk
-runs the flow over the prompt and all tokens so far and keeps the new mel, as the publisher streams.
+task, the clip's speech tokens (with instructions: the style prompt and <|endofprompt|> in place of the transcript,
+and no speech tokens; cross-lingual: neither). A step draws a speech token s < 6561, or 6561 = the end (the head's
+two filler ids are never drawn). A frame is one token (40 ms). Chunks: the first covers 25 tokens plus what rounds
+the flow's prompt tokens (the clip's, whatever the LM got) up to a multiple of 25, later ones 25, each once 3 more
+tokens exist (the flow's lookahead); every chunk runs the flow over the prompt and all tokens so far and keeps the
+new mel, as the publisher streams.
 """
 
 from __future__ import annotations
@@ -119,6 +121,9 @@ class CosyVoice2Model(SpeechModel):
                         is_stateful=True, codec_prefix_frames=0)
     codes_per_frame = 1
     takes_reference_audio = True
+    takes_instructions = True  # the publisher's instruct2 mode: "speak happily", "in a whisper", ...
+    style_prompt = "every checkpoint"
+    options = {"cross_lingual": (0.0, 0.0, 1.0)}  # 1: the clip only lends its voice (see prepare_request)
     # a call of the codec budget (8) takes 4 chunks of 25 frames: on the tiny (CPU) a chunk costs 97 ms alone
     # and 75 ms a chunk in 4 (80 ms in 8), and bigger calls would hold other streams' chunks back longer
     codec_cost_per_frame = 8 / (4 * TOKEN_HOP)
@@ -169,27 +174,53 @@ class CosyVoice2Model(SpeechModel):
     def prepare(self, text: str, voice: str | None) -> list[int]:
         return self.prepare_request(text, voice).prompt
 
-    def prepare_request(self, text: str, voice: str | None, reference: Reference | None = None) -> Prepared:
-        """Zero-shot with a reference (its clip and transcript continue into the text), a stored speaker's
+    def prepare_request(self, text: str, voice: str | None, reference: Reference | None = None,
+                        options: dict[str, float] | None = None, instructions: str | None = None) -> Prepared:
+        """The publisher's modes. Zero-shot with a reference: its transcript and speech tokens continue into the
+        text. `instructions` (instruct2): the style prompt takes the transcript's place and the LM gets none of
+        the clip's tokens. The `cross_lingual` option: the LM gets neither (for a clip in another language than
+        the text). In every mode the clip's features condition the flow; without a clip, a stored speaker's
         embedding with a voice, else an unconditioned voice."""
-        ids = self.tokenizer.encode(text, add_special_tokens=False).ids
+        ids = self._text_ids(text)
         if not ids:
             raise ValueError("text is empty; give at least one word to speak")
-        prompt_text: list[int] = []
+        cross_lingual = self._cross_lingual(options, reference, instructions)
         if reference is not None:
             if self.frontend is None:
                 raise ValueError("this server cannot clone CosyVoice2 voices: the checkpoint has no campplus.onnx "
                                  "or the server has no onnxruntime; send a voice instead")
-            if not reference.text.strip():
+            if not (instructions or cross_lingual or reference.text.strip()):
                 raise ValueError("reference audio needs its transcript (what is said in it): send audio_text")
             conditioning = self._clone(reference.pcm)
-            prompt_text = self.tokenizer.encode(reference.text, add_special_tokens=False).ids
         else:
             conditioning = self._speaker(self.resolve_voice(voice))
+        prompt_text, lm_speech = [], []
+        if instructions:
+            prompt_text = [*self._text_ids(instructions), self.tokenizer.token_to_id("<|endofprompt|>")]
+        elif reference is not None and not cross_lingual:
+            prompt_text = self._text_ids(reference.text)
+            lm_speech = conditioning.prompt_tokens.tolist()
         marker = self.backbone.text_vocab
-        speech = [marker + 2 + int(token) for token in conditioning.prompt_tokens]
+        speech = [marker + 2 + int(token) for token in lm_speech]
         return Prepared([marker, *prompt_text, *ids, marker + 1, *speech], conditioning=conditioning,
-                        chunking=self._chunking(len(speech)))
+                        chunking=self._chunking(conditioning.prompt_tokens.numel()))
+
+    def _text_ids(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    @staticmethod
+    def _cross_lingual(options: dict[str, float] | None, reference: Reference | None,
+                       instructions: str | None) -> bool:
+        value = (options or {}).get("cross_lingual", 0.0)
+        if value not in (0.0, 1.0):
+            raise ValueError("cross_lingual is 0 (off) or 1 (on)")
+        if value and reference is None:
+            raise ValueError("cross_lingual speaks in the voice of a reference clip: send one (reference_audio on "
+                             "the OpenAI route, audio on /generate)")
+        if value and instructions:
+            raise ValueError("instructions already keep the clip's words out of the prompt: leave cross_lingual "
+                             "out when giving them")
+        return bool(value)
 
     def _clone(self, pcm: torch.Tensor) -> CosyConditioning:
         """The conditioning of a clip, computed once per distinct clip (the last few are kept)."""

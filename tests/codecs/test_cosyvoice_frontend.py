@@ -27,6 +27,7 @@ import torch
 
 from streamvox.codecs import cosyvoice_frontend as cvf
 from streamvox.codecs.cosyvoice_onnx_tiny import TINY_HEADS, TINY_LAYERS, TINY_STATE, write_tiny_checkpoint
+from tests.models.cosyvoice_reference import official_frontend_module
 from tests.stand_ins import refuse as _refuse
 from tests.stand_ins import speechlike as _speechlike
 from tests.stand_ins import stub_module as _stub
@@ -267,41 +268,13 @@ def _stub_fbank(waveform, num_mel_bins=23, dither=0.0, sample_frequency=16000.0,
     return cvf.kaldi_fbank(waveform, sample_rate=sample_frequency, num_mel_bins=num_mel_bins)
 
 
-class _StubResample:
-    def __init__(self, orig_freq=16000, new_freq=16000, **others):
-        self.orig_freq, self.new_freq = orig_freq, new_freq
-
-    def __call__(self, waveform):
-        return cvf.resample(waveform, self.orig_freq, self.new_freq)
-
-
 @pytest.fixture(scope="module")
 def official_frontend(s3tokenizer, tiny_dir):
-    if importlib.util.find_spec("cosyvoice") is None:
-        pytest.skip("cosyvoice-minicpmo is not installed")
     matcha_audio = _load_matcha_audio()
-    kaldi = _stub("torchaudio.compliance.kaldi", fbank=_stub_fbank)
-    compliance = _stub("torchaudio.compliance", kaldi=kaldi)
-    transforms = _stub("torchaudio.transforms", Resample=_StubResample)
-    stubs = {
-        "torchaudio": _stub("torchaudio", compliance=compliance, transforms=transforms, load=_refuse),
-        "torchaudio.compliance": compliance, "torchaudio.compliance.kaldi": kaldi, "torchaudio.transforms": transforms,
-        "whisper": _stub("whisper", log_mel_spectrogram=s3tokenizer.log_mel_spectrogram),
-    }
-    if importlib.util.find_spec("inflect") is None:
-        stubs["inflect"] = _stub("inflect", engine=_refuse)
-    owned = ("cosyvoice.cli.frontend", "cosyvoice.utils.file_utils")
-    with pytest.MonkeyPatch.context() as mp:
-        for name, module in stubs.items():
-            mp.setitem(sys.modules, name, module)
-        for name in owned:
-            mp.delitem(sys.modules, name, raising=False)
-        official = importlib.import_module("cosyvoice.cli.frontend")
+    with official_frontend_module(_stub_fbank, cvf.resample, s3tokenizer.log_mel_spectrogram) as official:
         feat_extractor = partial(matcha_audio.mel_spectrogram, center=False, **MATCHA_ARGS)
         yield official.CosyVoiceFrontEnd(_FakeTextTokenizer, feat_extractor, str(tiny_dir / "campplus.onnx"),
                                          str(tiny_dir / "speech_tokenizer_v2.onnx"))
-        for name in owned:  # do not leave modules bound to the stubs behind
-            sys.modules.pop(name, None)
 
 
 @pytest.mark.parametrize("seconds", [5.0, 3.33])

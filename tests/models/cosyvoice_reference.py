@@ -23,6 +23,7 @@ loader relies on: 'Loader' object has no attribute 'max_depth'), all installed -
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import itertools
@@ -84,6 +85,68 @@ def import_reference() -> types.SimpleNamespace:
                                  tokenizer=modules["cosyvoice.tokenizer.tokenizer"],
                                  upsample_encoder=modules["cosyvoice.transformer.upsample_encoder"],
                                  common=modules["cosyvoice.utils.common"])
+
+
+@contextlib.contextmanager
+def official_frontend_module(fbank=_refuse, resample=None, log_mel_spectrogram=_refuse):
+    """cosyvoice.cli.frontend (the publisher's CosyVoiceFrontEnd), imported over stand-ins for what it imports
+    but cannot have here: torchaudio's kaldi fbank and Resample (`resample(waveform, orig, new)`; None: the
+    waveform as it is), whisper's log-mel and inflect (unused by the code under test). The module is yielded
+    and dropped from sys.modules afterwards, so nothing stays bound to the stand-ins."""
+    if importlib.util.find_spec("cosyvoice") is None:
+        pytest.skip("cosyvoice-minicpmo is not installed")
+
+    class Resample:
+        def __init__(self, orig_freq=16000, new_freq=16000, **others):
+            self.orig_freq, self.new_freq = orig_freq, new_freq
+
+        def __call__(self, waveform):
+            return waveform if resample is None else resample(waveform, self.orig_freq, self.new_freq)
+
+    kaldi = _stub("torchaudio.compliance.kaldi", fbank=fbank)
+    compliance = _stub("torchaudio.compliance", kaldi=kaldi)
+    transforms = _stub("torchaudio.transforms", Resample=Resample)
+    stubs = {
+        "torchaudio": _stub("torchaudio", compliance=compliance, transforms=transforms, load=_refuse),
+        "torchaudio.compliance": compliance, "torchaudio.compliance.kaldi": kaldi, "torchaudio.transforms": transforms,
+        "whisper": _stub("whisper", log_mel_spectrogram=log_mel_spectrogram),
+    }
+    if importlib.util.find_spec("inflect") is None:
+        stubs["inflect"] = _stub("inflect", engine=_refuse)
+    owned = ("cosyvoice.cli.frontend", "cosyvoice.utils.file_utils")
+    with pytest.MonkeyPatch.context() as mp:
+        for name, module in stubs.items():
+            mp.setitem(sys.modules, name, module)
+        for name in owned:
+            mp.delitem(sys.modules, name, raising=False)
+        try:
+            yield importlib.import_module("cosyvoice.cli.frontend")
+        finally:
+            for name in owned:
+                sys.modules.pop(name, None)
+
+
+def frontend_model_input(frontend_module, tokenizer, features, mode: str, text: str, prompt_text: str = "",
+                         instruct_text: str = "") -> dict:
+    """What the publisher's frontend hands its model for `mode` ("zero_shot", "cross_lingual" or "instruct2")
+    with a clip whose features (prompt tokens, prompt mel, speaker embedding) are `features`: its own
+    frontend_* methods run, with the real text tokenizer; only the clip's three feature extractors give
+    `features` (their parity with the publisher's extractors is tests/codecs/test_cosyvoice_frontend.py's)."""
+    cls = frontend_module.CosyVoiceFrontEnd
+    count = torch.tensor([features.prompt_tokens.numel()], dtype=torch.int32)
+    front = types.SimpleNamespace(
+        tokenizer=tokenizer, allowed_special="all", device="cpu",
+        _extract_speech_token=lambda speech: (features.prompt_tokens[None].to(torch.int32), count),
+        _extract_speech_feat=lambda speech: (features.prompt_mel[None], 2 * count),
+        _extract_spk_embedding=lambda speech: features.speaker_embedding[None])
+    for name in ("_extract_text_token", "frontend_zero_shot"):
+        setattr(front, name, getattr(cls, name).__get__(front))
+    clip = torch.zeros(1, 16000)  # read only by the stood-in extractors
+    if mode == "zero_shot":
+        return cls.frontend_zero_shot(front, text, prompt_text, clip, 24000, "")
+    if mode == "cross_lingual":
+        return cls.frontend_cross_lingual(front, text, clip, 24000, "")
+    return cls.frontend_instruct2(front, text, instruct_text, clip, 24000, "")
 
 
 def load_reference(ref: types.SimpleNamespace, path: Path) -> types.SimpleNamespace:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import math
+import re
 
 import numpy as np
 import pytest
@@ -31,9 +32,11 @@ from streamvox.models.base import ChunkJob, Reference
 from streamvox.models.cosyvoice2 import CosyConditioning, CosyVoice2Model, read_hyperparameters
 from streamvox.models.tiny.cosyvoice2 import write_tiny
 from tests.models.cosyvoice_reference import (
+    frontend_model_input,
     greedy_inference,
     import_reference,
     load_reference,
+    official_frontend_module,
     speechlike,
     stream_schedule,
     stream_token2wav,
@@ -127,14 +130,16 @@ def greedy(num_steps: int, seed: int = 0) -> SamplingParams:
     return SamplingParams(temperature=0.0, max_tokens=num_steps, seed=seed, ignore_eos=True)
 
 
-def submit(engine, text: str, voice: str | None, sampling: SamplingParams, reference: Reference | None = None):
-    """engine.submit, with reference audio when given (Engine.submit takes none: prepare_request gets it here)."""
-    if reference is None:
+def submit(engine, text: str, voice: str | None, sampling: SamplingParams, reference: Reference | None = None,
+           **extra):
+    """engine.submit, with reference audio and prepare_request's `extra` arguments (instructions, options) when
+    given (Engine.submit takes none of them: prepare_request gets them here)."""
+    if reference is None and not extra:
         return engine.submit(text, voice, sampling)
     model = engine.model
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(model, "prepare_request", functools.partial(type(model).prepare_request, model,
-                                                               reference=reference))
+                                                               reference=reference, **extra))
         return engine.submit(text, voice, sampling)
 
 
@@ -468,3 +473,80 @@ def test_a_clip_changes_the_audio_and_a_seed_reproduces_it(model, clip, greedy_t
     assert first.step_tokens != without.step_tokens
     common = min(len(first.pcm), len(without.pcm))  # an end token drawn (and ignored) makes no frame
     assert common >= 30 * SAMPLES_PER_TOKEN and rel_norm(first.pcm[:common], without.pcm[:common]) > 0.1
+
+
+# -- 7. the publisher's other modes: instruct2 and cross-lingual ----------------------------------------------------
+
+INSTRUCT = "Speak slowly, in a whisper."
+MODES = {"instruct2": {"instructions": INSTRUCT}, "cross_lingual": {"options": {"cross_lingual": 1.0}}}
+
+
+@pytest.fixture(scope="module")
+def publisher_frontend():
+    with official_frontend_module() as module:
+        yield module
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_instruct2_and_cross_lingual_match_the_publisher(model, reference, publisher_frontend, clip, make_engine,
+                                                         mode):
+    """The publisher's frontend_instruct2 / frontend_cross_lingual (run for real, the clip's features given) against
+    our prompt and conditioning; then its LM greedy on those inputs against our engine's tokens, and its streaming
+    token2wav loop, whose first chunk is padded by the *flow's* prompt tokens while the LM got none, against what
+    our engine streams."""
+    features = model.frontend(clip.pcm, 24000)
+    theirs = frontend_model_input(publisher_frontend, reference.tokenizer, features, mode, TEXT,
+                                  instruct_text=INSTRUCT)
+    prepared = model.prepare_request(TEXT, None, clip, **MODES[mode])
+    text_ids, speech = decompose(model, prepared.prompt)
+    prompt_text = theirs["prompt_text"][0].tolist() if "prompt_text" in theirs else []
+    assert "llm_prompt_speech_token" not in theirs and speech.numel() == 0
+    assert text_ids == prompt_text + theirs["text"][0].tolist()
+    if mode == "instruct2":  # the style prompt, then the publisher's <|endofprompt|> marker
+        assert prompt_text[-1] == reference.tokenizer.encode("<|endofprompt|>")[0] and len(prompt_text) > 5
+    else:
+        assert not prompt_text
+    cond = prepared.conditioning
+    assert torch.equal(cond.prompt_tokens, theirs["flow_prompt_speech_token"][0].long())
+    assert torch.equal(cond.prompt_mel, theirs["prompt_speech_feat"][0])
+    assert torch.equal(cond.speaker_embedding, theirs["flow_embedding"][0])
+    assert prepared.chunking.first_chunk_frames == 25 + (-cond.prompt_tokens.numel()) % 25 == 38
+
+    engine = make_engine()
+    expected, _ = greedy_inference(reference.llm, theirs["text"][0].tolist(), prompt_text, speech, STEPS)
+    ours = list(engine.result(submit(engine, TEXT, None, greedy(STEPS), clip, **MODES[mode])).step_tokens)
+    assert len(expected) >= 10 and ours[: len(expected)] == expected
+
+    tokens = speech_only(engine.result(submit(engine, TEXT, None, greedy(80, seed=3), clip,
+                                              **MODES[mode])).step_tokens)
+    streamed = list(engine.stream(submit(engine, TEXT, None, greedy(80, seed=3), clip, **MODES[mode])))
+    expected_pcm = stream_token2wav(reference.model, tokens, theirs["flow_prompt_speech_token"][0],
+                                    theirs["prompt_speech_feat"][0], theirs["flow_embedding"][0], codec_seed_for(3))
+    assert [(c.start_frame, c.end_frame) for c in streamed] == [(start, end) for start, end, _ in expected_pcm]
+    assert streamed[0].end_frame == 38
+    for chunk, (start, end, pcm) in zip(streamed, expected_pcm, strict=True):
+        assert pcm.abs().max() > 1e-3
+        assert rel_norm(chunk.pcm, pcm) <= AUDIO_TOL, (start, end)
+
+
+def test_modes_change_the_speech_and_bad_combinations_say_what_to_change(model, clip, make_engine):
+    """Each mode speaks differently from plain cloning (its LM prompt differs), and reproducibly; a style prompt
+    also works with a stored voice or none. What cannot be spoken is refused, saying what to change."""
+    engine = make_engine()
+    runs = {mode: [list(engine.result(submit(engine, TEXT, None, greedy(20, seed=2), clip, **extra)).step_tokens)
+                   for _ in range(2)] for mode, extra in {"zero_shot": {}, **MODES}.items()}
+    assert all(first == again for first, again in runs.values())
+    assert len({tuple(first) for first, _ in runs.values()}) == 3
+    styled = model.prepare_request(TEXT, "tiny_a", instructions=INSTRUCT)
+    assert torch.equal(styled.conditioning.speaker_embedding, conditioning_of(model, "voice", clip).speaker_embedding)
+    assert styled.prompt[: -1] != model.prepare_request(TEXT, "tiny_a").prompt[: -1]
+    refusals = {"0 (off) or 1 (on)": dict(reference=clip, options={"cross_lingual": 0.5}),
+                "send one": dict(options={"cross_lingual": 1.0}),
+                "leave cross_lingual out": dict(reference=clip, options={"cross_lingual": 1.0},
+                                                instructions=INSTRUCT)}
+    for message, arguments in refusals.items():
+        with pytest.raises(ValueError, match=re.escape(message)):
+            model.prepare_request(TEXT, None, **arguments)
+    # a style prompt or cross_lingual needs no transcript; plain cloning does
+    assert model.prepare_request(TEXT, None, Reference("", clip.pcm), instructions=INSTRUCT).prompt
+    assert model.prepare_request(TEXT, None, Reference("", clip.pcm), options={"cross_lingual": 1.0}).prompt

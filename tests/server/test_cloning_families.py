@@ -154,5 +154,33 @@ def test_chatterbox_takes_its_guidance_and_exaggeration_options(family, clone_se
     assert too_much.status_code == 400 and "from 0 to 2" in too_much.json()["error"]["message"]
 
 
+def test_cosyvoice2_takes_instructions_and_cross_lingual(family, clone_server):
+    """CosyVoice2's instruct2 (`instructions`) and cross-lingual (`cross_lingual: 1`) modes over the OpenAI route:
+    each speaks differently from plain cloning, a seed reproduces it, and misuse gets a 400 saying what to change.
+    Chatterbox takes no style prompt and says which families do."""
+    name, _ = family
+    url = f"{clone_server.url}/v1/audio/speech"
+    body = {"model": f"tiny-{name}", "input": "Modes change the speech.", "seed": 2, "max_tokens": 30,
+            "response_format": "pcm", "reference_audio": base64.b64encode(_clip(5.0)).decode(),
+            "reference_text": "What the clip says, more or less."}
+    styled = {**body, "instructions": "Speak slowly, in a whisper."}
+    if name != "cosyvoice2":
+        refused = httpx.post(url, json=styled, timeout=60)
+        assert refused.status_code == 400 and "cosyvoice2" in refused.json()["error"]["message"]
+        return
+    answers = [httpx.post(url, json=b, timeout=120) for b in (body, styled, styled, {**body, "cross_lingual": 1})]
+    assert [r.status_code for r in answers] == [200] * 4, [r.text for r in answers]
+    cloned, instructed, again, cross_lingual = (r.content for r in answers)
+    assert instructed == again and len({cloned, instructed, cross_lingual}) == 3
+    no_clip = {k: v for k, v in body.items() if not k.startswith("reference")}
+    refusals = {"reference_audio": {**no_clip, "cross_lingual": 1}, "0 (off) or 1 (on)": {**body, "cross_lingual": 0.5},
+                "leave cross_lingual out": {**styled, "cross_lingual": 1}}
+    for message, refused_body in refusals.items():
+        refused = httpx.post(url, json=refused_body, timeout=60)
+        assert refused.status_code == 400 and message in refused.json()["error"]["message"], refused.text
+    models = httpx.get(f"{clone_server.url}/v1/models", timeout=10).json()["data"]
+    assert models[0]["options"]["cross_lingual"] == {"default": 0.0, "min": 0.0, "max": 1.0}
+
+
 def test_an_openai_client_with_a_voice_agents_defaults_gets_audio(clone_server, speaks_to_openai_defaults):
     speaks_to_openai_defaults(clone_server)
