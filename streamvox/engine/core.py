@@ -146,10 +146,10 @@ class EngineCore:
                 raise
 
     def open_text_stream(self, request_id: str, text: str, voice: str | None,
-                         sampling: SamplingParams | dict | None) -> None:
+                         sampling: SamplingParams | dict | None, instructions: str | None = None) -> None:
         """Start a request whose text comes in pieces: `text` is the first (it may be blank); see TextStreams.
-        `sampling` as for `check_request`. ValueError for bad input or a family that needs the whole text;
-        QueueFullError when it cannot be queued."""
+        `sampling` as for `check_request`; `instructions`: a style prompt, for a model that takes one. ValueError
+        for bad input or a family that needs the whole text; QueueFullError when it cannot be queued."""
         stream = self.model.open_text_stream()
         if stream is None:
             raise ValueError(f"the {self.model.family} family needs the whole text at once")
@@ -157,7 +157,7 @@ class EngineCore:
         with self._lock:
             if request_id in self.text_streams or request_id in self.scheduler.requests:
                 raise ValueError(f"request id {request_id!r} is still in use; pick another")
-            self.text_streams.open(request_id, stream, voice, sampling)
+            self.text_streams.open(request_id, stream, voice, sampling, instructions)
             self.append_text(request_id, text, is_final=False)
 
     def append_text(self, request_id: str, text: str, is_final: bool = False) -> None:

@@ -146,14 +146,15 @@ class EngineLoop:
         if queued >= self.engine.config.scheduler.max_queue_len:
             self._refuse(message.request_id, QueueFullError(f"{queued} requests are waiting"))
             return
-        if message.reference_pcm is not None and not message.text_complete:
-            self._refuse(message.request_id, ValueError("reference audio cannot be combined with text that streams "
-                                                        "in; send the whole text"))
+        if (message.reference_pcm is not None or message.options) and not message.text_complete:
+            self._refuse(message.request_id, ValueError("reference audio and a family's options cannot be combined "
+                                                        "with text that streams in; send the whole text"))
             return
         overrides = msgspec.structs.asdict(message.sampling)
         try:
             if not message.text_complete:  # its pieces are small: tokenized here, in order with the rest
-                self.engine.open_text_stream(message.request_id, message.text, message.voice, overrides)
+                self.engine.open_text_stream(message.request_id, message.text, message.voice, overrides,
+                                             message.instructions)
                 self._accepted.append(protocol.Accepted(message.request_id))
                 return
             sampling = self.engine.check_request(message.text, message.voice, overrides)

@@ -23,6 +23,7 @@ class _TextStream:
     stream: TextStream
     voice: str | None
     sampling: SamplingParams
+    instructions: str | None = None
     num_chars: int = 0
     has_words: bool = False  # some text that is not whitespace has come
     held: list[int] = field(default_factory=list)  # settled text ids before the request is queued
@@ -40,8 +41,9 @@ class TextStreams:
     def __len__(self) -> int:
         return len(self._streams)
 
-    def open(self, request_id: str, stream: TextStream, voice: str | None, sampling: SamplingParams) -> None:
-        self._streams[request_id] = _TextStream(stream, voice, sampling)
+    def open(self, request_id: str, stream: TextStream, voice: str | None, sampling: SamplingParams,
+             instructions: str | None = None) -> None:
+        self._streams[request_id] = _TextStream(stream, voice, sampling, instructions)
 
     def discard(self, request_id: str) -> bool:
         """Take no more text for the request; False if it took none."""
@@ -72,7 +74,8 @@ class TextStreams:
             return
         state.held += text_ids
         if state.has_words and (len(state.held) >= 2 or (state.held and not is_final)):
-            prompt = engine.model.prompt_for(state.held[0], state.voice)  # the first text id makes the prompt
+            style = {"instructions": state.instructions} if state.instructions else {}  # for models that take it
+            prompt = engine.model.prompt_for(state.held[0], state.voice, **style)  # the first text id makes it
             expected = expected_tokens(engine.model, "x" * max(state.num_chars, 40))
             engine.add_request(request_id, Prepared(prompt, state.held[1:]), state.sampling, expected, is_final)
             state.is_added = True

@@ -226,7 +226,8 @@ class SpeechModel(ABC):
         return None
 
     def prompt_for(self, first_text_id: int, voice: str | None) -> list[StepToken]:
-        """The prompt of a request whose text streams in, from its first text id (families with text streams)."""
+        """The prompt of a request whose text streams in, from its first text id (families with text streams); one
+        that `takes_instructions` also takes `instructions: str`."""
         raise NotImplementedError(f"{self.family} cannot take text in pieces")
 
     @abstractmethod

@@ -10,7 +10,8 @@ segment starts once the previous one's audio is all made (well before it has pla
 frames in:
 
 1. `{"model", "voice", "response_format", ...}`: the fields of `POST /v1/audio/speech` except `input`
-   (optional here: the first piece of text), `speed` and `stream_format`;
+   (optional here: the first piece of text), `speed` and `stream_format`; `instructions` and the family's own
+   options hold for every request of the session;
 2. `{"text": "more words"}`, as many as wanted, then `{"text": "...", "final": true}` or `{"final": true}`;
    `{"type": "flush"}` speaks what has arrived without waiting for a sentence end; `{"type": "cancel"}` (barge-in)
    stops the audio at once (the engine drops the requests within a step), answers
@@ -33,15 +34,15 @@ from streamvox.engine.client import EngineUnavailableError
 from streamvox.server.audio_format import StreamEncoder
 from streamvox.server.auth import is_origin_allowed
 from streamvox.server.errors import ApiError
-from streamvox.server.openai import SpeechRequest, check_model, response_encoder
-from streamvox.server.streaming import check_speech_input, check_stream_limit, stored_voice
+from streamvox.server.openai import SpeechRequest, check_instructions, check_model, response_encoder
+from streamvox.server.streaming import check_options, check_speech_input, check_stream_limit, stored_voice
 from streamvox.server.ws_sessions import PieceSession, SegmentSession, close_with_error, receive
 
 router = APIRouter()
 
 
 class StreamStart(SpeechRequest):
-    model_config = ConfigDict(extra="forbid", strict=True)
+    model_config = ConfigDict(extra="allow", strict=True)  # extras: the family's own options, checked as on POST
 
     input: str = ""
     response_format: str = "pcm"
@@ -58,14 +59,14 @@ async def speech_stream(websocket: WebSocket) -> None:
     start_timeout_s = websocket.app.state.config.ws_start_timeout_s
     try:
         start = await asyncio.wait_for(receive(websocket, StreamStart), start_timeout_s)
-        encoder = _check_start(websocket, start)
+        encoder, options = _check_start(websocket, start)
         voice, reference = stored_voice(websocket, start.voice, None)
         voice = check_speech_input(websocket, start.input if start.input.strip() else "-", voice, start.sampling())
         check_stream_limit(websocket)
         if client.info is None:
             raise EngineUnavailableError("the engine is starting; retry shortly")
         kind = PieceSession if client.info.takes_text_stream else SegmentSession
-        session = kind(websocket, start, voice, reference, encoder)
+        session = kind(websocket, start, voice, reference, encoder, options)
         session.begin()
     except ApiError as error:
         await close_with_error(websocket, error.status, str(error))
@@ -83,8 +84,10 @@ async def speech_stream(websocket: WebSocket) -> None:
     await session.run()
 
 
-def _check_start(websocket: WebSocket, start: StreamStart) -> StreamEncoder:
+def _check_start(websocket: WebSocket, start: StreamStart) -> tuple[StreamEncoder, dict[str, float] | None]:
+    """The session's encoder and the family's options it asks for; ApiError for what cannot be served."""
     check_model(websocket, start.model)
-    if start.speed != 1.0 or start.stream_format != "audio" or start.instructions:
-        raise ApiError(400, "speed, stream_format and instructions are not taken on this route; leave them out")
-    return response_encoder(websocket, start)
+    if start.speed != 1.0 or start.stream_format != "audio":
+        raise ApiError(400, "speed and stream_format are not taken on this route; leave them out")
+    check_instructions(websocket, start.instructions)
+    return response_encoder(websocket, start), check_options(websocket, start.model_extra or {})

@@ -71,9 +71,10 @@ class _Utterance:
 
 class Session:
     def __init__(self, websocket: WebSocket, start, voice: str | None, reference: tuple[bytes, str] | None,
-                 encoder: StreamEncoder) -> None:
+                 encoder: StreamEncoder, options: dict[str, float] | None = None) -> None:
         self.websocket = websocket
         self.start = start
+        self.options = options  # the family's own, checked; with `start.instructions`, for every request
         self.voice = voice
         self.reference = reference
         self.encoder = encoder
@@ -120,7 +121,8 @@ class Session:
             sampling = msgspec.structs.replace(sampling, seed=sampling.seed + self.num_requests)
         request_id = f"stream-{secrets.token_hex(8)}"
         stream = self.client.open(request_id, text, self.voice, sampling, text_complete=is_complete,
-                                  reference=reference)
+                                  reference=reference, options=self.options,
+                                  instructions=self.start.instructions or None)
         self.num_requests += 1
         utterance = _Utterance(stream, text, self.websocket.app.state.metrics.stream(self.websocket.scope))
         self.queue.append(utterance)

@@ -4,12 +4,14 @@ zero-shot cloning from a clip (over /generate and the OpenAI route), and bad cli
 import asyncio
 import base64
 import io
+import json
 import time
 import wave
 
 import httpx
 import numpy as np
 import pytest
+from websockets.sync.client import connect
 
 from streamvox.bench.metrics import StreamTimeline, stalls
 from streamvox.models.registry import family_named
@@ -180,6 +182,32 @@ def test_cosyvoice2_takes_instructions_and_cross_lingual(family, clone_server):
         assert refused.status_code == 400 and message in refused.json()["error"]["message"], refused.text
     models = httpx.get(f"{clone_server.url}/v1/models", timeout=10).json()["data"]
     assert models[0]["options"]["cross_lingual"] == {"default": 0.0, "min": 0.0, "max": 1.0}
+
+
+def test_a_websocket_session_takes_the_familys_options_and_instructions(family, clone_server, same_audio):
+    """The start message's family options (Chatterbox's cfg_weight) or instructions (CosyVoice2's) hold for every
+    sentence of a WebSocket session: the audio is what POST gives with them, sentence by sentence, seed by seed."""
+    name, _ = family
+    extra = {"cfg_weight": 0.0} if name == "chatterbox" else {"instructions": "Speak slowly, in a whisper."}
+    sentences = ["The first sentence is here.", "And a second one."]
+    start = {"model": f"tiny-{name}", "response_format": "pcm", "seed": 7, "max_tokens": 30, **extra}
+    url = clone_server.url.replace("http://", "ws://") + "/v1/audio/speech/stream"
+    audio = b""
+    with connect(url, open_timeout=10, close_timeout=5) as ws:
+        ws.send(json.dumps(start))
+        ws.send(json.dumps({"text": " ".join(sentences), "final": True}))
+        while isinstance(message := ws.recv(timeout=120), bytes):
+            audio += message
+    assert json.loads(message)["type"] == "speech.audio.done", message
+
+    def posted(fields: dict) -> bytes:
+        answers = [httpx.post(f"{clone_server.url}/v1/audio/speech", json={
+            **fields, "input": text, "seed": 7 + i}, timeout=120) for i, text in enumerate(sentences)]
+        assert [r.status_code for r in answers] == [200, 200], [r.text for r in answers]
+        return b"".join(r.content for r in answers)
+
+    plain = {k: v for k, v in start.items() if k not in extra}
+    assert same_audio(audio, posted(start)) and not same_audio(audio, posted(plain))
 
 
 def test_an_openai_client_with_a_voice_agents_defaults_gets_audio(clone_server, speaks_to_openai_defaults):

@@ -89,18 +89,33 @@ def test_text_in_five_pieces_with_long_pauses_speaks_the_whole_texts_audio(qwen_
     assert arrivals[-1] - arrivals[0] > 4.0, "audio kept coming as the text came, across the pauses"
 
 
-@pytest.mark.parametrize("start, says", [
-    ({"model": "nope"}, "unknown model"),
-    ({"model": "tiny-qwen3-tts", "voice": "nobody"}, "unknown voice"),
-    ({"model": "tiny-qwen3-tts", "response_format": "ogg"}, "unknown response_format"),
-    ({"model": "tiny-qwen3-tts", "temperature": -1}, "temperature must be 0 (greedy) or in [0.001, 1000]"),
-    ({"model": "tiny-qwen3-tts", "colour": "blue"}, "colour"),
+def test_instructions_hold_for_text_that_streams_in(qwen_server, same_audio):
+    """A style prompt in the start message steers the request that takes the text piece by piece: its audio is
+    what the whole text with the same instructions gives over POST, and not what it gives without them."""
+    style = "Speak slowly and warmly."
+    pieces = [TEXT[:31], TEXT[31:60], TEXT[60:]]
+    start = {"model": "tiny-qwen3-tts", "voice": "Ryan", "response_format": "pcm", "seed": 4, "max_tokens": FRAMES,
+             "input": pieces[0], "instructions": style}
+    audio, _, last = _speak(qwen_server, start, [(piece, 0.2) for piece in pieces[1:]])
+    assert last["type"] == "speech.audio.done", last
+    fields = dict(voice="Ryan", seed=4, max_tokens=FRAMES)
+    styled, plain = _posted(qwen_server, TEXT, instructions=style, **fields), _posted(qwen_server, TEXT, **fields)
+    assert same_audio(audio, styled) and not same_audio(audio, plain)
+
+
+@pytest.mark.parametrize("start, says, code", [
+    ({"model": "nope"}, "unknown model", 400),
+    ({"model": "tiny-qwen3-tts", "voice": "nobody"}, "unknown voice", 400),
+    ({"model": "tiny-qwen3-tts", "response_format": "ogg"}, "unknown response_format", 400),
+    ({"model": "tiny-qwen3-tts", "temperature": -1}, "temperature must be 0 (greedy) or in [0.001, 1000]", 400),
+    ({"model": "tiny-qwen3-tts", "speed": 1.5}, "speed and stream_format are not taken", 400),
+    ({"model": "tiny-qwen3-tts", "colour": "blue"}, "unknown field 'colour'", 422),  # as on POST
 ])
-def test_a_bad_start_is_an_error_message_and_a_1008_close(qwen_server, start, says):
+def test_a_bad_start_is_an_error_message_and_a_1008_close(qwen_server, start, says, code):
     with connect(_ws_url(qwen_server), open_timeout=10) as ws:
         ws.send(json.dumps(start))
         error = json.loads(ws.recv(timeout=10))
-        assert error["type"] == "error" and says in error["error"]["message"] and error["error"]["code"] == 400
+        assert error["type"] == "error" and says in error["error"]["message"] and error["error"]["code"] == code
     assert ws.close_code == 1008
 
 
