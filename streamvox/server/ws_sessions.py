@@ -31,6 +31,10 @@ TEXT_IDLE_TIMEOUT_S = 120.0  # a session whose text stops coming (before final) 
 SENTENCE_END = re.compile(r"[.!?…。！？]+[\"'”’)\]]*(\s|$)|\n")
 CLAUSE_END = re.compile(r"[,;:，；：]\s")
 LONG_SEGMENT_CHARS = 120  # a segment this long is cut at its last clause end (or space), so its audio starts sooner
+# full stops that end a short form rather than a sentence: a title or a single letter before a name, or a dotted
+# short form ("e.g.", "U.S.", "etc.") unless a capitalised word follows
+TITLES = frozenset("mr mrs ms dr prof st mt sr jr vs rev gen col capt lt sgt gov sen rep fr".split())
+DOTTED = re.compile(r"(?:[^\W\d_]\.){2,}|(?:etc|approx|incl|esp|cf)\.", re.IGNORECASE)
 
 
 class TextPiece(BaseModel):
@@ -44,11 +48,12 @@ class TextPiece(BaseModel):
 def cut_segments(buffer: str, is_settled: bool = False) -> tuple[list[str], str]:
     """The complete segments at the start of `buffer` (sentences; a long run without a sentence end is cut at its
     last clause end, or last space), and the rest, still open. A sentence end counts once whitespace follows it, or
-    at the very end of the buffer when `is_settled` (else the next piece may go on with it: "3." then "5 apples")."""
+    at the very end of the buffer when `is_settled` (else the next piece may go on with it: "3." then "5 apples"),
+    and not after a short form ("Dr. Smith": a segment cut there would be spoken as a sentence of its own)."""
     segments = []
     while True:
-        end = next((m.end() for m in SENTENCE_END.finditer(buffer) if buffer[m.end() - 1].isspace() or is_settled),
-                   None)
+        end = next((m.end() for m in SENTENCE_END.finditer(buffer) if (buffer[m.end() - 1].isspace() or is_settled)
+                    and not _ends_short_form(buffer, m)), None)
         if end is None and len(buffer) >= LONG_SEGMENT_CHARS:
             cuts = [m.end() for m in CLAUSE_END.finditer(buffer)] or [m.end() for m in re.finditer(r"\s", buffer)]
             end = cuts[-1] if cuts else None
@@ -57,6 +62,18 @@ def cut_segments(buffer: str, is_settled: bool = False) -> tuple[list[str], str]
         piece, buffer = buffer[:end].strip(), buffer[end:]
         if piece:
             segments.append(piece)
+
+
+def _ends_short_form(buffer: str, match: re.Match) -> bool:
+    """Whether the full stop `match` found in `buffer` ends a short form, not a sentence ("Dr. Smith", "J. K.
+    Rowling", "e.g. this"); a dotted short form with nothing after it yet waits for the next word."""
+    if match.group().rstrip() != ".":
+        return False
+    word = buffer[: match.start() + 1].rsplit(None, 1)[-1].lstrip("(\"'[“‘")
+    if word[:-1].lower() in TITLES or (len(word) == 2 and word[0].isalpha()):
+        return True
+    following = buffer[match.end() :].lstrip()
+    return DOTTED.fullmatch(word) is not None and not following[:1].isupper()
 
 
 @dataclass(eq=False)

@@ -268,6 +268,14 @@ def test_text_is_cut_at_sentence_ends_and_a_long_run_at_its_last_clause_end():
     assert cut_segments("Pi is 3.14 and more") == ([], "Pi is 3.14 and more")
     assert cut_segments("Pi is 3.", is_settled=True) == (["Pi is 3."], "")
     assert cut_segments("First line\nsecond") == (["First line"], "second")
+    # a full stop after a title, an initial or a dotted short form is not a sentence end
+    assert cut_segments("Dr. Smith and J. K. Rowling met. Then") == (["Dr. Smith and J. K. Rowling met."], "Then")
+    assert cut_segments("Ask (Mrs. Jones) first. Then") == (["Ask (Mrs. Jones) first."], "Then")
+    assert cut_segments("Take e.g. this one. Next") == (["Take e.g. this one."], "Next")
+    assert cut_segments("Take e.g. ") == ([], "Take e.g. ")  # the next word says whether a sentence ended
+    assert cut_segments("It is 5 p.m. We go. Now") == (["It is 5 p.m.", "We go."], "Now")
+    assert cut_segments("Pears, etc. and more. So") == (["Pears, etc. and more."], "So")
+    assert cut_segments("Say no. Now") == (["Say no."], "Now")
     segments, rest = cut_segments("one, two; " * 8 + "three four five")  # 95 + 15 characters: not long yet
     assert segments == [] and len(rest) == 95
     segments, rest = cut_segments("one, two; " * 12 + "three four five")  # long: cut after its last "two; "
