@@ -230,7 +230,12 @@ class _Resampler:
         return self._take(None)
 
     def _take(self, frame: av.AudioFrame | None) -> bytes:
-        return b"".join(out.to_ndarray().reshape(-1).astype("<i2").tobytes() for out in self._resampler.resample(frame))
+        return _pcm_of(self._resampler.resample(frame))
+
+
+def _pcm_of(frames: list[av.AudioFrame]) -> bytes:
+    """A resampler's int16 mono frames as PCM bytes."""
+    return b"".join(frame.to_ndarray().reshape(-1).astype("<i2").tobytes() for frame in frames)
 
 
 class _G711Encoder:
@@ -333,14 +338,11 @@ def decode_upload(data: bytes, sample_rate: int, max_seconds: float) -> bytes:
                 raise ValueError("the upload holds no audio stream")
             resampler = av.AudioResampler(format="s16", layout="mono", rate=sample_rate)
             for frame in container.decode(audio=0):
-                for out in [*resampler.resample(frame)]:
-                    samples = out.to_ndarray().reshape(-1)
-                    num_samples += samples.size
-                    if num_samples > limit:
-                        raise ValueError(f"the reference audio is longer than {max_seconds:g} s; send a shorter clip")
-                    pieces.append(samples.astype("<i2").tobytes())
-            for out in resampler.resample(None):
-                pieces.append(out.to_ndarray().reshape(-1).astype("<i2").tobytes())
+                pieces.append(_pcm_of(resampler.resample(frame)))
+                num_samples += len(pieces[-1]) // _BYTES_PER_SAMPLE
+                if num_samples > limit:
+                    raise ValueError(f"the reference audio is longer than {max_seconds:g} s; send a shorter clip")
+            pieces.append(_pcm_of(resampler.resample(None)))
     except av.FFmpegError as error:
         raise ValueError(f"the reference audio could not be decoded ({error}); send wav, flac, mp3 or ogg") from None
     pcm = b"".join(pieces)
