@@ -23,6 +23,15 @@ class Server:
     def ready(self) -> dict:
         return httpx.get(f"{self.url}/ready", headers=self.headers, timeout=5).json()
 
+    def metrics(self) -> dict:
+        """GET /metrics parsed: {(sample name, frozenset of its labels): value}."""
+        from prometheus_client.parser import text_string_to_metric_families
+
+        response = httpx.get(f"{self.url}/metrics", headers=self.headers, timeout=10)
+        assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
+        return {(s.name, frozenset(s.labels.items())): s.value
+                for family in text_string_to_metric_families(response.text) for s in family.samples}
+
     def wait_ready(self, timeout_s: float = 120.0) -> dict:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:

@@ -14,10 +14,7 @@ MODEL = "tiny-orpheus"
 
 
 def scrape(server) -> dict:
-    response = httpx.get(f"{server.url}/metrics", timeout=10)
-    assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
-    return {(s.name, frozenset(s.labels.items())): s.value
-            for family in text_string_to_metric_families(response.text) for s in family.samples}
+    return server.metrics()
 
 
 def value(samples: dict, name: str, **labels) -> float:
