@@ -61,6 +61,10 @@ class EnginePool:
         if num_engines > 1 and not config.num_threads and config.device in ("auto", "cpu"):
             config = dataclasses.replace(config, num_threads=max(1, (os.cpu_count() or 2) // (2 * num_engines)))
         devices = _gpu_ids() if num_engines > 1 and config.device in ("auto", "cuda") else []
+        if num_engines > max(1, len(devices)):
+            logger.warning("%d engines share %s: each admits streams by its own load only, so near capacity the "
+                           "admitted streams may stall; run one engine per device", num_engines,
+                           f"{len(devices)} GPUs" if devices else "one device")
         self.engines = [
             EngineClient(config, rank=rank, env={"CUDA_VISIBLE_DEVICES": devices[rank % len(devices)]}
                          if devices else None, **client_options)

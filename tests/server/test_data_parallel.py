@@ -136,3 +136,20 @@ def test_killing_one_engine_fails_only_its_streams_and_the_other_keeps_serving(t
     assert during.status_code == 200 and same_audio(during.content, reference(speech()["input"], 99, 70))
     engines = _all_ready(server, timeout_s=60)
     assert engines[0]["restarts"] == 1 and engines[0]["pid"] != victim["pid"] and engines[1]["restarts"] == 0
+
+
+def test_engines_that_would_share_a_device_are_warned_of(caplog, monkeypatch):
+    """Admission counts only an engine's own load, so engines sharing a device over-admit near capacity: the
+    server says so at start (one engine per GPU gets no warning)."""
+    from streamvox.config import EngineConfig
+    from streamvox.engine.pool import EnginePool
+
+    EnginePool(EngineConfig(model="tiny-orpheus", device="cpu"), 2)
+    assert "2 engines share one device" in caplog.text
+    caplog.clear()
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    EnginePool(EngineConfig(model="tiny-orpheus", device="cuda"), 2)
+    EnginePool(EngineConfig(model="tiny-orpheus", device="cpu"), 1)
+    assert "share" not in caplog.text
+    EnginePool(EngineConfig(model="tiny-orpheus", device="cuda"), 3)
+    assert "3 engines share 2 GPUs" in caplog.text
