@@ -61,10 +61,7 @@ class EnginePool:
         if num_engines > 1 and not config.num_threads and config.device in ("auto", "cpu"):
             config = dataclasses.replace(config, num_threads=max(1, (os.cpu_count() or 2) // (2 * num_engines)))
         devices = _gpu_ids() if num_engines > 1 and config.device in ("auto", "cuda") else []
-        if num_engines > max(1, len(devices)):
-            logger.warning("%d engines share %s: each admits streams by its own load only, so near capacity the "
-                           "admitted streams may stall; run one engine per device", num_engines,
-                           f"{len(devices)} GPUs" if devices else "one device")
+        warn_if_shared(num_engines, devices)
         self.engines = [
             EngineClient(config, rank=rank, env={"CUDA_VISIBLE_DEVICES": devices[rank % len(devices)]}
                          if devices else None, **client_options)
@@ -230,6 +227,14 @@ def _stats(stats: protocol.EngineStats | None) -> dict | None:
     if stats is None:
         return None
     return {name: getattr(stats, name) for name in stats.__struct_fields__ if name not in ("lm_steps", "codec_calls")}
+
+
+def warn_if_shared(num_engines: int, devices: list[str]) -> None:
+    """Log a warning when engines would share a device (the CPU when `devices` is empty, else those GPUs)."""
+    if num_engines > max(1, len(devices)):
+        logger.warning("%d engines share %s: each admits streams by its own load only, so near capacity the "
+                       "admitted streams may stall; run one engine per device", num_engines,
+                       f"{len(devices)} GPUs" if devices else "one device")
 
 
 def _gpu_ids() -> list[str]:

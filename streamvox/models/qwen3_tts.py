@@ -307,6 +307,8 @@ class Qwen3TtsModel(SpeechModel):
     def prompt_for(self, first_text_id: int, voice: str | None, instructions: str | None = None) -> list[StepToken]:
         """The prompt rows up to and including the first text token (see the module docstring), after the style
         prompt's text rows when there is one."""
+        if instructions and not self.takes_instructions:
+            raise ValueError("this Qwen3-TTS checkpoint (0.6B) takes no instructions; leave them out")
         voice = self.resolve_voice(voice)
         ids, blank = self.ids, (-1,) * self.num_codebooks
         language = self.languages.get(self.dialects.get(voice) or "") if voice else None
@@ -328,8 +330,6 @@ class Qwen3TtsModel(SpeechModel):
         if reference is not None:
             raise ValueError("voice cloning from reference audio is not supported for Qwen3-TTS yet; choose a "
                              "speaker")
-        if instructions and not self.takes_instructions:
-            raise ValueError("this Qwen3-TTS checkpoint (0.6B) takes no instructions; leave them out")
         stream = self.open_text_stream()
         text_ids = stream.feed(text, True)
         if len(text_ids) < 2:

@@ -76,7 +76,12 @@ def response_encoder(request: Request, body: SpeechRequest) -> StreamEncoder:
 
 
 def check_instructions(request: Request, instructions: str | None) -> None:
-    """ApiError 400 for instructions (a style prompt) to a model that takes none, naming the families that do."""
+    """ApiError 400 for instructions (a style prompt) over the input limit, or to a model that takes none (naming
+    the families that do)."""
+    limit_chars = request.app.state.config.max_input_chars
+    if instructions and len(instructions) > limit_chars:
+        raise ApiError(400, f"instructions are {len(instructions)} characters; the limit is {limit_chars}",
+                       "instructions")
     info = request.app.state.engine.info
     if not instructions or info is None or info.takes_instructions:
         return

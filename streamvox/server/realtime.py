@@ -89,5 +89,8 @@ def _check_start(websocket: WebSocket, start: StreamStart) -> tuple[StreamEncode
     check_model(websocket, start.model)
     if start.speed != 1.0 or start.stream_format != "audio":
         raise ApiError(400, "speed and stream_format are not taken on this route; leave them out")
+    if start.reference_audio is not None or start.reference_text is not None:
+        raise ApiError(400, "reference_audio is not taken on this route: store the voice (POST /v1/audio/voices) "
+                            "and name it as `voice`", "reference_audio")
     check_instructions(websocket, start.instructions)
     return response_encoder(websocket, start), check_options(websocket, start.model_extra or {})

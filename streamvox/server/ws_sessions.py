@@ -33,7 +33,7 @@ CLAUSE_END = re.compile(r"[,;:，；：]\s")
 LONG_SEGMENT_CHARS = 120  # a segment this long is cut at its last clause end (or space), so its audio starts sooner
 # full stops that end a short form rather than a sentence: a title or a single letter before a name, or a dotted
 # short form ("e.g.", "U.S.", "etc.") unless a capitalised word follows
-TITLES = frozenset("mr mrs ms dr prof st mt sr jr vs rev gen col capt lt sgt gov sen rep fr".split())
+TITLES = frozenset("mr mrs ms dr prof st mt sr jr vs rev capt lt sgt".split())
 DOTTED = re.compile(r"(?:[^\W\d_]\.){2,}|(?:etc|approx|incl|esp|cf)\.", re.IGNORECASE)
 
 
@@ -67,7 +67,7 @@ def cut_segments(buffer: str, is_settled: bool = False) -> tuple[list[str], str]
 def _ends_short_form(buffer: str, match: re.Match) -> bool:
     """Whether the full stop `match` found in `buffer` ends a short form, not a sentence ("Dr. Smith", "J. K.
     Rowling", "e.g. this"); a dotted short form with nothing after it yet waits for the next word."""
-    if match.group().rstrip() != ".":
+    if match.group().rstrip(" \t") != ".":  # a line break after it still cuts
         return False
     word = buffer[: match.start() + 1].rsplit(None, 1)[-1].lstrip("(\"'[“‘")
     if word[:-1].lower() in TITLES or (len(word) == 2 and word[0].isalpha()):

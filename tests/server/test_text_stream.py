@@ -109,6 +109,8 @@ def test_instructions_hold_for_text_that_streams_in(qwen_server, same_audio):
     ({"model": "tiny-qwen3-tts", "response_format": "ogg"}, "unknown response_format", 400),
     ({"model": "tiny-qwen3-tts", "temperature": -1}, "temperature must be 0 (greedy) or in [0.001, 1000]", 400),
     ({"model": "tiny-qwen3-tts", "speed": 1.5}, "speed and stream_format are not taken", 400),
+    ({"model": "tiny-qwen3-tts", "reference_audio": "UklGRg=="}, "store the voice", 400),
+    ({"model": "tiny-qwen3-tts", "instructions": "x" * 4097}, "instructions are 4097 characters", 400),
     ({"model": "tiny-qwen3-tts", "colour": "blue"}, "unknown field 'colour'", 422),  # as on POST
 ])
 def test_a_bad_start_is_an_error_message_and_a_1008_close(qwen_server, start, says, code):
@@ -276,6 +278,7 @@ def test_text_is_cut_at_sentence_ends_and_a_long_run_at_its_last_clause_end():
     assert cut_segments("It is 5 p.m. We go. Now") == (["It is 5 p.m.", "We go."], "Now")
     assert cut_segments("Pears, etc. and more. So") == (["Pears, etc. and more."], "So")
     assert cut_segments("Say no. Now") == (["Say no."], "Now")
+    assert cut_segments("Option A.\nOption B.\nMore") == (["Option A.", "Option B."], "More")  # lines still cut
     segments, rest = cut_segments("one, two; " * 8 + "three four five")  # 95 + 15 characters: not long yet
     assert segments == [] and len(rest) == 95
     segments, rest = cut_segments("one, two; " * 12 + "three four five")  # long: cut after its last "two; "
