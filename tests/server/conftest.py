@@ -23,11 +23,12 @@ class Server:
     def ready(self) -> dict:
         return httpx.get(f"{self.url}/ready", headers=self.headers, timeout=5).json()
 
-    def metrics(self) -> dict:
-        """GET /metrics parsed: {(sample name, frozenset of its labels): value}."""
+    def metrics(self, headers: dict | None = None) -> dict:
+        """GET /metrics parsed: {(sample name, frozenset of its labels): value}; `headers` in place of the
+        server's own (its API key)."""
         from prometheus_client.parser import text_string_to_metric_families
 
-        response = httpx.get(f"{self.url}/metrics", headers=self.headers, timeout=10)
+        response = httpx.get(f"{self.url}/metrics", headers=self.headers if headers is None else headers, timeout=10)
         assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
         return {(s.name, frozenset(s.labels.items())): s.value
                 for family in text_string_to_metric_families(response.text) for s in family.samples}

@@ -129,10 +129,7 @@ def test_every_route_but_health_needs_a_key_and_a_refusal_never_reaches_the_engi
 
 
 def scrape_with(server, headers: dict) -> dict:
-    response = httpx.get(f"{server.url}/metrics", headers=headers, timeout=10)
-    assert response.status_code == 200
-    return {(s.name, frozenset(s.labels.items())): s.value
-            for family in text_string_to_metric_families(response.text) for s in family.samples}
+    return server.metrics(headers)
 
 
 def test_websockets_need_a_key_and_an_allowed_origin(guarded):
